@@ -1,0 +1,335 @@
+//! Configuration: command-line flags with environment overrides, on top of an
+//! optional TOML file, on top of defaults that work out of the box with the
+//! `sim` backend. Precedence: flag/env > file > default.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, ValueEnum};
+use pmem_allocator::Bytes;
+use pmem_allocator::units::parse_size;
+use serde::Deserialize;
+
+pub const DEFAULT_DRIVER_NAME: &str = "pmem-agent.csi";
+pub const DEFAULT_ENDPOINT: &str = "unix:///run/pmem-agent/csi.sock";
+pub const DEFAULT_ADMIN_ENDPOINT: &str = "unix:///run/pmem-agent/admin.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/pmem-agent";
+/// Topology key under which volumes and the node report the node id.
+pub const TOPOLOGY_KEY: &str = "pmem-agent.csi/node";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Sim,
+    Direct,
+    Lvm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SimModeArg {
+    Auto,
+    Loop,
+    FileOnly,
+}
+
+/// pmem-agent: a CSI plugin serving persistent memory on this node.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// TOML configuration file; flags and environment override it.
+    #[arg(long, env = "PMEM_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// CSI endpoint (unix:///path).
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Admin API endpoint (unix:///path).
+    #[arg(long, env = "PMEM_AGENT_ADMIN_ENDPOINT")]
+    pub admin_endpoint: Option<String>,
+    /// Directory for the ledger and sim region files.
+    #[arg(long, env = "PMEM_AGENT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Node id reported to Kubernetes (default: hostname).
+    #[arg(long, env = "PMEM_AGENT_NODE_ID")]
+    pub node_id: Option<String>,
+    /// CSI driver name.
+    #[arg(long, env = "PMEM_AGENT_DRIVER_NAME")]
+    pub driver_name: Option<String>,
+    /// Device backend.
+    #[arg(long, env = "PMEM_AGENT_BACKEND", value_enum)]
+    pub backend: Option<BackendKind>,
+    /// Log format.
+    #[arg(long, env = "PMEM_AGENT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Socket file mode, octal (default 0660).
+    #[arg(long, env = "PMEM_AGENT_SOCKET_MODE")]
+    pub socket_mode: Option<String>,
+    /// Seconds in-flight calls get to finish at shutdown.
+    #[arg(long, env = "PMEM_AGENT_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<u64>,
+    /// Confine staging/target paths under this directory (e.g. /var/lib/kubelet).
+    #[arg(long, env = "PMEM_AGENT_KUBELET_ROOT")]
+    pub kubelet_root: Option<PathBuf>,
+    /// Number of sim regions.
+    #[arg(long, env = "PMEM_AGENT_SIM_REGIONS")]
+    pub sim_regions: Option<u32>,
+    /// Size of each sim region (e.g. 4GiB).
+    #[arg(long, env = "PMEM_AGENT_SIM_REGION_SIZE")]
+    pub sim_region_size: Option<String>,
+    /// Alignment of sim regions (e.g. 16MiB).
+    #[arg(long, env = "PMEM_AGENT_SIM_ALIGN")]
+    pub sim_align: Option<String>,
+    /// Namespace slots per sim region.
+    #[arg(long, env = "PMEM_AGENT_SIM_SLOTS")]
+    pub sim_slots: Option<u32>,
+    /// sim device mode: auto (loop devices when permitted), loop, file-only.
+    #[arg(long, env = "PMEM_AGENT_SIM_MODE", value_enum)]
+    pub sim_mode: Option<SimModeArg>,
+}
+
+/// The TOML file; every key optional, unknown keys rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub endpoint: Option<String>,
+    pub admin_endpoint: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub node_id: Option<String>,
+    pub driver_name: Option<String>,
+    pub backend: Option<BackendKind>,
+    pub log_format: Option<LogFormat>,
+    pub socket_mode: Option<String>,
+    pub shutdown_timeout: Option<u64>,
+    pub kubelet_root: Option<PathBuf>,
+    pub sim: Option<SimFileConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SimFileConfig {
+    pub regions: Option<u32>,
+    pub region_size: Option<String>,
+    pub align: Option<String>,
+    pub slots: Option<u32>,
+    pub mode: Option<SimModeArg>,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub endpoint: PathBuf,
+    pub admin_endpoint: PathBuf,
+    pub state_dir: PathBuf,
+    pub node_id: String,
+    pub driver_name: String,
+    pub backend: BackendKind,
+    pub log_format: LogFormat,
+    pub socket_mode: u32,
+    pub shutdown_timeout: std::time::Duration,
+    pub kubelet_root: Option<PathBuf>,
+    pub sim_regions: u32,
+    pub sim_region_size: Bytes,
+    pub sim_align: Bytes,
+    pub sim_slots: u32,
+    pub sim_mode: SimModeArg,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parse config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Strips `unix://` from an endpoint; only unix sockets are served.
+pub fn socket_path(field: &str, endpoint: &str) -> Result<PathBuf, ConfigError> {
+    let path = endpoint
+        .strip_prefix("unix://")
+        .ok_or_else(|| ConfigError::Invalid(format!("{field} {endpoint:?} must be unix:///absolute/path")))?;
+    if !path.starts_with('/') {
+        return Err(ConfigError::Invalid(format!(
+            "{field} {endpoint:?} must be an absolute path (unix:///...)"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn size(field: &str, v: &str) -> Result<Bytes, ConfigError> {
+    parse_size(v).map_err(|m| ConfigError::Invalid(format!("{field}: {m}")))
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+impl Config {
+    pub fn load(args: Args) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        let sim = file.sim.unwrap_or_default();
+        let endpoint = args
+            .endpoint
+            .or(file.endpoint)
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned());
+        let admin = args
+            .admin_endpoint
+            .or(file.admin_endpoint)
+            .unwrap_or_else(|| DEFAULT_ADMIN_ENDPOINT.to_owned());
+        let mode = args
+            .socket_mode
+            .or(file.socket_mode)
+            .unwrap_or_else(|| "0660".to_owned());
+        let socket_mode = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| ConfigError::Invalid(format!("socket-mode {mode:?} is not an octal mode like 0660")))?;
+        let cfg = Config {
+            endpoint: socket_path("endpoint", &endpoint)?,
+            admin_endpoint: socket_path("admin-endpoint", &admin)?,
+            state_dir: args
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            node_id: args.node_id.or(file.node_id).unwrap_or_else(hostname),
+            driver_name: args
+                .driver_name
+                .or(file.driver_name)
+                .unwrap_or_else(|| DEFAULT_DRIVER_NAME.to_owned()),
+            backend: args.backend.or(file.backend).unwrap_or(BackendKind::Sim),
+            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            socket_mode,
+            shutdown_timeout: std::time::Duration::from_secs(
+                args.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(30),
+            ),
+            kubelet_root: args.kubelet_root.or(file.kubelet_root),
+            sim_regions: args.sim_regions.or(sim.regions).unwrap_or(2),
+            sim_region_size: size(
+                "sim-region-size",
+                &args.sim_region_size.or(sim.region_size).unwrap_or_else(|| "4GiB".into()),
+            )?,
+            sim_align: size(
+                "sim-align",
+                &args.sim_align.or(sim.align).unwrap_or_else(|| "16MiB".into()),
+            )?,
+            sim_slots: args.sim_slots.or(sim.slots).unwrap_or(509),
+            sim_mode: args.sim_mode.or(sim.mode).unwrap_or(SimModeArg::Auto),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id.is_empty() || self.node_id.len() > 128 {
+            return Err(ConfigError::Invalid(format!(
+                "node-id {:?} must be 1 to 128 bytes",
+                self.node_id
+            )));
+        }
+        if self.driver_name.is_empty()
+            || self.driver_name.len() > 63
+            || !self
+                .driver_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            || !self.driver_name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            || !self.driver_name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "driver-name {:?} must be at most 63 characters, alphanumeric, '-' or '.', starting and ending alphanumeric",
+                self.driver_name
+            )));
+        }
+        if self.endpoint == self.admin_endpoint {
+            return Err(ConfigError::Invalid(format!(
+                "endpoint and admin-endpoint are both {}",
+                self.endpoint.display()
+            )));
+        }
+        if self.sim_align.0 == 0 || !self.sim_region_size.is_aligned(self.sim_align) {
+            return Err(ConfigError::Invalid(format!(
+                "sim-region-size {} must be a non-zero multiple of sim-align {}",
+                self.sim_region_size, self.sim_align
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn ledger_path(&self) -> PathBuf {
+        self.state_dir.join("ledger.db")
+    }
+
+    pub fn sim_dir(&self) -> PathBuf {
+        self.state_dir.join("sim")
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec!["pmem-agent"];
+        v.extend_from_slice(extra);
+        Args::parse_from(v)
+    }
+
+    #[test]
+    fn defaults_work_out_of_the_box() {
+        let c = Config::load(args(&[])).unwrap();
+        assert_eq!(c.driver_name, DEFAULT_DRIVER_NAME);
+        assert_eq!(c.backend, BackendKind::Sim);
+        assert_eq!(c.socket_mode, 0o660);
+        assert_eq!(c.sim_region_size, Bytes::gib(4));
+        assert_eq!(c.endpoint, PathBuf::from("/run/pmem-agent/csi.sock"));
+    }
+
+    #[test]
+    fn file_is_overridden_by_flags_and_rejects_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "node-id = \"n1\"\nbackend = \"sim\"\n[sim]\nregions = 1\nregion-size = \"1GiB\"\n").unwrap();
+        let c = Config::load(args(&["--config", p.to_str().unwrap(), "--node-id", "n2"])).unwrap();
+        assert_eq!(c.node_id, "n2");
+        assert_eq!(c.sim_regions, 1);
+        assert_eq!(c.sim_region_size, Bytes::gib(1));
+        std::fs::write(&p, "nodeid = \"x\"\n").unwrap();
+        let e = Config::load(args(&["--config", p.to_str().unwrap()])).unwrap_err();
+        assert!(e.to_string().contains("nodeid"), "{e}");
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(Config::load(args(&["--endpoint", "tcp://1.2.3.4:5"])).is_err());
+        assert!(Config::load(args(&["--socket-mode", "999"])).is_err());
+        assert!(Config::load(args(&["--driver-name", "-bad"])).is_err());
+        assert!(Config::load(args(&["--sim-region-size", "100MiB", "--sim-align", "64MiB"])).is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! pmem-agent: the CSI plugin daemon (library part, shared by the `pmem-agent`
+//! and `pmemctl` binaries and the tests).
+
+pub mod admin;
+pub mod client;
+pub mod config;
+pub mod csi;
+pub mod driver;
+pub mod error;
+pub mod logging;
+pub mod metrics;
+pub mod rpc;
+pub mod server;

@@ -1,0 +1,185 @@
+//! The daemon: opens the ledger, reconciles, serves CSI and admin gRPC on
+//! unix sockets, and shuts down cleanly on SIGTERM/SIGINT.
+
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use pmem_allocator::sim::{SimBackend, SimConfig, SimMode};
+use pmem_allocator::{Allocator, Backend};
+use pmem_proto::admin::admin_server::AdminServer;
+use pmem_proto::csi::controller_server::ControllerServer;
+use pmem_proto::csi::identity_server::IdentityServer;
+use pmem_proto::csi::node_server::NodeServer;
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::admin::AdminService;
+use crate::config::{BackendKind, Config, SimModeArg};
+use crate::csi::controller::ControllerService;
+use crate::csi::identity::IdentityService;
+use crate::csi::node::NodeService;
+use crate::driver::Driver;
+
+/// Binds a unix socket with `mode`. A stale socket file is removed; one that
+/// a live process still accepts on is refused.
+pub fn bind_socket(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => bail!(
+                "socket {} is in use by a running process (another pmem-agent?); refusing to take it over",
+                path.display()
+            ),
+            Err(_) => {
+                tracing::info!(socket = %path.display(), "removing stale socket");
+                std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
+            }
+        },
+        Ok(_) => bail!("{} exists and is not a socket; refusing to replace it", path.display()),
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("stat socket {}", path.display())),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create socket directory {}", dir.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("bind socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {:o} socket {}", mode, path.display()))?;
+    Ok(l)
+}
+
+/// Builds the configured backend.
+pub fn open_backend(cfg: &Config) -> anyhow::Result<Arc<dyn Backend>> {
+    match cfg.backend {
+        BackendKind::Sim => {
+            let mode = match cfg.sim_mode {
+                SimModeArg::Auto => None,
+                SimModeArg::Loop => Some(SimMode::Loop),
+                SimModeArg::FileOnly => Some(SimMode::FileOnly),
+            };
+            let sim = SimBackend::open(&SimConfig {
+                dir: cfg.sim_dir(),
+                regions: cfg.sim_regions,
+                region_size: cfg.sim_region_size,
+                align: cfg.sim_align,
+                ns_slots: cfg.sim_slots,
+                mode,
+            })?;
+            Ok(Arc::new(sim))
+        }
+        BackendKind::Direct | BackendKind::Lvm => bail!(
+            "backend {:?} is not available in this build yet; use --backend sim",
+            cfg.backend
+        ),
+    }
+}
+
+struct SocketGuard(Vec<PathBuf>);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return "none";
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Runs the daemon until a signal.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("create state directory {}", cfg.state_dir.display()))?;
+    std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod state directory {}", cfg.state_dir.display()))?;
+    let backend = open_backend(&cfg)?;
+    tracing::info!("{}", backend.describe());
+    let ledger = cfg.ledger_path();
+    let alloc = {
+        let b = Arc::clone(&backend);
+        tokio::task::spawn_blocking(move || Allocator::open(&ledger, b)).await??
+    };
+    let alloc = Arc::new(alloc);
+    let driver = Arc::new(Driver::new(cfg.clone(), Arc::clone(&alloc)));
+
+    let csi_listener = bind_socket(&cfg.endpoint, cfg.socket_mode)?;
+    let admin_listener = bind_socket(&cfg.admin_endpoint, cfg.socket_mode)?;
+    let _sockets = SocketGuard(vec![cfg.endpoint.clone(), cfg.admin_endpoint.clone()]);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let wait_stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let csi = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService::new(Arc::clone(&driver))))
+        .add_service(ControllerServer::new(ControllerService::new(Arc::clone(&driver))))
+        .add_service(NodeServer::new(NodeService::new(Arc::clone(&driver))))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(csi_listener), wait_stop(stop_rx.clone()));
+    let admin = tonic::transport::Server::builder()
+        .add_service(AdminServer::new(AdminService::new(Arc::clone(&driver))))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), wait_stop(stop_rx.clone()));
+    let mut servers = tokio::spawn(async move { tokio::try_join!(csi, admin) });
+
+    // Probe says ready only once the ledger agrees with the devices.
+    let report = {
+        let a = Arc::clone(&alloc);
+        tokio::task::spawn_blocking(move || a.reconcile(false, false)).await??
+    };
+    tracing::info!(
+        actions = report.actions.len(),
+        orphans = report.orphans.len(),
+        foreign = report.foreign.len(),
+        missing = report.missing.len(),
+        errors = report.errors.len(),
+        "startup reconciliation done"
+    );
+    crate::csi::node::startup(&driver).await;
+    driver.set_ready(true);
+    tracing::info!(
+        endpoint = %cfg.endpoint.display(),
+        admin = %cfg.admin_endpoint.display(),
+        node = %cfg.node_id,
+        driver = %cfg.driver_name,
+        "pmem-agent ready"
+    );
+
+    tokio::select! {
+        sig = shutdown_signal() => {
+            tracing::info!(signal = sig, "shutting down: no new calls, waiting for in-flight calls");
+            driver.set_ready(false);
+            let _ = stop_tx.send(true);
+            match tokio::time::timeout(cfg.shutdown_timeout, &mut servers).await {
+                Ok(r) => { r??; }
+                Err(_) => {
+                    tracing::warn!(timeout = ?cfg.shutdown_timeout, "in-flight calls did not finish in time; exiting anyway");
+                    servers.abort();
+                }
+            }
+        }
+        r = &mut servers => {
+            r??;
+            bail!("gRPC servers stopped unexpectedly");
+        }
+    }
+    drop(driver);
+    // Close the ledger: the last Arc goes when no blocking task holds it.
+    match Arc::try_unwrap(alloc) {
+        Ok(a) => drop(a),
+        Err(_) => tracing::warn!("allocator still in use by a blocking task at exit"),
+    }
+    tracing::info!("pmem-agent stopped");
+    Ok(())
+}

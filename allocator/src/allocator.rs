@@ -1,0 +1,668 @@
+//! The allocator: the only owner of the ledger. It places volumes, writes
+//! intents before touching devices, and drives the backend.
+//!
+//! Locking: `state` (ledger + extent maps) is held only for ledger work,
+//! never across a device operation. Operations on one volume name are
+//! serialised by a per-name lock, so concurrent identical creates yield one
+//! volume, while different volumes proceed in parallel.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::backend::{Backend, DeviceRequest};
+use crate::error::{Error, Result};
+use crate::ledger::Ledger;
+use crate::region::{Extent, ExtentMap, RegionSpec};
+use crate::units::Bytes;
+use crate::volume::{Persistency, Publication, PublicationKind, Usage, Volume, VolumeState};
+
+/// What a client asks for. Validation of names and parameters happens at the
+/// RPC layer; the allocator checks sizes and space.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateRequest {
+    pub name: String,
+    /// Minimum usable bytes; 0 means the smallest volume the region allows.
+    pub required: Bytes,
+    /// Maximum usable bytes, if any.
+    pub limit: Option<Bytes>,
+    pub usage: Usage,
+    pub erase_after: bool,
+    pub parameters: BTreeMap<String, String>,
+    pub persistency: Persistency,
+    pub context: BTreeMap<String, String>,
+    /// Restrict placement to this region.
+    pub region: Option<String>,
+}
+
+impl CreateRequest {
+    /// A persistent AppDirect request with erase-after, for tests and tools.
+    pub fn new(name: impl Into<String>, required: Bytes) -> CreateRequest {
+        CreateRequest {
+            name: name.into(),
+            required,
+            limit: None,
+            usage: Usage::AppDirect,
+            erase_after: true,
+            parameters: BTreeMap::new(),
+            persistency: Persistency::Persistent,
+            context: BTreeMap::new(),
+            region: None,
+        }
+    }
+}
+
+/// Capacity of one region, in usable bytes for a given usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionCapacity {
+    pub spec: RegionSpec,
+    /// Free bytes (erasing extents are not free).
+    pub available: Bytes,
+    /// The largest volume a create would get right now; 0 without free slots.
+    pub largest: Bytes,
+    pub minimum: Bytes,
+    pub free_slots: u32,
+    pub volumes: u32,
+    pub extents: Vec<(Extent, Option<(String, VolumeState)>)>,
+}
+
+#[derive(Debug)]
+struct RegionState {
+    spec: RegionSpec,
+    map: ExtentMap,
+}
+
+impl RegionState {
+    fn free_slots(&self) -> u32 {
+        let used = u32::try_from(self.map.used_count()).unwrap_or(u32::MAX);
+        self.spec.ns_slots.saturating_sub(used)
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    ledger: Ledger,
+    regions: BTreeMap<String, RegionState>,
+}
+
+#[derive(Debug)]
+pub struct Allocator {
+    state: Mutex<State>,
+    backend: Arc<dyn Backend>,
+    names: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere (a fail point in tests) must not wedge the allocator:
+    // the ledger is the truth and every step is re-checked against it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn device_request(v: &Volume) -> DeviceRequest {
+    DeviceRequest {
+        volume_id: v.id.clone(),
+        region: v.region.clone(),
+        offset: v.offset,
+        size: v.size,
+        usage: v.usage,
+    }
+}
+
+fn new_volume_id() -> String {
+    format!("pmem-{}", uuid::Uuid::new_v4().simple())
+}
+
+impl Allocator {
+    /// Opens the ledger, records the backend's regions and rebuilds the
+    /// extent maps. Call [`Allocator::reconcile`] before serving.
+    pub fn open(ledger_path: &Path, backend: Arc<dyn Backend>) -> Result<Allocator> {
+        let mut ledger = Ledger::open(ledger_path)?;
+        let specs = backend.regions()?;
+        ledger.sync_regions(backend.kind(), &specs)?;
+        let mut regions: BTreeMap<String, RegionState> = specs
+            .into_iter()
+            .map(|spec| {
+                let map = ExtentMap::new(spec.size, spec.align);
+                (spec.id.clone(), RegionState { spec, map })
+            })
+            .collect();
+        for v in ledger.volumes()? {
+            let r = regions.get_mut(&v.region).ok_or_else(|| Error::LedgerCorrupt {
+                path: ledger_path.to_owned(),
+                message: format!("volume {} is in unknown region {}", v.id, v.region),
+            })?;
+            r.map
+                .reserve(v.offset, v.size)
+                .map_err(|e| Error::LedgerCorrupt {
+                    path: ledger_path.to_owned(),
+                    message: format!("volume {} in region {}: {e}", v.id, v.region),
+                })?;
+        }
+        Ok(Allocator {
+            state: Mutex::new(State { ledger, regions }),
+            backend,
+            names: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        relock(&self.state)
+    }
+
+    /// Runs `f` with the per-name lock held.
+    pub(crate) fn with_name<T>(&self, name: &str, f: impl FnOnce() -> T) -> T {
+        let lock = relock(&self.names)
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(Mutex::new(())))
+            .clone();
+        let out = {
+            let _g = relock(&lock);
+            f()
+        };
+        let mut names = relock(&self.names);
+        if names.get(name).is_some_and(|l| Arc::strong_count(l) <= 2) {
+            names.remove(name);
+        }
+        out
+    }
+
+    pub fn volume(&self, id: &str) -> Result<Option<Volume>> {
+        self.state().ledger.volume(id)
+    }
+
+    pub fn volume_by_name(&self, name: &str) -> Result<Option<Volume>> {
+        self.state().ledger.volume_by_name(name)
+    }
+
+    /// All volumes in creation order.
+    pub fn volumes(&self) -> Result<Vec<Volume>> {
+        self.state().ledger.volumes()
+    }
+
+    pub fn ledger_path(&self) -> std::path::PathBuf {
+        self.state().ledger.path().to_owned()
+    }
+
+    /// Extent size for a request in a region, or `None` if it overflows.
+    fn extent_for(&self, spec: &RegionSpec, required: Bytes, usage: Usage) -> Option<Bytes> {
+        let usable = if required.0 == 0 { spec.align } else { required };
+        self.backend
+            .extent_for(spec, usable, usage)
+            .align_up(spec.align)
+            .map(|e| e.max(spec.align))
+    }
+
+    fn usable_for(&self, spec: &RegionSpec, extent: Bytes, usage: Usage) -> Bytes {
+        self.backend.usable_for(spec, extent, usage)
+    }
+
+    /// Creates a volume, or returns the existing one with that name when it
+    /// is compatible. Idempotent and safe under concurrent identical calls.
+    pub fn create_volume(&self, req: &CreateRequest) -> Result<Volume> {
+        if req.name.is_empty() {
+            return Err(Error::InvalidArgument("volume name is empty".into()));
+        }
+        self.with_name(&req.name, || self.create_locked(req))
+    }
+
+    fn create_locked(&self, req: &CreateRequest) -> Result<Volume> {
+        if let Some(v) = self.volume_by_name(&req.name)? {
+            self.check_compatible(&v, req)?;
+            return match v.state {
+                VolumeState::Ready => Ok(v),
+                VolumeState::Creating => self.finish_create(v),
+                VolumeState::Deleting | VolumeState::Erasing => Err(Error::Busy(format!(
+                    "volume {} named {:?} is being deleted ({}); retry when it is gone",
+                    v.id, v.name, v.state
+                ))),
+            };
+        }
+        let v = {
+            let mut st = self.state();
+            let (region, offset, size) = self.place(&st, req)?;
+            let v = Volume {
+                id: new_volume_id(),
+                name: req.name.clone(),
+                region: region.clone(),
+                offset,
+                size,
+                requested: req.required,
+                usage: req.usage,
+                erase_after: req.erase_after,
+                parameters: req.parameters.clone(),
+                persistency: req.persistency,
+                context: req.context.clone(),
+                state: VolumeState::Creating,
+                device: None,
+                seq: 0,
+            };
+            let detail = serde_json::json!({
+                "region": v.region, "offset": v.offset.0, "size": v.size.0,
+            })
+            .to_string();
+            let seq = st.ledger.insert_creating(&v, &detail)?;
+            let r = st.regions.get_mut(&region).ok_or_else(|| {
+                Error::NotFound(format!("region {region} vanished during placement"))
+            })?;
+            r.map.reserve(offset, size).map_err(|e| {
+                Error::Device(format!("extent map of region {region} disagrees with the ledger: {e}"))
+            })?;
+            Volume { seq, ..v }
+        };
+        fail::fail_point!("create:after-intent");
+        self.finish_create(v)
+    }
+
+    /// Drives a `creating` volume to `ready`; on a device error undoes the
+    /// device and frees the extent.
+    pub(crate) fn finish_create(&self, mut v: Volume) -> Result<Volume> {
+        let req = device_request(&v);
+        let made = self.backend.wipe_head(&req).and_then(|()| {
+            fail::fail_point!("create:after-wipe");
+            self.backend.create(&req)
+        });
+        match made {
+            Ok(dev) => {
+                fail::fail_point!("create:after-device");
+                self.state()
+                    .ledger
+                    .transition(&v.id, VolumeState::Ready, dev.path.as_deref(), "{}")?;
+                v.state = VolumeState::Ready;
+                v.device = dev.path;
+                Ok(v)
+            }
+            Err(e) => {
+                if let Err(undo) = self.backend.destroy(&req) {
+                    tracing::error!(volume = %v.id, error = %undo, "undo of failed create failed; reconciliation will retry");
+                    return Err(e);
+                }
+                self.forget(&v)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes a volume row and frees its extent.
+    fn forget(&self, v: &Volume) -> Result<()> {
+        let mut st = self.state();
+        st.ledger.remove_volume(&v.id)?;
+        if let Some(r) = st.regions.get_mut(&v.region) {
+            r.map.release(v.offset, v.size).map_err(|e| {
+                Error::Device(format!(
+                    "extent map of region {} disagrees with the ledger for volume {}: {e}",
+                    v.region, v.id
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    fn check_compatible(&self, v: &Volume, req: &CreateRequest) -> Result<()> {
+        let usable = self.usable_of(v);
+        let mut why = Vec::new();
+        if usable < req.required {
+            why.push(format!("its size {usable} is below the required {}", req.required));
+        }
+        if let Some(l) = req.limit
+            && usable > l
+        {
+            why.push(format!("its size {usable} is above the limit {l}"));
+        }
+        if v.usage != req.usage {
+            why.push(format!("it has usage {} not {}", v.usage, req.usage));
+        }
+        if v.erase_after != req.erase_after {
+            why.push(format!("it has eraseAfter={} not {}", v.erase_after, req.erase_after));
+        }
+        if v.persistency != req.persistency {
+            why.push(format!("it is {} not {}", v.persistency.as_str(), req.persistency.as_str()));
+        }
+        if v.parameters != req.parameters {
+            why.push(format!("it has parameters {:?} not {:?}", v.parameters, req.parameters));
+        }
+        if let Some(r) = &req.region
+            && *r != v.region
+        {
+            why.push(format!("it is in region {} not {r}", v.region));
+        }
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Conflict(format!(
+                "volume name {:?} exists as {} but {}",
+                v.name,
+                v.id,
+                why.join(", ")
+            )))
+        }
+    }
+
+    /// Usable bytes of a volume as created.
+    pub fn usable_of(&self, v: &Volume) -> Bytes {
+        let st = self.state();
+        match st.regions.get(&v.region) {
+            Some(r) => self.usable_for(&r.spec, v.size, v.usage),
+            None => v.size,
+        }
+    }
+
+    /// Placement: the region whose best-fitting free extent is smallest
+    /// (ties: most free bytes, then id), and that extent.
+    fn place(&self, st: &State, req: &CreateRequest) -> Result<(String, Bytes, Bytes)> {
+        let mut best: Option<(Bytes, std::cmp::Reverse<Bytes>, String, Bytes, Bytes)> = None;
+        let mut too_big_for_limit = None;
+        for (id, r) in &st.regions {
+            if req.region.as_ref().is_some_and(|want| want != id) {
+                continue;
+            }
+            let Some(size) = self.extent_for(&r.spec, req.required, req.usage) else {
+                continue;
+            };
+            if let Some(limit) = req.limit {
+                let usable = self.usable_for(&r.spec, size, req.usage);
+                if usable > limit {
+                    too_big_for_limit = Some((usable, limit, r.spec.align));
+                    continue;
+                }
+            }
+            if r.free_slots() == 0 {
+                continue;
+            }
+            let (Some(offset), Some(hole)) = (r.map.best_fit(size), r.map.best_fit_len(size)) else {
+                continue;
+            };
+            let key = (hole, std::cmp::Reverse(r.map.free_total()), id.clone(), offset, size);
+            if best.as_ref().is_none_or(|b| (&key.0, &key.1, &key.2) < (&b.0, &b.1, &b.2)) {
+                best = Some(key);
+            }
+        }
+        if let Some((_, _, id, offset, size)) = best {
+            return Ok((id, offset, size));
+        }
+        if let Some(region) = &req.region
+            && !st.regions.contains_key(region)
+        {
+            return Err(Error::NotFound(format!("region {region} does not exist")));
+        }
+        if let Some((usable, limit, align)) = too_big_for_limit {
+            return Err(Error::OutOfRange(format!(
+                "required {} rounds up to {usable} (alignment {align}), above limit_bytes {limit}",
+                req.required
+            )));
+        }
+        let caps = self.capacity_of(st, req.usage);
+        let available = caps.iter().map(|c| c.available).fold(Bytes::ZERO, |a, b| a + b);
+        let largest = caps.iter().map(|c| c.largest).max().unwrap_or_default();
+        let slots: u32 = caps.iter().map(|c| c.free_slots).sum();
+        let message = if slots == 0 {
+            format!(
+                "no free namespace slots left on this node ({} volumes exist); delete volumes first",
+                caps.iter().map(|c| c.volumes).sum::<u32>()
+            )
+        } else {
+            format!(
+                "not enough space for a volume of {}: {available} free in total, the largest volume that fits now is {largest}",
+                req.required,
+            )
+        };
+        Err(Error::Exhausted {
+            message,
+            available,
+            largest,
+        })
+    }
+
+    fn capacity_of(&self, st: &State, usage: Usage) -> Vec<RegionCapacity> {
+        st.regions
+            .values()
+            .map(|r| {
+                let free_slots = r.free_slots();
+                let largest_extent = r.map.largest_free();
+                let largest = if free_slots == 0 || largest_extent < r.spec.align {
+                    Bytes::ZERO
+                } else {
+                    self.usable_for(&r.spec, largest_extent, usage)
+                };
+                RegionCapacity {
+                    spec: r.spec.clone(),
+                    available: if free_slots == 0 {
+                        Bytes::ZERO
+                    } else {
+                        r.map.free_total()
+                    },
+                    largest,
+                    minimum: self.usable_for(&r.spec, r.spec.align, usage),
+                    free_slots,
+                    volumes: u32::try_from(r.map.used_count()).unwrap_or(u32::MAX),
+                    extents: Vec::new(),
+                }
+            })
+            .collect()
+    }
+
+    /// Capacity per region for `usage`, with the extent map of each.
+    pub fn capacity(&self, usage: Usage) -> Result<Vec<RegionCapacity>> {
+        let st = self.state();
+        let vols = st.ledger.volumes()?;
+        let mut caps = self.capacity_of(&st, usage);
+        for c in &mut caps {
+            if let Some(r) = st.regions.get(&c.spec.id) {
+                c.extents = r
+                    .map
+                    .extents()
+                    .into_iter()
+                    .map(|(e, used)| {
+                        let owner = used
+                            .then(|| {
+                                vols.iter()
+                                    .find(|v| v.region == c.spec.id && v.offset == e.offset)
+                                    .map(|v| (v.id.clone(), v.state))
+                            })
+                            .flatten();
+                        (e, owner)
+                    })
+                    .collect();
+            }
+        }
+        Ok(caps)
+    }
+
+    /// Volumes present plus volumes still creatable (free slots, or free
+    /// bytes / minimum size, whichever is smaller, summed over regions).
+    pub fn max_volumes(&self) -> u64 {
+        let st = self.state();
+        st.regions
+            .values()
+            .map(|r| {
+                let present = r.map.used_count() as u64;
+                let by_space = r.map.free_total().0 / r.spec.align.0;
+                present + by_space.min(u64::from(r.free_slots()))
+            })
+            .sum()
+    }
+
+    /// Deletes a volume: refuses while staged or published; destroys the
+    /// device, erases the extent if asked, then frees it. Unknown ids succeed.
+    pub fn delete_volume(&self, id: &str) -> Result<()> {
+        let Some(v) = self.volume(id)? else {
+            return Ok(());
+        };
+        self.with_name(&v.name, || {
+            let Some(v) = self.volume(id)? else {
+                return Ok(());
+            };
+            let pubs = self.state().ledger.publications(Some(id))?;
+            if !pubs.is_empty() {
+                let at: Vec<String> = pubs
+                    .iter()
+                    .map(|p| format!("{}ed at {}", p.kind.as_str().trim_end_matches('e'), p.path))
+                    .collect();
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} is still {}; unpublish and unstage it first",
+                    at.join(", ")
+                )));
+            }
+            self.delete_locked(v)
+        })
+    }
+
+    fn delete_locked(&self, mut v: Volume) -> Result<()> {
+        let req = device_request(&v);
+        if matches!(v.state, VolumeState::Ready | VolumeState::Creating) {
+            self.backend.check_idle(&req)?;
+            self.state()
+                .ledger
+                .transition(&v.id, VolumeState::Deleting, None, "{}")?;
+            v.state = VolumeState::Deleting;
+            fail::fail_point!("delete:after-intent");
+        }
+        self.finish_delete(v)
+    }
+
+    /// Drives a `deleting`/`erasing` volume to removal.
+    pub(crate) fn finish_delete(&self, mut v: Volume) -> Result<()> {
+        let req = device_request(&v);
+        if v.state == VolumeState::Deleting {
+            self.backend.destroy(&req)?;
+            fail::fail_point!("delete:after-destroy");
+            if v.erase_after {
+                self.state()
+                    .ledger
+                    .transition(&v.id, VolumeState::Erasing, None, "{}")?;
+                v.state = VolumeState::Erasing;
+                fail::fail_point!("delete:after-erase-intent");
+            }
+        }
+        if v.state == VolumeState::Erasing {
+            self.backend.erase(&req)?;
+            fail::fail_point!("delete:after-erase");
+        }
+        self.forget(&v)
+    }
+
+    /// Grows a volume in place to at least `required` usable bytes.
+    /// OutOfRange when the extent after it is not free.
+    pub fn expand_volume(&self, id: &str, required: Bytes, limit: Option<Bytes>) -> Result<Volume> {
+        let Some(v) = self.volume(id)? else {
+            return Err(Error::NotFound(format!("volume {id} does not exist")));
+        };
+        self.with_name(&v.name, || self.expand_locked(id, required, limit))
+    }
+
+    fn expand_locked(&self, id: &str, required: Bytes, limit: Option<Bytes>) -> Result<Volume> {
+        let Some(mut v) = self.volume(id)? else {
+            return Err(Error::NotFound(format!("volume {id} does not exist")));
+        };
+        if v.state != VolumeState::Ready {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is {}, only ready volumes can be expanded",
+                v.state
+            )));
+        }
+        let old = v.size;
+        {
+            let mut st = self.state();
+            let r = st
+                .regions
+                .get(&v.region)
+                .ok_or_else(|| Error::NotFound(format!("region {} of volume {id} does not exist", v.region)))?;
+            let new = self
+                .extent_for(&r.spec, required, v.usage)
+                .ok_or_else(|| Error::OutOfRange(format!("required_bytes {required} is too large")))?;
+            let usable = self.usable_for(&r.spec, new, v.usage);
+            if let Some(l) = limit
+                && usable > l
+            {
+                return Err(Error::OutOfRange(format!(
+                    "required {required} rounds up to {usable} (alignment {}), above limit_bytes {l}",
+                    r.spec.align
+                )));
+            }
+            if new <= old {
+                return Ok(v);
+            }
+            let after = r.map.free_after(v.offset);
+            if after < new - old {
+                return Err(Error::OutOfRange(format!(
+                    "volume {id} in region {} can grow in place by at most {after} to {}; {} more is needed and the extent after it is in use",
+                    v.region,
+                    self.usable_for(&r.spec, old + after, v.usage),
+                    new - old
+                )));
+            }
+            st.ledger.begin_expand(id, old, new)?;
+            let r = st.regions.get_mut(&v.region).ok_or_else(|| Error::NotFound(v.region.clone()))?;
+            r.map.grow(v.offset, old, new).map_err(|e| {
+                Error::Device(format!("extent map of region {} disagrees with the ledger: {e}", v.region))
+            })?;
+            v.size = new;
+        }
+        fail::fail_point!("expand:after-intent");
+        let dev = self.backend.resize(&device_request(&v))?;
+        fail::fail_point!("expand:after-resize");
+        let mut st = self.state();
+        st.ledger.finish_expand(id)?;
+        if dev.path != v.device {
+            st.ledger.set_device(id, dev.path.as_deref())?;
+            v.device = dev.path;
+        }
+        Ok(v)
+    }
+
+    /// Records that a volume is staged or published at a path.
+    pub fn put_publication(&self, p: &Publication) -> Result<()> {
+        let mut st = self.state();
+        match st.ledger.volume(&p.volume_id)? {
+            Some(v) if v.state == VolumeState::Ready => st.ledger.put_publication(p),
+            Some(v) => Err(Error::FailedPrecondition(format!(
+                "volume {} is {}, not ready",
+                v.id, v.state
+            ))),
+            None => Err(Error::NotFound(format!("volume {} does not exist", p.volume_id))),
+        }
+    }
+
+    pub fn delete_publication(&self, volume_id: &str, kind: PublicationKind, path: &str) -> Result<()> {
+        self.state().ledger.delete_publication(volume_id, kind, path)
+    }
+
+    /// Publications of one volume, or all with `None`.
+    pub fn publications(&self, volume_id: Option<&str>) -> Result<Vec<Publication>> {
+        self.state().ledger.publications(volume_id)
+    }
+
+    /// Checks every extent map invariant and that the maps match the ledger.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let st = self.state();
+        let vols = st.ledger.volumes().map_err(|e| e.to_string())?;
+        for (id, r) in &st.regions {
+            r.map.check().map_err(|e| format!("region {id}: {e}"))?;
+            let mut expect = ExtentMap::new(r.spec.size, r.spec.align);
+            for v in vols.iter().filter(|v| &v.region == id) {
+                expect
+                    .reserve(v.offset, v.size)
+                    .map_err(|e| format!("region {id}: volume {}: {e}", v.id))?;
+            }
+            if expect != r.map {
+                return Err(format!("region {id}: extent map differs from the ledger"));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn set_device(&self, id: &str, device: Option<&str>) -> Result<()> {
+        self.state().ledger.set_device(id, device)
+    }
+
+    pub(crate) fn finish_expand(&self, id: &str) -> Result<()> {
+        self.state().ledger.finish_expand(id)
+    }
+
+    pub(crate) fn intents(&self) -> Result<Vec<crate::ledger::Intent>> {
+        self.state().ledger.intents()
+    }
+}

@@ -1,0 +1,105 @@
+//! The device backend trait: what the allocator needs from real hardware
+//! (libnvdimm, LVM) or from the simulation. Every method is idempotent, so
+//! the allocator can replay any step after a crash.
+
+use std::fmt::Debug;
+
+use crate::error::Result;
+use crate::region::RegionSpec;
+use crate::units::Bytes;
+use crate::volume::Usage;
+
+/// Everything a backend needs to know to make, find or remove a volume's
+/// device. Derived from the ledger row, so recovery can rebuild it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRequest {
+    pub volume_id: String,
+    pub region: String,
+    pub offset: Bytes,
+    pub size: Bytes,
+    pub usage: Usage,
+}
+
+/// A device as it exists now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// Block device node, or `None` where the backend has none (sim file-only mode).
+    pub path: Option<String>,
+    pub size: Bytes,
+}
+
+/// Who a device found in our regions belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// Carries our marker with this volume id.
+    Ours(String),
+    /// Not made by us; described for the operator, never touched.
+    Foreign(String),
+}
+
+/// One device found in a region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InventoryItem {
+    pub region: String,
+    pub path: String,
+    pub offset: Bytes,
+    pub size: Bytes,
+    pub owner: Owner,
+}
+
+/// A device backend. Implementations must be safe to call from several
+/// threads; the allocator serialises operations on the same volume.
+pub trait Backend: Send + Sync + Debug {
+    /// `sim`, `direct` or `lvm`.
+    fn kind(&self) -> &'static str;
+
+    /// A line for the log: which mode is active and why.
+    fn describe(&self) -> String;
+
+    /// The regions this backend serves, discovered or configured.
+    fn regions(&self) -> Result<Vec<RegionSpec>>;
+
+    /// Extent bytes needed so the usable device holds at least `usable` bytes.
+    /// The default has no metadata overhead.
+    fn extent_for(&self, _region: &RegionSpec, usable: Bytes, _usage: Usage) -> Bytes {
+        usable
+    }
+
+    /// Usable device bytes on an extent of `extent` bytes; inverse of `extent_for`.
+    fn usable_for(&self, _region: &RegionSpec, extent: Bytes, _usage: Usage) -> Bytes {
+        extent
+    }
+
+    /// Zeroes the head of a fresh volume's extent so signatures of an earlier
+    /// volume never show through (called before the first `create`).
+    fn wipe_head(&self, req: &DeviceRequest) -> Result<()>;
+
+    /// Fails with `Error::FailedPrecondition` when the volume's device is in
+    /// use (mounted, open exclusively), so a delete can refuse before it starts.
+    fn check_idle(&self, _req: &DeviceRequest) -> Result<()> {
+        Ok(())
+    }
+
+    /// Makes the device exist (or finds it) and returns it.
+    fn create(&self, req: &DeviceRequest) -> Result<Device>;
+
+    /// Finds the device if it exists.
+    fn find(&self, req: &DeviceRequest) -> Result<Option<Device>>;
+
+    /// Removes the device; absent is success. A device in use is refused with
+    /// `Error::FailedPrecondition`.
+    fn destroy(&self, req: &DeviceRequest) -> Result<()>;
+
+    /// Overwrites the extent so no data survives into the next volume, and
+    /// verifies it. Called after `destroy`.
+    fn erase(&self, req: &DeviceRequest) -> Result<()>;
+
+    /// Makes the device `req.size` bytes (the extent already grew in the ledger).
+    fn resize(&self, req: &DeviceRequest) -> Result<Device>;
+
+    /// Every device in our regions, ours or foreign.
+    fn inventory(&self) -> Result<Vec<InventoryItem>>;
+
+    /// Removes a device of ours that no volume owns (orphan clean-up).
+    fn remove_orphan(&self, item: &InventoryItem) -> Result<()>;
+}

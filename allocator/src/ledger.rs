@@ -1,0 +1,743 @@
+//! The sqlite allocation ledger: regions, volumes, intents and publications.
+//!
+//! Durability: WAL journal with `synchronous=FULL`, so a committed
+//! transaction survives power loss. Every device change is preceded by a
+//! committed intent (see `allocator.rs`). One process at a time: an
+//! exclusive `flock` on `<ledger>.lock` is held for the ledger's lifetime.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::fcntl::{Flock, FlockArg};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::error::{Error, Result};
+use crate::region::RegionSpec;
+use crate::units::Bytes;
+use crate::volume::{Persistency, Publication, PublicationKind, Usage, Volume, VolumeState};
+
+/// Forward migrations; entry `i` takes the schema from version `i` to `i+1`.
+/// All pending ones run in one transaction at open.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE regions (
+    id         TEXT PRIMARY KEY,
+    backend    TEXT NOT NULL,
+    size       INTEGER NOT NULL CHECK (size >= 0),
+    align      INTEGER NOT NULL CHECK (align > 0),
+    ns_slots   INTEGER NOT NULL CHECK (ns_slots >= 0),
+    numa_node  INTEGER NOT NULL,
+    location   TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE volumes (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id           TEXT NOT NULL UNIQUE,
+    name         TEXT NOT NULL UNIQUE,
+    region       TEXT NOT NULL REFERENCES regions(id),
+    offset       INTEGER NOT NULL CHECK (offset >= 0),
+    size         INTEGER NOT NULL CHECK (size > 0),
+    requested    INTEGER NOT NULL CHECK (requested >= 0),
+    usage        TEXT NOT NULL CHECK (usage IN ('AppDirect', 'FileIO')),
+    erase_after  INTEGER NOT NULL CHECK (erase_after IN (0, 1)),
+    parameters   TEXT NOT NULL,
+    persistency  TEXT NOT NULL CHECK (persistency IN ('persistent', 'ephemeral')),
+    context      TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'deleting', 'erasing')),
+    device       TEXT,
+    created_at   INTEGER NOT NULL DEFAULT (unixepoch()),
+    updated_at   INTEGER NOT NULL DEFAULT (unixepoch())
+) STRICT;
+
+CREATE TABLE intents (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    volume_id  TEXT NOT NULL REFERENCES volumes(id) ON DELETE CASCADE,
+    op         TEXT NOT NULL CHECK (op IN ('create', 'delete', 'erase', 'expand')),
+    detail     TEXT NOT NULL,
+    started_at INTEGER NOT NULL DEFAULT (unixepoch())
+) STRICT;
+
+CREATE TABLE publications (
+    volume_id  TEXT NOT NULL REFERENCES volumes(id),
+    kind       TEXT NOT NULL CHECK (kind IN ('stage', 'publish')),
+    path       TEXT NOT NULL,
+    readonly   INTEGER NOT NULL CHECK (readonly IN (0, 1)),
+    capability TEXT NOT NULL,
+    PRIMARY KEY (volume_id, kind, path)
+) STRICT;
+"#];
+
+/// A pending device operation, durable before the device is touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    pub seq: i64,
+    pub volume_id: String,
+    pub op: IntentOp,
+    /// JSON with what recovery needs beyond the volume row (e.g. old size).
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntentOp {
+    Create,
+    Delete,
+    Erase,
+    Expand,
+}
+
+impl IntentOp {
+    fn as_str(self) -> &'static str {
+        match self {
+            IntentOp::Create => "create",
+            IntentOp::Delete => "delete",
+            IntentOp::Erase => "erase",
+            IntentOp::Expand => "expand",
+        }
+    }
+
+    fn parse(s: &str) -> Option<IntentOp> {
+        Some(match s {
+            "create" => IntentOp::Create,
+            "delete" => IntentOp::Delete,
+            "erase" => IntentOp::Erase,
+            "expand" => IntentOp::Expand,
+            _ => return None,
+        })
+    }
+
+    /// The intent that accompanies a volume in `state`.
+    fn for_state(state: VolumeState) -> Option<IntentOp> {
+        match state {
+            VolumeState::Creating => Some(IntentOp::Create),
+            VolumeState::Deleting => Some(IntentOp::Delete),
+            VolumeState::Erasing => Some(IntentOp::Erase),
+            VolumeState::Ready => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Ledger {
+    conn: Connection,
+    path: PathBuf,
+    _lock: Flock<File>,
+}
+
+const VOLUME_COLUMNS: &str = "seq, id, name, region, offset, size, requested, usage, erase_after, \
+     parameters, persistency, context, state, device";
+
+impl Ledger {
+    /// Opens (creating with mode 0600) and migrates the ledger at `path`.
+    /// Refuses with `LedgerLocked` when another process holds it.
+    pub fn open(path: &Path) -> Result<Ledger> {
+        let lock_path = lock_path(path);
+        let lock_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| Error::io(format!("open ledger lock {}", lock_path.display()), e))?;
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+            if errno == nix::errno::Errno::EWOULDBLOCK {
+                Error::LedgerLocked {
+                    path: path.to_owned(),
+                }
+            } else {
+                Error::io(
+                    format!("lock ledger {}", lock_path.display()),
+                    std::io::Error::from(errno),
+                )
+            }
+        })?;
+        // Create the file ourselves so it is 0600 from the start; sqlite gives
+        // the -wal and -shm files the same mode.
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| Error::io(format!("create ledger {}", path.display()), e))?;
+        let conn = Connection::open(path).map_err(|e| sql_err(path, e))?;
+        let mut ledger = Ledger {
+            conn,
+            path: path.to_owned(),
+            _lock: lock,
+        };
+        ledger.configure()?;
+        ledger.migrate()?;
+        Ok(ledger)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, e: rusqlite::Error) -> Error {
+        sql_err(&self.path, e)
+    }
+
+    fn configure(&mut self) -> Result<()> {
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::LedgerCorrupt {
+                path: self.path.clone(),
+                message: format!("journal mode is {mode}, wanted wal"),
+            });
+        }
+        self.conn
+            .execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The schema version this binary writes.
+    pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+    fn migrate(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        let current: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| sql_err(&path, e))?;
+        let current = usize::try_from(current).unwrap_or(usize::MAX);
+        if current > MIGRATIONS.len() {
+            return Err(Error::LedgerCorrupt {
+                path,
+                message: format!(
+                    "schema version {current} is newer than this binary supports ({}); upgrade pmem-agent",
+                    MIGRATIONS.len()
+                ),
+            });
+        }
+        if current == MIGRATIONS.len() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction().map_err(|e| sql_err(&path, e))?;
+        for m in &MIGRATIONS[current..] {
+            tx.execute_batch(m).map_err(|e| sql_err(&path, e))?;
+        }
+        tx.execute_batch(&format!("PRAGMA user_version = {}", MIGRATIONS.len()))
+            .map_err(|e| sql_err(&path, e))?;
+        tx.commit().map_err(|e| sql_err(&path, e))?;
+        tracing::info!(ledger = %path.display(), from = current, to = MIGRATIONS.len(), "ledger schema migrated");
+        Ok(())
+    }
+
+    /// Records the backend's regions. New regions are added; a known region
+    /// may grow; a region that shrank below its volumes, or that has
+    /// volumes but vanished, is an error the operator must look at.
+    pub fn sync_regions(&mut self, backend: &str, specs: &[RegionSpec]) -> Result<()> {
+        let path = self.path.clone();
+        let known = self.regions()?;
+        let tx = self.conn.transaction().map_err(|e| sql_err(&path, e))?;
+        for s in specs {
+            let old = known.iter().find(|k| k.id == s.id);
+            if let Some(old) = old
+                && old.align != s.align
+            {
+                return Err(Error::LedgerCorrupt {
+                    path,
+                    message: format!(
+                        "region {} alignment changed from {} to {}",
+                        s.id, old.align, s.align
+                    ),
+                });
+            }
+            let max_end: i64 = tx
+                .query_row(
+                    "SELECT COALESCE(MAX(offset + size), 0) FROM volumes WHERE region = ?1",
+                    [&s.id],
+                    |r| r.get(0),
+                )
+                .map_err(|e| sql_err(&path, e))?;
+            if u64::try_from(max_end).unwrap_or(0) > s.size.0 {
+                return Err(Error::LedgerCorrupt {
+                    path,
+                    message: format!(
+                        "region {} is now {} but volumes reach {max_end} bytes into it",
+                        s.id, s.size
+                    ),
+                });
+            }
+            tx.execute(
+                "INSERT INTO regions (id, backend, size, align, ns_slots, numa_node, location)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT(id) DO UPDATE SET backend = excluded.backend, size = excluded.size,
+                   ns_slots = excluded.ns_slots, numa_node = excluded.numa_node,
+                   location = excluded.location",
+                params![
+                    s.id,
+                    backend,
+                    to_i64(s.size),
+                    to_i64(s.align),
+                    s.ns_slots,
+                    s.numa_node,
+                    s.location
+                ],
+            )
+            .map_err(|e| sql_err(&path, e))?;
+        }
+        for k in &known {
+            if specs.iter().any(|s| s.id == k.id) {
+                continue;
+            }
+            let n: i64 = tx
+                .query_row("SELECT COUNT(*) FROM volumes WHERE region = ?1", [&k.id], |r| {
+                    r.get(0)
+                })
+                .map_err(|e| sql_err(&path, e))?;
+            if n > 0 {
+                return Err(Error::LedgerCorrupt {
+                    path,
+                    message: format!(
+                        "region {} holds {n} volumes in the ledger but the {backend} backend no longer reports it",
+                        k.id
+                    ),
+                });
+            }
+            tx.execute("DELETE FROM regions WHERE id = ?1", [&k.id])
+                .map_err(|e| sql_err(&path, e))?;
+        }
+        tx.commit().map_err(|e| sql_err(&path, e))
+    }
+
+    pub fn regions(&self) -> Result<Vec<RegionSpec>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, size, align, ns_slots, numa_node, location FROM regions ORDER BY id")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(RegionSpec {
+                    id: r.get(0)?,
+                    size: Bytes(from_i64(r.get(1)?)),
+                    align: Bytes(from_i64(r.get(2)?)),
+                    ns_slots: r.get(3)?,
+                    numa_node: r.get(4)?,
+                    location: r.get(5)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// All volumes in insertion order.
+    pub fn volumes(&self) -> Result<Vec<Volume>> {
+        let mut st = self
+            .conn
+            .prepare_cached(&format!("SELECT {VOLUME_COLUMNS} FROM volumes ORDER BY seq"))
+            .map_err(|e| self.err(e))?;
+        let rows = st.query_map([], volume_from_row).map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn volume(&self, id: &str) -> Result<Option<Volume>> {
+        self.conn
+            .prepare_cached(&format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE id = ?1"))
+            .and_then(|mut st| st.query_row([id], volume_from_row).optional())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn volume_by_name(&self, name: &str) -> Result<Option<Volume>> {
+        self.conn
+            .prepare_cached(&format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE name = ?1"))
+            .and_then(|mut st| st.query_row([name], volume_from_row).optional())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Inserts a volume in state `creating` together with its create intent,
+    /// atomically: after this commit the extent is ours.
+    pub fn insert_creating(&mut self, v: &Volume, detail: &str) -> Result<i64> {
+        debug_assert_eq!(v.state, VolumeState::Creating);
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| sql_err(&path, e))?;
+        tx.execute(
+            "INSERT INTO volumes (id, name, region, offset, size, requested, usage, erase_after,
+               parameters, persistency, context, state, device)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            params![
+                v.id,
+                v.name,
+                v.region,
+                to_i64(v.offset),
+                to_i64(v.size),
+                to_i64(v.requested),
+                v.usage.as_str(),
+                v.erase_after,
+                json_map(&v.parameters),
+                v.persistency.as_str(),
+                json_map(&v.context),
+                v.state.as_str(),
+                v.device
+            ],
+        )
+        .map_err(|e| sql_err(&path, e))?;
+        let seq = tx.last_insert_rowid();
+        tx.execute(
+            "INSERT INTO intents (volume_id, op, detail) VALUES (?1, 'create', ?2)",
+            params![v.id, detail],
+        )
+        .map_err(|e| sql_err(&path, e))?;
+        tx.commit().map_err(|e| sql_err(&path, e))?;
+        Ok(seq)
+    }
+
+    /// Moves a volume along the state machine, replacing its intent in the
+    /// same transaction. Refuses edges the state machine does not have.
+    pub fn transition(
+        &mut self,
+        id: &str,
+        to: VolumeState,
+        device: Option<&str>,
+        detail: &str,
+    ) -> Result<()> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| sql_err(&path, e))?;
+        let from: Option<String> = tx
+            .query_row("SELECT state FROM volumes WHERE id = ?1", [id], |r| r.get(0))
+            .optional()
+            .map_err(|e| sql_err(&path, e))?;
+        let from = from.ok_or_else(|| Error::NotFound(format!("volume {id} not in ledger")))?;
+        let from: VolumeState = from.parse().map_err(|m| Error::LedgerCorrupt {
+            path: path.clone(),
+            message: m,
+        })?;
+        if from != to {
+            if !from.can_become(to) {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} cannot go from {from} to {to}"
+                )));
+            }
+            tx.execute(
+                "DELETE FROM intents WHERE volume_id = ?1 AND op != 'expand'",
+                [id],
+            )
+            .map_err(|e| sql_err(&path, e))?;
+            if let Some(op) = IntentOp::for_state(to) {
+                tx.execute(
+                    "INSERT INTO intents (volume_id, op, detail) VALUES (?1, ?2, ?3)",
+                    params![id, op.as_str(), detail],
+                )
+                .map_err(|e| sql_err(&path, e))?;
+            }
+        }
+        tx.execute(
+            "UPDATE volumes SET state = ?2, device = COALESCE(?3, device), updated_at = unixepoch()
+             WHERE id = ?1",
+            params![id, to.as_str(), device],
+        )
+        .map_err(|e| sql_err(&path, e))?;
+        tx.commit().map_err(|e| sql_err(&path, e))
+    }
+
+    /// Records the device path of a ready volume (after re-attachment).
+    pub fn set_device(&mut self, id: &str, device: Option<&str>) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE volumes SET device = ?2, updated_at = unixepoch() WHERE id = ?1",
+                params![id, device],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Removes a volume row, its intents and its publications: the extent is free.
+    pub fn remove_volume(&mut self, id: &str) -> Result<()> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| sql_err(&path, e))?;
+        tx.execute("DELETE FROM publications WHERE volume_id = ?1", [id])
+            .map_err(|e| sql_err(&path, e))?;
+        tx.execute("DELETE FROM volumes WHERE id = ?1", [id])
+            .map_err(|e| sql_err(&path, e))?;
+        tx.commit().map_err(|e| sql_err(&path, e))
+    }
+
+    /// Grows the recorded extent and records an expand intent carrying the
+    /// old size, in one transaction.
+    pub fn begin_expand(&mut self, id: &str, old: Bytes, new: Bytes) -> Result<()> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| sql_err(&path, e))?;
+        let n = tx
+            .execute(
+                "UPDATE volumes SET size = ?3, updated_at = unixepoch() WHERE id = ?1 AND size = ?2",
+                params![id, to_i64(old), to_i64(new)],
+            )
+            .map_err(|e| sql_err(&path, e))?;
+        if n != 1 {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is no longer {old}; another expansion raced"
+            )));
+        }
+        tx.execute(
+            "INSERT INTO intents (volume_id, op, detail) VALUES (?1, 'expand', ?2)",
+            params![id, format!("{{\"old_size\":{},\"new_size\":{}}}", old.0, new.0)],
+        )
+        .map_err(|e| sql_err(&path, e))?;
+        tx.commit().map_err(|e| sql_err(&path, e))
+    }
+
+    pub fn finish_expand(&mut self, id: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "DELETE FROM intents WHERE volume_id = ?1 AND op = 'expand'",
+                [id],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn intents(&self) -> Result<Vec<Intent>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT seq, volume_id, op, detail FROM intents ORDER BY seq")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                let op: String = r.get(2)?;
+                Ok(Intent {
+                    seq: r.get(0)?,
+                    volume_id: r.get(1)?,
+                    op: IntentOp::parse(&op).ok_or_else(|| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            2,
+                            rusqlite::types::Type::Text,
+                            format!("unknown intent op {op:?}").into(),
+                        )
+                    })?,
+                    detail: r.get(3)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records (or replaces) a stage/publish of a volume at a path.
+    pub fn put_publication(&mut self, p: &Publication) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO publications (volume_id, kind, path, readonly, capability)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(volume_id, kind, path) DO UPDATE SET readonly = excluded.readonly,
+                   capability = excluded.capability",
+                params![p.volume_id, p.kind.as_str(), p.path, p.readonly, p.capability],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn delete_publication(&mut self, volume_id: &str, kind: PublicationKind, path: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "DELETE FROM publications WHERE volume_id = ?1 AND kind = ?2 AND path = ?3",
+                params![volume_id, kind.as_str(), path],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Publications of one volume, or of all volumes with `None`.
+    pub fn publications(&self, volume_id: Option<&str>) -> Result<Vec<Publication>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT volume_id, kind, path, readonly, capability FROM publications
+                 WHERE ?1 IS NULL OR volume_id = ?1 ORDER BY volume_id, kind, path",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([volume_id], |r| {
+                let kind: String = r.get(1)?;
+                Ok(Publication {
+                    volume_id: r.get(0)?,
+                    kind: kind.parse().map_err(|m: String| {
+                        rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, m.into())
+                    })?,
+                    path: r.get(2)?,
+                    readonly: r.get(3)?,
+                    capability: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+fn sql_err(path: &Path, source: rusqlite::Error) -> Error {
+    Error::Ledger {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// sqlite integers are signed; sizes never reach 2^63.
+fn to_i64(b: Bytes) -> i64 {
+    i64::try_from(b.0).unwrap_or(i64::MAX)
+}
+
+fn from_i64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn json_map(m: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(m).unwrap_or_else(|_| "{}".to_owned())
+}
+
+fn conv_err(col: usize, msg: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, msg.into())
+}
+
+fn volume_from_row(r: &Row<'_>) -> rusqlite::Result<Volume> {
+    let usage: String = r.get(7)?;
+    let params: String = r.get(9)?;
+    let persistency: String = r.get(10)?;
+    let context: String = r.get(11)?;
+    let state: String = r.get(12)?;
+    Ok(Volume {
+        seq: r.get(0)?,
+        id: r.get(1)?,
+        name: r.get(2)?,
+        region: r.get(3)?,
+        offset: Bytes(from_i64(r.get(4)?)),
+        size: Bytes(from_i64(r.get(5)?)),
+        requested: Bytes(from_i64(r.get(6)?)),
+        usage: usage.parse::<Usage>().map_err(|m| conv_err(7, m))?,
+        erase_after: r.get(8)?,
+        parameters: serde_json::from_str(&params).map_err(|e| conv_err(9, e.to_string()))?,
+        persistency: persistency
+            .parse::<Persistency>()
+            .map_err(|m| conv_err(10, m))?,
+        context: serde_json::from_str(&context).map_err(|e| conv_err(11, e.to_string()))?,
+        state: state.parse::<VolumeState>().map_err(|m| conv_err(12, m))?,
+        device: r.get(13)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn spec(id: &str) -> RegionSpec {
+        RegionSpec {
+            id: id.into(),
+            size: Bytes::gib(1),
+            align: Bytes::mib(16),
+            ns_slots: 10,
+            numa_node: 0,
+            location: "/x".into(),
+        }
+    }
+
+    fn vol(id: &str, name: &str) -> Volume {
+        Volume {
+            id: id.into(),
+            name: name.into(),
+            region: "region0".into(),
+            offset: Bytes(0),
+            size: Bytes::mib(16),
+            requested: Bytes::mib(10),
+            usage: Usage::AppDirect,
+            erase_after: true,
+            parameters: BTreeMap::new(),
+            persistency: Persistency::Persistent,
+            context: BTreeMap::new(),
+            state: VolumeState::Creating,
+            device: None,
+            seq: 0,
+        }
+    }
+
+    #[test]
+    fn open_creates_0600_and_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ledger.db");
+        let l = Ledger::open(&p).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(Ledger::open(&p), Err(Error::LedgerLocked { .. })));
+        drop(l);
+        Ledger::open(&p).unwrap();
+    }
+
+    #[test]
+    fn refuses_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ledger.db");
+        drop(Ledger::open(&p).unwrap());
+        let c = Connection::open(&p).unwrap();
+        c.execute_batch("PRAGMA user_version = 99").unwrap();
+        drop(c);
+        let e = Ledger::open(&p).unwrap_err().to_string();
+        assert!(e.contains("newer"), "{e}");
+    }
+
+    #[test]
+    fn state_machine_is_enforced_with_intents() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(&dir.path().join("l.db")).unwrap();
+        l.sync_regions("sim", &[spec("region0")]).unwrap();
+        l.insert_creating(&vol("v1", "n1"), "{}").unwrap();
+        assert_eq!(l.intents().unwrap()[0].op, IntentOp::Create);
+        assert!(l.transition("v1", VolumeState::Erasing, None, "{}").is_err());
+        l.transition("v1", VolumeState::Ready, Some("/dev/loop9"), "{}")
+            .unwrap();
+        assert!(l.intents().unwrap().is_empty());
+        l.transition("v1", VolumeState::Deleting, None, "{}").unwrap();
+        l.transition("v1", VolumeState::Erasing, None, "{}").unwrap();
+        let i = l.intents().unwrap();
+        assert_eq!(i.len(), 1);
+        assert_eq!(i[0].op, IntentOp::Erase);
+        assert_eq!(l.volume("v1").unwrap().unwrap().device.as_deref(), Some("/dev/loop9"));
+        l.remove_volume("v1").unwrap();
+        assert!(l.intents().unwrap().is_empty());
+        assert!(l.volume("v1").unwrap().is_none());
+    }
+
+    #[test]
+    fn names_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(&dir.path().join("l.db")).unwrap();
+        l.sync_regions("sim", &[spec("region0")]).unwrap();
+        l.insert_creating(&vol("v1", "n1"), "{}").unwrap();
+        assert!(l.insert_creating(&vol("v2", "n1"), "{}").is_err());
+    }
+
+    #[test]
+    fn region_with_volumes_cannot_vanish_or_shrink() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(&dir.path().join("l.db")).unwrap();
+        l.sync_regions("sim", &[spec("region0")]).unwrap();
+        let mut v = vol("v1", "n1");
+        v.offset = Bytes::mib(512);
+        l.insert_creating(&v, "{}").unwrap();
+        assert!(l.sync_regions("sim", &[]).is_err());
+        let mut small = spec("region0");
+        small.size = Bytes::mib(256);
+        assert!(l.sync_regions("sim", &[small]).is_err());
+        let mut big = spec("region0");
+        big.size = Bytes::gib(2);
+        l.sync_regions("sim", &[big]).unwrap();
+    }
+}

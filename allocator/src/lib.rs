@@ -1,0 +1,22 @@
+//! pmem-agent's allocator: the allocation ledger, the region model and
+//! placement, and the device backends. Synchronous by design (no async
+//! runtime): callers run it on blocking threads.
+
+pub mod allocator;
+pub mod backend;
+pub mod error;
+pub mod ledger;
+pub mod loopdev;
+pub mod reconcile;
+pub mod region;
+pub mod sim;
+pub mod units;
+pub mod volume;
+
+pub use allocator::{Allocator, CreateRequest, RegionCapacity};
+pub use backend::{Backend, Device, DeviceRequest, InventoryItem, Owner};
+pub use error::{Error, Result};
+pub use reconcile::ReconcileReport;
+pub use region::{ExtentMap, RegionSpec};
+pub use units::Bytes;
+pub use volume::{Persistency, Publication, PublicationKind, Usage, Volume, VolumeState};

@@ -1,0 +1,167 @@
+//! Reconciliation: the ledger against the devices the backend finds. Run at
+//! start before serving, and on demand (admin API). Interrupted operations
+//! are driven forward (a create the ledger decided is finished; a delete is
+//! completed); devices that no volume owns are reported and, only when asked
+//! and only when marked as ours, removed. Foreign devices are never touched.
+
+use std::collections::HashSet;
+
+use crate::allocator::{Allocator, device_request};
+use crate::backend::{InventoryItem, Owner};
+use crate::error::Result;
+use crate::ledger::IntentOp;
+use crate::volume::VolumeState;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub dry_run: bool,
+    /// What was done (or would be, in a dry run), one line each.
+    pub actions: Vec<String>,
+    /// Devices of ours that no ledger volume owns.
+    pub orphans: Vec<InventoryItem>,
+    /// Devices in our regions that we did not create.
+    pub foreign: Vec<InventoryItem>,
+    /// Ready volumes whose device is missing and could not be restored.
+    pub missing: Vec<String>,
+    /// Steps that failed; they are retried at the next reconciliation.
+    pub errors: Vec<String>,
+}
+
+impl ReconcileReport {
+    pub fn is_clean(&self) -> bool {
+        self.orphans.is_empty() && self.missing.is_empty() && self.errors.is_empty()
+    }
+}
+
+impl Allocator {
+    /// Diffs ledger and devices and repairs what it can (nothing with `dry_run`).
+    pub fn reconcile(&self, dry_run: bool, remove_orphans: bool) -> Result<ReconcileReport> {
+        let mut rep = ReconcileReport {
+            dry_run,
+            ..Default::default()
+        };
+        let expanding: HashSet<String> = self
+            .intents()?
+            .into_iter()
+            .filter(|i| i.op == IntentOp::Expand)
+            .map(|i| i.volume_id)
+            .collect();
+        for v in self.volumes()? {
+            let name = v.name.clone();
+            self.with_name(&name, || {
+                // Re-read under the name lock: a live call may have moved it.
+                let Ok(Some(v)) = self.volume(&v.id) else {
+                    return;
+                };
+                let exp = expanding.contains(&v.id);
+                self.reconcile_volume(v, exp, dry_run, &mut rep);
+            });
+        }
+        let known: Vec<_> = self
+            .volumes()?
+            .into_iter()
+            .map(|v| (v.id, v.region, v.offset))
+            .collect();
+        for item in self.backend().inventory()? {
+            match &item.owner {
+                Owner::Foreign(what) => {
+                    tracing::warn!(region = %item.region, device = %item.path, owner = %what, "foreign device in our region; leaving it alone");
+                    rep.foreign.push(item);
+                }
+                Owner::Ours(id) => {
+                    let owned = known
+                        .iter()
+                        .any(|(kid, region, offset)| kid == id && *region == item.region && *offset == item.offset);
+                    if owned || (dry_run && rep.actions.iter().any(|a| a.contains(id.as_str()))) {
+                        continue;
+                    }
+                    tracing::warn!(region = %item.region, device = %item.path, volume = %id, "orphan device: marked as ours but no ledger volume owns it");
+                    if remove_orphans && !dry_run {
+                        match self.backend().remove_orphan(&item) {
+                            Ok(()) => rep.actions.push(format!("removed orphan {} (volume {id})", item.path)),
+                            Err(e) => rep.errors.push(format!("remove orphan {}: {e}", item.path)),
+                        }
+                    } else {
+                        rep.orphans.push(item);
+                    }
+                }
+            }
+        }
+        for a in &rep.actions {
+            tracing::info!(dry_run, "reconcile: {a}");
+        }
+        for e in &rep.errors {
+            tracing::error!("reconcile: {e}");
+        }
+        Ok(rep)
+    }
+
+    fn reconcile_volume(
+        &self,
+        v: crate::volume::Volume,
+        expanding: bool,
+        dry_run: bool,
+        rep: &mut ReconcileReport,
+    ) {
+        let id = v.id.clone();
+        match v.state {
+            VolumeState::Creating => {
+                rep.actions.push(format!("finish interrupted create of volume {id}"));
+                if !dry_run && let Err(e) = self.finish_create(v) {
+                    rep.errors.push(format!("finish create of volume {id}: {e}"));
+                }
+            }
+            VolumeState::Deleting | VolumeState::Erasing => {
+                rep.actions.push(format!("finish interrupted delete of volume {id} ({})", v.state));
+                if !dry_run && let Err(e) = self.finish_delete(v) {
+                    rep.errors.push(format!("finish delete of volume {id}: {e}"));
+                }
+            }
+            VolumeState::Ready => {
+                let req = device_request(&v);
+                if expanding {
+                    rep.actions.push(format!("finish interrupted expansion of volume {id} to {}", v.size));
+                    if !dry_run {
+                        match self.backend().resize(&req) {
+                            Ok(_) => {
+                                if let Err(e) = self.finish_expand(&id) {
+                                    rep.errors.push(format!("record expansion of volume {id}: {e}"));
+                                }
+                            }
+                            Err(e) => rep.errors.push(format!("finish expansion of volume {id}: {e}")),
+                        }
+                    }
+                }
+                match self.backend().find(&req) {
+                    Ok(Some(d)) if d.path == v.device => {}
+                    Ok(Some(d)) => {
+                        rep.actions.push(format!(
+                            "volume {id} device is now {}",
+                            d.path.as_deref().unwrap_or("(none)")
+                        ));
+                        if !dry_run && let Err(e) = self.set_device(&id, d.path.as_deref()) {
+                            rep.errors.push(format!("record device of volume {id}: {e}"));
+                        }
+                    }
+                    Ok(None) => {
+                        rep.actions.push(format!("restore missing device of volume {id}"));
+                        if !dry_run {
+                            match self.backend().create(&req) {
+                                Ok(d) => {
+                                    if let Err(e) = self.set_device(&id, d.path.as_deref()) {
+                                        rep.errors.push(format!("record device of volume {id}: {e}"));
+                                    }
+                                }
+                                Err(e) => {
+                                    rep.missing.push(id.clone());
+                                    rep.errors.push(format!("restore device of volume {id}: {e}"));
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => rep.errors.push(format!("look up device of volume {id}: {e}")),
+                }
+            }
+        }
+    }
+}

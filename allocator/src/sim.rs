@@ -1,0 +1,421 @@
+//! The `sim` backend: regions are sparse files, a volume is an extent of its
+//! region file served as a loop device. Without the rights to manage loop
+//! devices it runs in file-only mode: volumes are extents of the files, with
+//! no block devices (the ledger and controller paths still work).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::backend::{Backend, Device, DeviceRequest, InventoryItem, Owner};
+use crate::error::{Error, Result};
+use crate::loopdev;
+use crate::region::RegionSpec;
+use crate::units::{Bytes, MIB};
+
+/// Prefix of the loop device name (`lo_file_name`) that marks a device as ours.
+pub const MARKER: &str = "pmem-agent:";
+
+/// Bytes zeroed at the head of a fresh volume so old signatures never show.
+const HEAD_WIPE: u64 = 4 * MIB;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimMode {
+    /// Loop devices (needs CAP_SYS_ADMIN and /dev/loop-control).
+    Loop,
+    /// Files only, no block devices.
+    FileOnly,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub dir: PathBuf,
+    pub regions: u32,
+    pub region_size: Bytes,
+    pub align: Bytes,
+    pub ns_slots: u32,
+    /// `None` picks loop mode when loop devices can be managed.
+    pub mode: Option<SimMode>,
+}
+
+impl SimConfig {
+    /// The embedded default: 2 regions × 4 GiB, 16 MiB alignment, 509 slots
+    /// (what a QEMU NVDIMM with a 128 KiB label area offers).
+    pub fn default_in(dir: impl Into<PathBuf>) -> SimConfig {
+        SimConfig {
+            dir: dir.into(),
+            regions: 2,
+            region_size: Bytes::gib(4),
+            align: Bytes::mib(16),
+            ns_slots: 509,
+            mode: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct SimBackend {
+    mode: SimMode,
+    regions: Vec<(RegionSpec, PathBuf)>,
+}
+
+impl SimBackend {
+    /// Creates (sparse) or checks the region files.
+    pub fn open(cfg: &SimConfig) -> Result<SimBackend> {
+        if cfg.align.0 == 0 || !cfg.region_size.is_aligned(cfg.align) {
+            return Err(Error::InvalidArgument(format!(
+                "sim region size {} must be a non-zero multiple of the alignment {}",
+                cfg.region_size, cfg.align
+            )));
+        }
+        std::fs::create_dir_all(&cfg.dir)
+            .map_err(|e| Error::io(format!("create sim dir {}", cfg.dir.display()), e))?;
+        let dir = cfg
+            .dir
+            .canonicalize()
+            .map_err(|e| Error::io(format!("resolve sim dir {}", cfg.dir.display()), e))?;
+        let mut regions = Vec::new();
+        for i in 0..cfg.regions {
+            let path = dir.join(format!("region{i}.img"));
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| Error::io(format!("open region file {}", path.display()), e))?;
+            let len = f
+                .metadata()
+                .map_err(|e| Error::io(format!("stat region file {}", path.display()), e))?
+                .len();
+            if len < cfg.region_size.0 {
+                // New, or configured larger: grow sparsely. Shrinking is refused
+                // (the ledger would reject volumes beyond the end anyway).
+                f.set_len(cfg.region_size.0)
+                    .map_err(|e| Error::io(format!("size region file {}", path.display()), e))?;
+            } else if len > cfg.region_size.0 {
+                return Err(Error::InvalidArgument(format!(
+                    "region file {} is {} but the configured region size is {}; refusing to shrink it",
+                    path.display(),
+                    Bytes(len),
+                    cfg.region_size
+                )));
+            }
+            regions.push((
+                RegionSpec {
+                    id: format!("region{i}"),
+                    size: cfg.region_size,
+                    align: cfg.align,
+                    ns_slots: cfg.ns_slots,
+                    numa_node: 0,
+                    location: path.display().to_string(),
+                },
+                path,
+            ));
+        }
+        let mode = cfg.mode.unwrap_or(if loopdev::available() {
+            SimMode::Loop
+        } else {
+            SimMode::FileOnly
+        });
+        if mode == SimMode::Loop && !loopdev::available() {
+            return Err(Error::FailedPrecondition(
+                "sim loop mode needs read-write access to /dev/loop-control (run as root or with CAP_SYS_ADMIN)"
+                    .into(),
+            ));
+        }
+        Ok(SimBackend { mode, regions })
+    }
+
+    pub fn mode(&self) -> SimMode {
+        self.mode
+    }
+
+    fn region_file(&self, region: &str) -> Result<&Path> {
+        self.regions
+            .iter()
+            .find(|(s, _)| s.id == region)
+            .map(|(_, p)| p.as_path())
+            .ok_or_else(|| Error::NotFound(format!("sim region {region} does not exist")))
+    }
+
+    fn open_region(&self, region: &str) -> Result<(File, &Path)> {
+        let path = self.region_file(region)?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("open region file {}", path.display()), e))?;
+        Ok((f, path))
+    }
+
+    /// Loop devices of ours for this volume (by marker), any offset.
+    fn devices_of(&self, req: &DeviceRequest) -> Result<Vec<loopdev::LoopDevice>> {
+        let file = self.region_file(&req.region)?;
+        let marker = format!("{MARKER}{}", req.volume_id);
+        Ok(loopdev::backed_by(file)
+            .map_err(|e| Error::io(format!("list loop devices of {}", file.display()), e))?
+            .into_iter()
+            .filter(|d| d.name == marker || d.offset == req.offset)
+            .collect())
+    }
+
+    /// Zeroes `[offset, offset+len)` of a region file and verifies it.
+    fn zero_range(&self, region: &str, offset: Bytes, len: Bytes) -> Result<()> {
+        let (f, path) = self.open_region(region)?;
+        let ctx = |what: &str| format!("{what} {}+{} of region file {}", offset.0, len.0, path.display());
+        let (o, l) = (
+            i64::try_from(offset.0).map_err(|_| Error::OutOfRange(ctx("offset too large in")))?,
+            i64::try_from(len.0).map_err(|_| Error::OutOfRange(ctx("length too large in")))?,
+        );
+        // SAFETY: plain syscall on an owned fd.
+        let punched = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                o,
+                l,
+            )
+        } == 0;
+        if !punched || !range_is_hole(&f, offset, len) {
+            write_zeros(&f, offset, len).map_err(|e| Error::io(ctx("zero"), e))?;
+        }
+        f.sync_all().map_err(|e| Error::io(ctx("sync"), e))?;
+        if !range_is_hole(&f, offset, len) {
+            verify_zero(&f, offset, len).map_err(|e| Error::io(ctx("verify erase of"), e))?;
+        }
+        Ok(())
+    }
+}
+
+/// True when no data lies in the range (SEEK_DATA finds none before its end).
+fn range_is_hole(f: &File, offset: Bytes, len: Bytes) -> bool {
+    let Ok(o) = i64::try_from(offset.0) else {
+        return false;
+    };
+    // SAFETY: plain syscall on an owned fd.
+    let next = unsafe { libc::lseek(f.as_raw_fd(), o, libc::SEEK_DATA) };
+    if next < 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    u64::try_from(next).is_ok_and(|n| n >= offset.0 + len.0)
+}
+
+fn write_zeros(f: &File, offset: Bytes, len: Bytes) -> std::io::Result<()> {
+    let buf = vec![0u8; MIB as usize];
+    let mut done = 0u64;
+    while done < len.0 {
+        let n = (len.0 - done).min(MIB);
+        f.write_all_at(&buf[..n as usize], offset.0 + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
+fn verify_zero(f: &File, offset: Bytes, len: Bytes) -> std::io::Result<()> {
+    let mut f = f.try_clone()?;
+    f.seek(SeekFrom::Start(offset.0))?;
+    let mut buf = vec![0u8; MIB as usize];
+    let mut left = len.0;
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        f.read_exact(&mut buf[..n])?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Err(std::io::Error::other(format!(
+                "non-zero data remains near byte {}",
+                offset.0 + (len.0 - left)
+            )));
+        }
+        left -= n as u64;
+    }
+    f.flush()
+}
+
+impl Backend for SimBackend {
+    fn kind(&self) -> &'static str {
+        "sim"
+    }
+
+    fn describe(&self) -> String {
+        let files: Vec<String> = self.regions.iter().map(|(_, p)| p.display().to_string()).collect();
+        match self.mode {
+            SimMode::Loop => format!(
+                "sim backend in loop mode: volumes are loop devices over extents of {}",
+                files.join(", ")
+            ),
+            SimMode::FileOnly => format!(
+                "sim backend in file-only mode (no access to /dev/loop-control): volumes are extents of {} without block devices; staging and publishing will fail",
+                files.join(", ")
+            ),
+        }
+    }
+
+    fn regions(&self) -> Result<Vec<RegionSpec>> {
+        Ok(self.regions.iter().map(|(s, _)| s.clone()).collect())
+    }
+
+    fn wipe_head(&self, req: &DeviceRequest) -> Result<()> {
+        self.zero_range(&req.region, req.offset, Bytes(req.size.0.min(HEAD_WIPE)))
+    }
+
+    fn check_idle(&self, req: &DeviceRequest) -> Result<()> {
+        if let Some(Device { path: Some(p), .. }) = self.find(req)?
+            && loopdev::is_busy(Path::new(&p))
+                .map_err(|e| Error::io(format!("check {p} of volume {}", req.volume_id), e))?
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "device {p} of volume {} is in use (mounted or open exclusively)",
+                req.volume_id
+            )));
+        }
+        Ok(())
+    }
+
+    fn create(&self, req: &DeviceRequest) -> Result<Device> {
+        if self.mode == SimMode::FileOnly {
+            self.region_file(&req.region)?;
+            return Ok(Device {
+                path: None,
+                size: req.size,
+            });
+        }
+        if let Some(d) = self.find(req)? {
+            if d.size == req.size {
+                return Ok(d);
+            }
+            return self.resize(req);
+        }
+        let file = self.region_file(&req.region)?;
+        let marker = format!("{MARKER}{}", req.volume_id);
+        let d = loopdev::attach(file, req.offset, req.size, &marker).map_err(|e| {
+            Error::Device(format!(
+                "attach loop device for volume {} at {}+{} of {}: {e}",
+                req.volume_id,
+                req.offset.0,
+                req.size.0,
+                file.display()
+            ))
+        })?;
+        Ok(Device {
+            path: Some(d.path.display().to_string()),
+            size: d.size_limit,
+        })
+    }
+
+    fn find(&self, req: &DeviceRequest) -> Result<Option<Device>> {
+        if self.mode == SimMode::FileOnly {
+            return Ok(Some(Device {
+                path: None,
+                size: req.size,
+            }));
+        }
+        let marker = format!("{MARKER}{}", req.volume_id);
+        let devs = self.devices_of(req)?;
+        if let Some(other) = devs.iter().find(|d| d.name != marker) {
+            return Err(Error::Device(format!(
+                "extent {}+{} of region {} for volume {} is attached to {} named {:?}, which is not ours",
+                req.offset.0,
+                req.size.0,
+                req.region,
+                req.volume_id,
+                other.path.display(),
+                other.name
+            )));
+        }
+        Ok(devs.into_iter().find(|d| d.offset == req.offset).map(|d| Device {
+            path: Some(d.path.display().to_string()),
+            size: d.size_limit,
+        }))
+    }
+
+    fn destroy(&self, req: &DeviceRequest) -> Result<()> {
+        if self.mode == SimMode::FileOnly {
+            return Ok(());
+        }
+        let marker = format!("{MARKER}{}", req.volume_id);
+        for d in self.devices_of(req)?.into_iter().filter(|d| d.name == marker) {
+            loopdev::detach(&d.path).map_err(|e| {
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    Error::FailedPrecondition(format!(
+                        "device {} of volume {} is in use (mounted or open exclusively)",
+                        d.path.display(),
+                        req.volume_id
+                    ))
+                } else {
+                    Error::Device(format!(
+                        "detach {} of volume {}: {e}",
+                        d.path.display(),
+                        req.volume_id
+                    ))
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    fn erase(&self, req: &DeviceRequest) -> Result<()> {
+        self.zero_range(&req.region, req.offset, req.size)
+    }
+
+    fn resize(&self, req: &DeviceRequest) -> Result<Device> {
+        if self.mode == SimMode::FileOnly {
+            return Ok(Device {
+                path: None,
+                size: req.size,
+            });
+        }
+        let Some(d) = self.find(req)? else {
+            return self.create(req);
+        };
+        let path = d.path.clone().unwrap_or_default();
+        loopdev::set_size(Path::new(&path), req.size).map_err(|e| {
+            Error::Device(format!(
+                "resize {path} of volume {} to {}: {e}",
+                req.volume_id, req.size
+            ))
+        })?;
+        Ok(Device {
+            path: Some(path),
+            size: req.size,
+        })
+    }
+
+    fn inventory(&self) -> Result<Vec<InventoryItem>> {
+        if self.mode == SimMode::FileOnly {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for (spec, file) in &self.regions {
+            let devs = loopdev::backed_by(file)
+                .map_err(|e| Error::io(format!("list loop devices of {}", file.display()), e))?;
+            for d in devs {
+                let owner = match d.name.strip_prefix(MARKER) {
+                    Some(id) => Owner::Ours(id.to_owned()),
+                    None => Owner::Foreign(format!("loop device named {:?}", d.name)),
+                };
+                out.push(InventoryItem {
+                    region: spec.id.clone(),
+                    path: d.path.display().to_string(),
+                    offset: d.offset,
+                    size: d.size_limit,
+                    owner,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove_orphan(&self, item: &InventoryItem) -> Result<()> {
+        if !matches!(item.owner, Owner::Ours(_)) {
+            return Err(Error::FailedPrecondition(format!(
+                "refusing to remove foreign device {}",
+                item.path
+            )));
+        }
+        loopdev::detach(Path::new(&item.path))
+            .map_err(|e| Error::Device(format!("detach orphan {}: {e}", item.path)))
+    }
+}

@@ -1,0 +1,7 @@
+# rig: agent=none dimms=2
+# Development probe: show what the guest sees.
+log "kernel $(uname -r), uptime $(rig_uptime)"
+ls /sys/bus/nd/devices/
+ndctl list -RN
+cat /proc/meminfo | head -3
+ok "probe"

@@ -27,7 +27,7 @@ pub async fn call<T>(
         Err(e) => e.code(),
     };
     metrics.observe_call(method, code, elapsed);
-    let ms = elapsed.as_secs_f64() * 1000.0;
+    let ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3;
     match &res {
         Ok(_) => tracing::info!(method, volume = subject, duration_ms = ms, code = ?code, "csi call"),
         Err(e) if matches!(code, Code::Internal | Code::Unavailable) => {

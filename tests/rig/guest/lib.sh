@@ -3,6 +3,7 @@
 # scenario). Environment from /init:
 #   RIG_BOOT, RIG_BOOTS   this boot's number (1-based) and the boot count
 #   RIG_DIMMS, RIG_LABELS emulated DIMMs and whether labels were written
+#   RIG_DIMM_SIZE         bytes of each DIMM's region
 #   RIG_RESULTS           directory saved to the host with --artifacts
 #
 # Output conventions: "ok N - what" / "not ok N - what" per check (counted by

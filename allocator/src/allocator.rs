@@ -350,6 +350,13 @@ impl Allocator {
         }
     }
 
+    /// The placement a create would choose now (region, offset, extent size),
+    /// without reserving anything.
+    pub fn plan(&self, req: &CreateRequest) -> Result<(String, Bytes, Bytes)> {
+        let st = self.state();
+        self.place(&st, req)
+    }
+
     /// Placement: the region whose best-fitting free extent is smallest
     /// (ties: most free bytes, then id), and that extent.
     fn place(&self, st: &State, req: &CreateRequest) -> Result<(String, Bytes, Bytes)> {

@@ -92,7 +92,10 @@ impl Daemon {
             .arg(self.state_dir())
             .arg("--node-id")
             .arg(&self.node_id)
-            .args(["--sim-region-size", "1GiB", "--shutdown-timeout", "10"]);
+            .args(["--shutdown-timeout", "10"]);
+        if !self.extra.iter().any(|a| a == "--sim-region-size") {
+            cmd.args(["--sim-region-size", "1GiB"]);
+        }
         cmd.args(&self.extra);
         cmd
     }

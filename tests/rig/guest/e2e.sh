@@ -103,3 +103,4 @@ agent_stop_quiet() {
     AGENT_PID=
     agent_log_tail 20
 }
+

@@ -122,6 +122,9 @@ mount_dax() {
     dax_mounted "$dir"
 }
 
+# umount_if_mounted DIR (for on_exit).
+umount_if_mounted() { ! mountpoint -q "$1" || umount "$1"; }
+
 # dax_mounted DIR: true when DIR is mounted with dax (dax=always or dax).
 dax_mounted() {
     awk -v d="$1" '$2 == d { n = split($4, o, ","); for (i = 1; i <= n; i++) if (o[i] == "dax" || o[i] == "dax=always") f = 1 } END { exit !f }' /proc/mounts

@@ -33,7 +33,7 @@ expect_eq "namespace rig-xfs mode" "$(jq -r .mode <<<"$ns")" fsdax
 check "$dev is a block device" test -b "$dev"
 check "mkfs.xfs $dev" mkfs.xfs -q -f "$dev"
 check "mount -o dax xfs: dax in /proc/mounts" mount_dax "$dev" /mnt/xfs xfs
-on_exit "umount /mnt/xfs 2>/dev/null"
+on_exit umount_if_mounted /mnt/xfs
 grep " /mnt/xfs " /proc/mounts | sed 's/^/#   /'
 dd if=/dev/urandom of=/mnt/xfs/data bs=1M count=8 status=none
 sum=$(sha256sum </mnt/xfs/data)
@@ -52,12 +52,12 @@ pv=/dev/$(jq -r .blockdev <<<"$ns")
 check "pvcreate $pv" pvcreate -q "$pv"
 check "vgcreate rigvg" vgcreate -q rigvg "$pv"
 check "lvcreate rigvg/lv0" lvcreate -q -y -L 256M -n lv0 rigvg
-on_exit "vgchange -q -an rigvg 2>/dev/null"
+on_exit "! vgs rigvg >/dev/null 2>&1 || vgchange -q -an rigvg"
 check "/dev/rigvg/lv0 exists (no udev)" test -b /dev/rigvg/lv0
 dmsetup table rigvg-lv0 | sed 's/^/#   /'
-check "mkfs.ext4 on the LV" mkfs.ext4 -q -F /dev/rigvg/lv0
+check "mkfs.ext4 -b 4096 on the LV (DAX needs page-sized blocks)" mkfs.ext4 -q -F -b 4096 /dev/rigvg/lv0
 check "mount -o dax ext4 on LVM: dax in /proc/mounts" mount_dax /dev/rigvg/lv0 /mnt/ext4 ext4
-on_exit "umount /mnt/ext4 2>/dev/null"
+on_exit umount_if_mounted /mnt/ext4
 grep " /mnt/ext4 " /proc/mounts | sed 's/^/#   /'
 echo "hello from the rig" >/mnt/ext4/hello
 check "umount ext4" umount /mnt/ext4
@@ -87,9 +87,12 @@ check "pmemctl regions (admin socket)" pmemctl_admin regions
 pmemctl_admin regions | sed 's/^/#   /'
 check "pmemctl csi capacity" csi capacity
 csi capacity | sed 's/^/#   /'
-out=$(csi create rig-vol --size 1GiB) || fail "pmemctl csi create rig-vol --size 1GiB"
+out=$(pmemctl_csi --json csi create rig-vol --size 1GiB) || fail "pmemctl csi create rig-vol --size 1GiB"
 echo "$out" | sed 's/^/#   /'
 ok "pmemctl csi create rig-vol --size 1GiB"
-vol=$(csi_volume_id "$out") || fail "no volume id in the create output"
+vol=$(jq -r '.volume_id // empty' <<<"$out")
+[[ -n $vol ]] || fail "no volume_id in the CreateVolume answer"
+expect_eq "volume capacity" "$(jq -r .capacity_bytes <<<"$out")" "$GIB"
+pmemctl_admin volumes | sed 's/^/#   /'
 check "pmemctl csi delete $vol" csi delete "$vol"
 agent_stop

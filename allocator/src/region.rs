@@ -1,7 +1,7 @@
 //! The region model shared by every backend: a region's static description
 //! and its extent map.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::units::Bytes;
 
@@ -57,13 +57,18 @@ pub enum ExtentError {
 ///   and an offset and length that are multiples of `align`;
 /// - no two extents overlap; free extents are coalesced (no two free extents
 ///   touch);
-/// - the sum of free and used lengths equals `size`.
+/// - the sum of free and used lengths equals `size`;
+/// - the size index holds exactly the free extents.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtentMap {
     size: u64,
     align: u64,
     /// offset -> length
     free: BTreeMap<u64, u64>,
+    /// (length, offset) of every free extent: best fit and largest in O(log n).
+    by_size: BTreeSet<(u64, u64)>,
+    /// Sum of free lengths.
+    free_bytes: u64,
     /// offset -> length
     used: BTreeMap<u64, u64>,
 }
@@ -73,16 +78,31 @@ impl ExtentMap {
     pub fn new(size: Bytes, align: Bytes) -> ExtentMap {
         assert!(align.0 > 0, "region alignment must be non-zero");
         let size = size.align_down(align).0;
-        let mut free = BTreeMap::new();
-        if size > 0 {
-            free.insert(0, size);
-        }
-        ExtentMap {
+        let mut m = ExtentMap {
             size,
             align: align.0,
-            free,
+            free: BTreeMap::new(),
+            by_size: BTreeSet::new(),
+            free_bytes: 0,
             used: BTreeMap::new(),
+        };
+        if size > 0 {
+            m.add_free(0, size);
         }
+        m
+    }
+
+    fn add_free(&mut self, offset: u64, len: u64) {
+        self.free.insert(offset, len);
+        self.by_size.insert((len, offset));
+        self.free_bytes += len;
+    }
+
+    fn remove_free(&mut self, offset: u64) -> Option<u64> {
+        let len = self.free.remove(&offset)?;
+        self.by_size.remove(&(len, offset));
+        self.free_bytes -= len;
+        Some(len)
     }
 
     pub fn size(&self) -> Bytes {
@@ -127,13 +147,13 @@ impl ExtentMap {
         let (fo, fl) = self
             .free_containing(offset, len)
             .ok_or(ExtentError::Overlap { offset, len })?;
-        self.free.remove(&fo);
+        self.remove_free(fo);
         if offset > fo {
-            self.free.insert(fo, offset - fo);
+            self.add_free(fo, offset - fo);
         }
         let end = offset + len;
         if end < fo + fl {
-            self.free.insert(end, fo + fl - end);
+            self.add_free(end, fo + fl - end);
         }
         self.used.insert(offset, len);
         Ok(())
@@ -151,14 +171,13 @@ impl ExtentMap {
         if let Some((&po, &pl)) = self.free.range(..offset).next_back()
             && po + pl == offset
         {
-            self.free.remove(&po);
+            self.remove_free(po);
             start = po;
         }
-        if let Some(&nl) = self.free.get(&end) {
-            self.free.remove(&end);
+        if let Some(nl) = self.remove_free(end) {
             end += nl;
         }
-        self.free.insert(start, end - start);
+        self.add_free(start, end - start);
         Ok(())
     }
 
@@ -191,9 +210,9 @@ impl ExtentMap {
                 len: delta.0,
             });
         }
-        self.free.remove(&tail.0);
+        self.remove_free(tail.0);
         if avail > delta.0 {
-            self.free.insert(tail.0 + delta.0, avail - delta.0);
+            self.add_free(tail.0 + delta.0, avail - delta.0);
         }
         self.used.insert(offset.0, new.0);
         Ok(())
@@ -202,11 +221,10 @@ impl ExtentMap {
     /// Best fit: the smallest free extent that holds `len`; ties go to the
     /// lowest offset. Returns the offset.
     pub fn best_fit(&self, len: Bytes) -> Option<Bytes> {
-        self.free
-            .iter()
-            .filter(|&(_, &l)| l >= len.0)
-            .min_by_key(|&(&o, &l)| (l, o))
-            .map(|(&o, _)| Bytes(o))
+        self.by_size
+            .range((len.0, 0)..)
+            .next()
+            .map(|&(_, o)| Bytes(o))
     }
 
     /// Length of the free extent that `best_fit(len)` would use.
@@ -216,7 +234,7 @@ impl ExtentMap {
     }
 
     pub fn free_total(&self) -> Bytes {
-        Bytes(self.free.values().sum())
+        Bytes(self.free_bytes)
     }
 
     pub fn used_total(&self) -> Bytes {
@@ -224,7 +242,7 @@ impl ExtentMap {
     }
 
     pub fn largest_free(&self) -> Bytes {
-        Bytes(self.free.values().copied().max().unwrap_or(0))
+        Bytes(self.by_size.last().map_or(0, |&(l, _)| l))
     }
 
     pub fn used_count(&self) -> usize {
@@ -275,6 +293,10 @@ impl ExtentMap {
         }
         if total != self.size {
             return Err(format!("free + used = {total}, size = {}", self.size));
+        }
+        let indexed: BTreeSet<(u64, u64)> = self.free.iter().map(|(&o, &l)| (l, o)).collect();
+        if indexed != self.by_size || self.free.values().sum::<u64>() != self.free_bytes {
+            return Err("size index differs from the free extents".into());
         }
         Ok(())
     }

@@ -103,7 +103,7 @@ fn is_zero(rig: &Rig, offset: u64, len: u64) -> bool {
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0;
     while pos < len {
-        let n = (len - pos).min(buf.len() as u64) as usize;
+        let n = usize::try_from(len - pos).map_or(buf.len(), |l| l.min(buf.len()));
         f.read_exact_at(&mut buf[..n], offset + pos).unwrap();
         if buf[..n].iter().any(|&b| b != 0) {
             return false;

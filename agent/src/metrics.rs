@@ -7,9 +7,12 @@ use std::time::Duration;
 
 use tonic::Code;
 
+/// (method, gRPC code) -> (count, total time).
+type CallTable = BTreeMap<(&'static str, i32), (u64, Duration)>;
+
 #[derive(Debug, Default)]
 pub struct Metrics {
-    calls: Mutex<BTreeMap<(&'static str, i32), (u64, Duration)>>,
+    calls: Mutex<CallTable>,
 }
 
 impl Metrics {

@@ -117,7 +117,7 @@ impl ExtentMap {
         if len == 0 {
             return Err(ExtentError::Empty);
         }
-        if offset % self.align != 0 || len % self.align != 0 {
+        if !offset.is_multiple_of(self.align) || !len.is_multiple_of(self.align) {
             return Err(ExtentError::Misaligned {
                 offset,
                 len,

@@ -204,13 +204,20 @@ fn range_is_hole(f: &File, offset: Bytes, len: Bytes) -> bool {
     u64::try_from(next).is_ok_and(|n| n >= offset.0 + len.0)
 }
 
+/// I/O chunk for zeroing and verifying.
+const CHUNK: usize = 1 << 20;
+
+fn chunk_len(left: u64) -> usize {
+    usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK))
+}
+
 fn write_zeros(f: &File, offset: Bytes, len: Bytes) -> std::io::Result<()> {
-    let buf = vec![0u8; MIB as usize];
+    let buf = vec![0u8; CHUNK];
     let mut done = 0u64;
     while done < len.0 {
-        let n = (len.0 - done).min(MIB);
-        f.write_all_at(&buf[..n as usize], offset.0 + done)?;
-        done += n;
+        let n = chunk_len(len.0 - done);
+        f.write_all_at(&buf[..n], offset.0 + done)?;
+        done += n as u64;
     }
     Ok(())
 }
@@ -218,10 +225,10 @@ fn write_zeros(f: &File, offset: Bytes, len: Bytes) -> std::io::Result<()> {
 fn verify_zero(f: &File, offset: Bytes, len: Bytes) -> std::io::Result<()> {
     let mut f = f.try_clone()?;
     f.seek(SeekFrom::Start(offset.0))?;
-    let mut buf = vec![0u8; MIB as usize];
+    let mut buf = vec![0u8; CHUNK];
     let mut left = len.0;
     while left > 0 {
-        let n = left.min(MIB) as usize;
+        let n = chunk_len(left);
         f.read_exact(&mut buf[..n])?;
         if buf[..n].iter().any(|&b| b != 0) {
             return Err(std::io::Error::other(format!(

@@ -49,7 +49,7 @@ impl Bytes {
     }
 
     pub fn is_aligned(self, align: Bytes) -> bool {
-        align.0 > 0 && self.0 % align.0 == 0
+        align.0 > 0 && self.0.is_multiple_of(align.0)
     }
 
     pub fn checked_add(self, other: Bytes) -> Option<Bytes> {
@@ -84,11 +84,11 @@ impl fmt::Display for Bytes {
     /// Exact binary units when the value is a whole multiple, bytes otherwise.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let v = self.0;
-        if v >= GIB && v % GIB == 0 {
+        if v >= GIB && v.is_multiple_of(GIB) {
             write!(f, "{}GiB", v / GIB)
-        } else if v >= MIB && v % MIB == 0 {
+        } else if v >= MIB && v.is_multiple_of(MIB) {
             write!(f, "{}MiB", v / MIB)
-        } else if v >= KIB && v % KIB == 0 {
+        } else if v >= KIB && v.is_multiple_of(KIB) {
             write!(f, "{}KiB", v / KIB)
         } else {
             write!(f, "{v}B")

@@ -14,6 +14,9 @@ RIG_CHECKS=0
 RIG_FAILED=0
 RIG_CLEANUPS=()
 
+# Indent a command's output as a comment: cmd | indent
+indent() { sed 's/^/#   /'; }
+
 log() { printf '## [%s] %s\n' "$(rig_uptime)" "$*"; }
 rig_uptime() { local up _; read -r up _ </proc/uptime; echo "${up}s"; }
 

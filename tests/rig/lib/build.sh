@@ -31,6 +31,7 @@ RIG_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # ---------------------------------------------------------------- QEMU
 
 # Sets QEMU_BIN and QEMU_FW_ARGS.
+# shellcheck disable=SC2034  # used by tests/rig/run
 build_qemu() {
     local dir=$RIG_CACHE/qemu
     local stamp=$dir/.done-$RIG_QEMU_BUILD
@@ -110,7 +111,8 @@ build_kernel() {
         cp "$tree/lib/modules/$version"/modules.{builtin,builtin.modinfo,order} "$mods/"
         # Signature checking costs ~20% of the load time under TCG; the
         # kernel loads unsigned modules (it only taints).
-        python3 "$RIG_LIB_DIR/kernel.py" strip-modsig $(find "$mods" -name '*.ko')
+        find "$mods" -name '*.ko' -exec python3 "$RIG_LIB_DIR/kernel.py" strip-modsig {} + ||
+            setup_error "kernel: strip-modsig failed"
         depmod -b "$dir/modules" "$version" || setup_error "kernel: depmod (subset) failed"
         rm -rf "$tree"
         echo "$version" >"$dir/version"
@@ -206,11 +208,9 @@ build_base_initramfs() {
         stage_binary "$root" "$b"
     done
     [[ -x /usr/bin/strace ]] && stage_binary "$root" /usr/bin/strace
-    # Extra libraries that glibc or the tools dlopen.
-    local extra
-    for extra in /usr/lib/x86_64-linux-gnu/libgcc_s.so.1; do
-        [[ -e $extra ]] && install -D -m 0755 "$(readlink -f "$extra")" "$root$extra"
-    done
+    # glibc dlopens libgcc_s for thread cancellation and unwinding.
+    local extra=/usr/lib/x86_64-linux-gnu/libgcc_s.so.1
+    [[ -e $root$extra ]] || install -D -m 0755 "$(readlink -f "$extra")" "$root$extra"
     # Alias names of the copied binaries.
     for b in /usr/sbin/*; do
         if [[ -L $b && $(readlink "$b") == lvm ]]; then ln -sf lvm "$root$b"; fi

@@ -3,6 +3,7 @@
 # privilege and apt handling. Sourced by tests/rig/run.
 
 # Exit codes of tests/rig/run (documented in tests/rig/README.md).
+# shellcheck disable=SC2034  # used by tests/rig/run
 readonly RIG_EXIT_USAGE=2
 readonly RIG_EXIT_SETUP=3
 readonly RIG_EXIT_TIMEOUT=124
@@ -23,7 +24,7 @@ rig_delta() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 say() { printf 'rig: %s\n' "$*" >&2; }
 warn() { printf 'rig: warning: %s\n' "$*" >&2; }
 # Verbose messages (--verbose).
-debug() { [[ ${RIG_VERBOSE:-0} == 1 ]] && printf 'rig: + %s\n' "$*" >&2 || true; }
+debug() { if [[ ${RIG_VERBOSE:-0} == 1 ]]; then printf 'rig: + %s\n' "$*" >&2; fi; }
 
 # die CODE MESSAGE...
 die() {

@@ -2,7 +2,7 @@
 """Kernel helpers for the rig (standard library only).
 
 extract-vmlinux BZIMAGE OUT
-    Find the xz-, gzip- or zstd-compressed ELF payload of a bzImage and write
+    Find the xz- or gzip-compressed ELF payload of a bzImage and write
     the uncompressed vmlinux. QEMU boots it through its PVH entry point, which
     is about 2 s faster under TCG than letting the bzImage decompress itself.
 

@@ -3,5 +3,5 @@
 log "kernel $(uname -r), uptime $(rig_uptime)"
 ls /sys/bus/nd/devices/
 ndctl list -RN
-cat /proc/meminfo | head -3
+head -n 3 /proc/meminfo
 ok "probe"

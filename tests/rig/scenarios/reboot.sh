@@ -33,9 +33,9 @@ case $RIG_BOOT in
 2)
     log "boot 2: checking"
     ns=$(ns_json rig-persist)
-    [[ -n $ns ]] || { ndctl list -N | sed 's/^/#   /'; fail "namespace rig-persist is gone after the reboot"; }
+    [[ -n $ns ]] || { ndctl list -N | indent; fail "namespace rig-persist is gone after the reboot"; }
     ok "namespace rig-persist found after the reboot"
-    echo "$ns" | sed 's/^/#   /'
+    indent <<<"$ns"
     expect_eq "rig-persist mode" "$(jq -r .mode <<<"$ns")" fsdax
     dev=/dev/$(jq -r .blockdev <<<"$ns")
     check "mount -o dax $dev" mount_dax "$dev" /mnt/xfs xfs

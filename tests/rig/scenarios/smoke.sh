@@ -27,14 +27,14 @@ done
 # ---- 2. fsdax + xfs + DAX
 log "fsdax namespace on region0, xfs with -o dax"
 ns=$(ns_create region0 512M rig-xfs)
-echo "$ns" | sed 's/^/#   /'
+indent <<<"$ns"
 dev=/dev/$(jq -r .blockdev <<<"$ns")
 expect_eq "namespace rig-xfs mode" "$(jq -r .mode <<<"$ns")" fsdax
 check "$dev is a block device" test -b "$dev"
 check "mkfs.xfs $dev" mkfs.xfs -q -f "$dev"
 check "mount -o dax xfs: dax in /proc/mounts" mount_dax "$dev" /mnt/xfs xfs
 on_exit umount_if_mounted /mnt/xfs
-grep " /mnt/xfs " /proc/mounts | sed 's/^/#   /'
+grep " /mnt/xfs " /proc/mounts | indent
 dd if=/dev/urandom of=/mnt/xfs/data bs=1M count=8 status=none
 sum=$(sha256sum </mnt/xfs/data)
 # STATX_ATTR_DAX (0x200000) says the file is accessed through DAX.
@@ -54,11 +54,11 @@ check "vgcreate rigvg" vgcreate -q rigvg "$pv"
 check "lvcreate rigvg/lv0" lvcreate -q -y -L 256M -n lv0 rigvg
 on_exit "! vgs rigvg >/dev/null 2>&1 || vgchange -q -an rigvg"
 check "/dev/rigvg/lv0 exists (no udev)" test -b /dev/rigvg/lv0
-dmsetup table rigvg-lv0 | sed 's/^/#   /'
+dmsetup table rigvg-lv0 | indent
 check "mkfs.ext4 -b 4096 on the LV (DAX needs page-sized blocks)" mkfs.ext4 -q -F -b 4096 /dev/rigvg/lv0
 check "mount -o dax ext4 on LVM: dax in /proc/mounts" mount_dax /dev/rigvg/lv0 /mnt/ext4 ext4
 on_exit umount_if_mounted /mnt/ext4
-grep " /mnt/ext4 " /proc/mounts | sed 's/^/#   /'
+grep " /mnt/ext4 " /proc/mounts | indent
 echo "hello from the rig" >/mnt/ext4/hello
 check "umount ext4" umount /mnt/ext4
 check "lvremove, vgremove, pvremove" bash -c 'lvremove -q -y rigvg/lv0 && vgremove -q -y rigvg && pvremove -q -y '"$pv"
@@ -81,18 +81,18 @@ done
 log "pmem-agent (sim backend) in the guest"
 agent_start
 out=$(pmemctl_csi identity)
-echo "$out" | sed 's/^/#   /'
+indent <<<"$out"
 ok "pmemctl identity: Probe ready"
 check "pmemctl regions (admin socket)" pmemctl_admin regions
-pmemctl_admin regions | sed 's/^/#   /'
+pmemctl_admin regions | indent
 check "pmemctl csi capacity" csi capacity
-csi capacity | sed 's/^/#   /'
+csi capacity | indent
 out=$(pmemctl_csi --json csi create rig-vol --size 1GiB) || fail "pmemctl csi create rig-vol --size 1GiB"
-echo "$out" | sed 's/^/#   /'
+indent <<<"$out"
 ok "pmemctl csi create rig-vol --size 1GiB"
 vol=$(jq -r '.volume_id // empty' <<<"$out")
 [[ -n $vol ]] || fail "no volume_id in the CreateVolume answer"
 expect_eq "volume capacity" "$(jq -r .capacity_bytes <<<"$out")" "$GIB"
-pmemctl_admin volumes | sed 's/^/#   /'
+pmemctl_admin volumes | indent
 check "pmemctl csi delete $vol" csi delete "$vol"
 agent_stop

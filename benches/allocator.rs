@@ -35,7 +35,10 @@ fn placement(c: &mut Criterion) {
     let mut ids = Vec::new();
     for i in 0..13_334u64 {
         let v = full
-            .create_volume(&CreateRequest::new(format!("v{i}"), Bytes((1 + i % 3) * ALIGN)))
+            .create_volume(&CreateRequest::new(
+                format!("v{i}"),
+                Bytes((1 + i % 3) * ALIGN),
+            ))
             .unwrap();
         ids.push(v.id);
     }
@@ -44,8 +47,12 @@ fn placement(c: &mut Criterion) {
     }
     assert_eq!(full.volumes().unwrap().len(), 10_000);
     let req = CreateRequest::new("probe", Bytes(2 * ALIGN));
-    g.bench_function("baseline_empty_node", |b| b.iter(|| black_box(empty.plan(black_box(&req)).unwrap())));
-    g.bench_function("with_10000_volumes", |b| b.iter(|| black_box(full.plan(black_box(&req)).unwrap())));
+    g.bench_function("baseline_empty_node", |b| {
+        b.iter(|| black_box(empty.plan(black_box(&req)).unwrap()))
+    });
+    g.bench_function("with_10000_volumes", |b| {
+        b.iter(|| black_box(full.plan(black_box(&req)).unwrap()))
+    });
     g.finish();
 }
 
@@ -58,7 +65,8 @@ fn ledger(c: &mut Criterion) {
     g.bench_function("baseline_bare_durable_commit", |b| {
         b.iter(|| {
             n += 1;
-            raw.execute("INSERT INTO t (v) VALUES (?1)", [n as i64]).unwrap();
+            raw.execute("INSERT INTO t (v) VALUES (?1)", [n as i64])
+                .unwrap();
         })
     });
     let a = allocator(dir.path(), 1024, 509);
@@ -66,7 +74,9 @@ fn ledger(c: &mut Criterion) {
     g.bench_function("create_delete_durable", |b| {
         b.iter(|| {
             i += 1;
-            let v = a.create_volume(&CreateRequest::new(format!("c{i}"), Bytes(ALIGN))).unwrap();
+            let v = a
+                .create_volume(&CreateRequest::new(format!("c{i}"), Bytes(ALIGN)))
+                .unwrap();
             a.delete_volume(&v.id).unwrap();
         })
     });

@@ -36,7 +36,9 @@ async fn concurrency_same_name_yields_one_volume() {
     for _ in 0..32 {
         let mut c = d.controller().await;
         tasks.push(tokio::spawn(async move {
-            c.create_volume(create("same", 100 * MIB)).await.map(|r| r.into_inner().volume.unwrap())
+            c.create_volume(create("same", 100 * MIB))
+                .await
+                .map(|r| r.into_inner().volume.unwrap())
         }));
     }
     let mut ids = std::collections::BTreeSet::new();
@@ -56,7 +58,12 @@ async fn concurrency_same_name_yields_one_volume() {
         .volumes;
     assert_eq!(vols.len(), 1);
     // The same name with an incompatible size is a conflict.
-    let e = d.controller().await.create_volume(create("same", 500 * MIB)).await.unwrap_err();
+    let e = d
+        .controller()
+        .await
+        .create_volume(create("same", 500 * MIB))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
 }
 
@@ -69,7 +76,9 @@ async fn concurrency_distinct_names_never_overlap_or_overcommit() {
     let mut tasks = Vec::new();
     for i in 0..32 {
         let mut c = d.controller().await;
-        tasks.push(tokio::spawn(async move { c.create_volume(create(&format!("v{i}"), 16 * MIB)).await }));
+        tasks.push(tokio::spawn(async move {
+            c.create_volume(create(&format!("v{i}"), 16 * MIB)).await
+        }));
     }
     let (mut ok, mut exhausted) = (0, 0);
     for t in tasks {
@@ -88,10 +97,18 @@ async fn concurrency_distinct_names_never_overlap_or_overcommit() {
         .into_inner()
         .volumes;
     assert_eq!(vols.len(), 17);
-    let mut extents: Vec<(u64, u64)> = vols.iter().map(|v| (v.offset_bytes, v.size_bytes)).collect();
+    let mut extents: Vec<(u64, u64)> = vols
+        .iter()
+        .map(|v| (v.offset_bytes, v.size_bytes))
+        .collect();
     extents.sort();
     for w in extents.windows(2) {
-        assert!(w[0].0 + w[0].1 <= w[1].0, "overlap: {:?} and {:?}", w[0], w[1]);
+        assert!(
+            w[0].0 + w[0].1 <= w[1].0,
+            "overlap: {:?} and {:?}",
+            w[0],
+            w[1]
+        );
     }
     let end = extents.last().map(|(o, s)| o + s).unwrap();
     assert!(end <= 1 << 30, "volume beyond the region end");

@@ -9,7 +9,9 @@ use std::os::unix::fs::FileExt;
 
 use common::Daemon;
 use pmem_proto::csi;
-use pmem_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode};
+use pmem_proto::csi::volume_capability::{
+    AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
+};
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;
@@ -99,7 +101,10 @@ async fn controller_e2e_create_validation_codes() {
         ),
         (
             csi::CreateVolumeRequest {
-                volume_capabilities: vec![cap(AccessType::Block(BlockVolume {}), Mode::MultiNodeMultiWriter)],
+                volume_capabilities: vec![cap(
+                    AccessType::Block(BlockVolume {}),
+                    Mode::MultiNodeMultiWriter,
+                )],
                 ..req("a", MIB)
             },
             Code::InvalidArgument,
@@ -177,7 +182,10 @@ async fn controller_e2e_create_validation_codes() {
     for (i, (r, want, needle)) in cases.into_iter().enumerate() {
         let (got, msg) = code_of(c.create_volume(r).await).await;
         assert_eq!(got, want, "case {i}: {msg}");
-        assert!(msg.contains(needle), "case {i}: message {msg:?} does not name {needle:?}");
+        assert!(
+            msg.contains(needle),
+            "case {i}: message {msg:?} does not name {needle:?}"
+        );
     }
     // Accepted: sidecar keys, case-insensitive parameters, our topology.
     let ok = c
@@ -200,7 +208,10 @@ async fn controller_e2e_create_validation_codes() {
         .unwrap();
     assert_eq!(ok.capacity_bytes, 16 * MIB, "0 means the backend minimum");
     assert_eq!(ok.accessible_topology, vec![topo("test-node")]);
-    assert_eq!(ok.volume_context.get("usage").map(String::as_str), Some("FileIO"));
+    assert_eq!(
+        ok.volume_context.get("usage").map(String::as_str),
+        Some("FileIO")
+    );
     // Same name, incompatible parameters: AlreadyExists.
     let (code, msg) = code_of(c.create_volume(req("good", 0)).await).await;
     assert_eq!(code, Code::AlreadyExists, "{msg}");
@@ -242,11 +253,17 @@ async fn controller_e2e_other_calls_and_codes() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);
-    let e = c.create_snapshot(csi::CreateSnapshotRequest::default()).await.unwrap_err();
+    let e = c
+        .create_snapshot(csi::CreateSnapshotRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);
 
     // Delete: empty id InvalidArgument; unknown id OK.
-    let e = c.delete_volume(csi::DeleteVolumeRequest::default()).await.unwrap_err();
+    let e = c
+        .delete_volume(csi::DeleteVolumeRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     c.delete_volume(csi::DeleteVolumeRequest {
         volume_id: "pmem-unknown".into(),
@@ -256,7 +273,13 @@ async fn controller_e2e_other_calls_and_codes() {
     .unwrap();
 
     // ValidateVolumeCapabilities.
-    let v = c.create_volume(req("v1", 32 * MIB)).await.unwrap().into_inner().volume.unwrap();
+    let v = c
+        .create_volume(req("v1", 32 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     let e = c
         .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
             volume_id: "pmem-nope".into(),
@@ -287,7 +310,10 @@ async fn controller_e2e_other_calls_and_codes() {
     let no = c
         .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
             volume_id: v.volume_id.clone(),
-            volume_capabilities: vec![cap(AccessType::Block(BlockVolume {}), Mode::MultiNodeReaderOnly)],
+            volume_capabilities: vec![cap(
+                AccessType::Block(BlockVolume {}),
+                Mode::MultiNodeReaderOnly,
+            )],
             ..Default::default()
         })
         .await
@@ -297,7 +323,9 @@ async fn controller_e2e_other_calls_and_codes() {
 
     // ListVolumes pagination: stable order, tokens, bad token Aborted.
     for i in 2..=5 {
-        c.create_volume(req(&format!("v{i}"), 16 * MIB)).await.unwrap();
+        c.create_volume(req(&format!("v{i}"), 16 * MIB))
+            .await
+            .unwrap();
     }
     let mut seen = Vec::new();
     let mut token = String::new();
@@ -433,10 +461,22 @@ async fn controller_e2e_other_calls_and_codes() {
 /// reports 0; every number is checked against what CreateVolume then does.
 #[tokio::test]
 async fn controller_e2e_capacity_is_exact_until_full() {
-    let d = Daemon::start(&["--sim-mode", "file-only", "--sim-regions", "2", "--sim-slots", "3"]).await;
+    let d = Daemon::start(&[
+        "--sim-mode",
+        "file-only",
+        "--sim-regions",
+        "2",
+        "--sim-slots",
+        "3",
+    ])
+    .await;
     let mut c = d.controller().await;
     let mut n = d.node().await;
-    let info = n.node_get_info(csi::NodeGetInfoRequest {}).await.unwrap().into_inner();
+    let info = n
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.node_id, "test-node");
     assert_eq!(info.accessible_topology, Some(topo("test-node")));
     // 2 regions × min(3 slots, 1 GiB / 16 MiB) = 6.
@@ -444,9 +484,21 @@ async fn controller_e2e_capacity_is_exact_until_full() {
 
     let mut ids = Vec::new();
     // A small volume first, so the maxima differ between regions.
-    ids.push(c.create_volume(req("small", 16 * MIB)).await.unwrap().into_inner().volume.unwrap().volume_id);
+    ids.push(
+        c.create_volume(req("small", 16 * MIB))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id,
+    );
     for i in 0.. {
-        let cap = c.get_capacity(csi::GetCapacityRequest::default()).await.unwrap().into_inner();
+        let cap = c
+            .get_capacity(csi::GetCapacityRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
         let max = cap.maximum_volume_size.unwrap();
         if max == 0 {
             break;
@@ -455,18 +507,42 @@ async fn controller_e2e_capacity_is_exact_until_full() {
         assert!(cap.available_capacity >= max);
         assert_eq!(cap.minimum_volume_size, Some(16 * MIB));
         // One alignment step more fails with ResourceExhausted...
-        let e = c.create_volume(req(&format!("over{i}"), max + 16 * MIB)).await.unwrap_err();
+        let e = c
+            .create_volume(req(&format!("over{i}"), max + 16 * MIB))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
         // ...exactly the maximum succeeds.
-        let v = c.create_volume(req(&format!("max{i}"), max)).await.unwrap().into_inner().volume.unwrap();
+        let v = c
+            .create_volume(req(&format!("max{i}"), max))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
         assert_eq!(v.capacity_bytes, max);
         ids.push(v.volume_id);
     }
-    let info = n.node_get_info(csi::NodeGetInfoRequest {}).await.unwrap().into_inner();
-    assert_eq!(info.max_volumes_per_node, ids.len() as i64, "full node: only what exists");
-    let cap = c.get_capacity(csi::GetCapacityRequest::default()).await.unwrap().into_inner();
+    let info = n
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        info.max_volumes_per_node,
+        ids.len() as i64,
+        "full node: only what exists"
+    );
+    let cap = c
+        .get_capacity(csi::GetCapacityRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(cap.available_capacity, 0);
-    let e = c.create_volume(req("one-more", 16 * MIB)).await.unwrap_err();
+    let e = c
+        .create_volume(req("one-more", 16 * MIB))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
 
     // Deleting frees capacity and volume slots again.
@@ -476,9 +552,17 @@ async fn controller_e2e_capacity_is_exact_until_full() {
     })
     .await
     .unwrap();
-    let info2 = n.node_get_info(csi::NodeGetInfoRequest {}).await.unwrap().into_inner();
+    let info2 = n
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(info2.max_volumes_per_node > info.max_volumes_per_node - 1);
-    let cap = c.get_capacity(csi::GetCapacityRequest::default()).await.unwrap().into_inner();
+    let cap = c
+        .get_capacity(csi::GetCapacityRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(cap.maximum_volume_size.unwrap() > 0);
 }
 
@@ -507,7 +591,10 @@ async fn controller_e2e_erase_after_delete() {
             .await
             .unwrap()
             .into_inner();
-        let f = std::fs::OpenOptions::new().write(true).open(&info.device).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&info.device)
+            .unwrap();
         let pattern = vec![0x5Au8; 1 << 20];
         f.write_all_at(&pattern, 32 << 20).unwrap();
         f.sync_all().unwrap();
@@ -518,7 +605,13 @@ async fn controller_e2e_erase_after_delete() {
         })
         .await
         .unwrap();
-        let w = c.create_volume(req("next", 64 * MIB)).await.unwrap().into_inner().volume.unwrap();
+        let w = c
+            .create_volume(req("next", 64 * MIB))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
         let winfo = admin
             .get_volume(pmem_proto::admin::GetVolumeRequest {
                 volume_id: w.volume_id.clone(),
@@ -533,7 +626,10 @@ async fn controller_e2e_erase_after_delete() {
         if erase {
             assert!(buf.iter().all(|&b| b == 0), "data survived eraseAfter=true");
         } else {
-            assert_eq!(buf, pattern, "eraseAfter=false should not have zeroed the data");
+            assert_eq!(
+                buf, pattern,
+                "eraseAfter=false should not have zeroed the data"
+            );
         }
         // The head is always wiped, so no old signature shows through.
         let mut head = vec![0u8; 4 << 20];
@@ -553,7 +649,13 @@ async fn controller_e2e_erase_after_delete() {
 async fn controller_e2e_volume_condition_when_device_missing() {
     let d = Daemon::start(&["--sim-regions", "1"]).await;
     let mut c = d.controller().await;
-    let v = c.create_volume(req("v", 16 * MIB)).await.unwrap().into_inner().volume.unwrap();
+    let v = c
+        .create_volume(req("v", 16 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     let info = d
         .admin()
         .await
@@ -563,7 +665,10 @@ async fn controller_e2e_volume_condition_when_device_missing() {
         .await
         .unwrap()
         .into_inner();
-    let st = std::process::Command::new("losetup").args(["-d", &info.device]).status().unwrap();
+    let st = std::process::Command::new("losetup")
+        .args(["-d", &info.device])
+        .status()
+        .unwrap();
     assert!(st.success());
     let g = c
         .controller_get_volume(csi::ControllerGetVolumeRequest {
@@ -588,7 +693,9 @@ async fn controller_e2e_volume_condition_when_device_missing() {
         .into_inner();
     assert!(rep.actions.iter().any(|a| a.contains("restore")), "{rep:?}");
     let g = c
-        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: v.volume_id })
+        .controller_get_volume(csi::ControllerGetVolumeRequest {
+            volume_id: v.volume_id,
+        })
         .await
         .unwrap()
         .into_inner();

@@ -30,7 +30,10 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
-        let dir = tempfile::Builder::new().prefix("pmem-crash").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("pmem-crash")
+            .tempdir()
+            .unwrap();
         let mut cfg = SimConfig::default_in(dir.path().join("sim"));
         cfg.regions = 1;
         cfg.region_size = Bytes::mib(512);
@@ -64,7 +67,12 @@ impl Rig {
         a.check_invariants().unwrap();
         let vols = a.volumes().unwrap();
         for v in &vols {
-            assert_eq!(v.state, VolumeState::Ready, "volume {} not driven to ready", v.id);
+            assert_eq!(
+                v.state,
+                VolumeState::Ready,
+                "volume {} not driven to ready",
+                v.id
+            );
         }
         let mut want: Vec<(String, u64, u64)> = vols
             .iter()
@@ -75,7 +83,10 @@ impl Rig {
         have.sort();
         assert_eq!(have, want, "loop devices do not match the ledger");
         let rep = a.reconcile(true, false).unwrap();
-        assert!(rep.is_clean() && rep.actions.is_empty(), "not reconciled: {rep:?}");
+        assert!(
+            rep.is_clean() && rep.actions.is_empty(),
+            "not reconciled: {rep:?}"
+        );
     }
 }
 
@@ -93,7 +104,10 @@ fn crash<T>(point: &str, f: impl FnOnce() -> T) {
 }
 
 fn pattern(rig: &Rig, offset: u64) {
-    let f = std::fs::OpenOptions::new().write(true).open(rig.region_file()).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(rig.region_file())
+        .unwrap();
     f.write_all_at(&[0xA5; 4096], offset + (8 << 20)).unwrap();
     f.sync_all().unwrap();
 }
@@ -113,7 +127,11 @@ fn is_zero(rig: &Rig, offset: u64, len: u64) -> bool {
     true
 }
 
-const CREATE_POINTS: &[&str] = &["create:after-intent", "create:after-wipe", "create:after-device"];
+const CREATE_POINTS: &[&str] = &[
+    "create:after-intent",
+    "create:after-wipe",
+    "create:after-device",
+];
 const DELETE_POINTS: &[&str] = &[
     "delete:after-intent",
     "delete:after-destroy",
@@ -130,15 +148,27 @@ fn crash_consistency_create_at_every_step() {
         let rig = Rig::new();
         let a = rig.open();
         // A neighbour that must survive untouched.
-        let keep = a.create_volume(&CreateRequest::new("keep", Bytes::mib(32))).unwrap();
-        crash(point, || a.create_volume(&CreateRequest::new("vol", Bytes::mib(64))));
+        let keep = a
+            .create_volume(&CreateRequest::new("keep", Bytes::mib(32)))
+            .unwrap();
+        crash(point, || {
+            a.create_volume(&CreateRequest::new("vol", Bytes::mib(64)))
+        });
         drop(a);
 
         let a = rig.open();
         rig.check(&a);
-        let v = a.volume_by_name("vol").unwrap().expect("decided volume is not lost");
-        let again = a.create_volume(&CreateRequest::new("vol", Bytes::mib(64))).unwrap();
-        assert_eq!(again.id, v.id, "{point}: retried create returned another volume");
+        let v = a
+            .volume_by_name("vol")
+            .unwrap()
+            .expect("decided volume is not lost");
+        let again = a
+            .create_volume(&CreateRequest::new("vol", Bytes::mib(64)))
+            .unwrap();
+        assert_eq!(
+            again.id, v.id,
+            "{point}: retried create returned another volume"
+        );
         assert_eq!(a.volume_by_name("keep").unwrap().unwrap().id, keep.id);
         rig.check(&a);
         a.delete_volume(&again.id).unwrap();
@@ -156,7 +186,9 @@ fn crash_consistency_delete_at_every_step() {
     for point in DELETE_POINTS {
         let rig = Rig::new();
         let a = rig.open();
-        let v = a.create_volume(&CreateRequest::new("vol", Bytes::mib(64))).unwrap();
+        let v = a
+            .create_volume(&CreateRequest::new("vol", Bytes::mib(64)))
+            .unwrap();
         pattern(&rig, v.offset.0);
         assert!(!is_zero(&rig, v.offset.0, v.size.0));
         crash(point, || a.delete_volume(&v.id));
@@ -164,11 +196,19 @@ fn crash_consistency_delete_at_every_step() {
 
         let a = rig.open();
         rig.check(&a);
-        assert!(a.volume(&v.id).unwrap().is_none(), "{point}: interrupted delete not finished");
-        assert!(is_zero(&rig, v.offset.0, v.size.0), "{point}: data survived the delete");
+        assert!(
+            a.volume(&v.id).unwrap().is_none(),
+            "{point}: interrupted delete not finished"
+        );
+        assert!(
+            is_zero(&rig, v.offset.0, v.size.0),
+            "{point}: data survived the delete"
+        );
         a.delete_volume(&v.id).unwrap();
         // The extent is free again: the whole region fits one volume.
-        let big = a.create_volume(&CreateRequest::new("big", Bytes::mib(512))).unwrap();
+        let big = a
+            .create_volume(&CreateRequest::new("big", Bytes::mib(512)))
+            .unwrap();
         a.delete_volume(&big.id).unwrap();
         rig.check(&a);
     }
@@ -182,16 +222,25 @@ fn crash_consistency_expand_at_every_step() {
     for point in EXPAND_POINTS {
         let rig = Rig::new();
         let a = rig.open();
-        let v = a.create_volume(&CreateRequest::new("vol", Bytes::mib(64))).unwrap();
+        let v = a
+            .create_volume(&CreateRequest::new("vol", Bytes::mib(64)))
+            .unwrap();
         crash(point, || a.expand_volume(&v.id, Bytes::mib(128), None));
         drop(a);
 
         let a = rig.open();
         rig.check(&a);
         let after = a.volume(&v.id).unwrap().unwrap();
-        assert_eq!(after.size, Bytes::mib(128), "{point}: decided expansion lost");
+        assert_eq!(
+            after.size,
+            Bytes::mib(128),
+            "{point}: decided expansion lost"
+        );
         let dev = after.device.clone().unwrap();
-        assert_eq!(loopdev::block_size_bytes(Path::new(&dev)).unwrap(), Bytes::mib(128));
+        assert_eq!(
+            loopdev::block_size_bytes(Path::new(&dev)).unwrap(),
+            Bytes::mib(128)
+        );
         let again = a.expand_volume(&v.id, Bytes::mib(128), None).unwrap();
         assert_eq!(again.size, Bytes::mib(128));
         a.delete_volume(&v.id).unwrap();
@@ -265,7 +314,10 @@ async fn crash_consistency_sigkill_daemon_under_load() {
             .collect();
         want.sort();
         have.sort();
-        assert_eq!(have, want, "round {round}: loop devices do not match the ledger");
+        assert_eq!(
+            have, want,
+            "round {round}: loop devices do not match the ledger"
+        );
         let rep = admin
             .reconcile(pmem_proto::admin::ReconcileRequest {
                 dry_run: true,
@@ -274,7 +326,10 @@ async fn crash_consistency_sigkill_daemon_under_load() {
             .await
             .unwrap()
             .into_inner();
-        assert!(rep.actions.is_empty() && rep.orphans.is_empty(), "round {round}: {rep:?}");
+        assert!(
+            rep.actions.is_empty() && rep.orphans.is_empty(),
+            "round {round}: {rep:?}"
+        );
         // The extent map is consistent: what is free is really allocatable.
         let regions = admin
             .list_regions(pmem_proto::admin::ListRegionsRequest {})
@@ -289,7 +344,9 @@ async fn crash_consistency_sigkill_daemon_under_load() {
 }
 
 fn common_block_cap() -> pmem_proto::csi::VolumeCapability {
-    use pmem_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, access_mode::Mode};
+    use pmem_proto::csi::volume_capability::{
+        AccessMode, AccessType, BlockVolume, access_mode::Mode,
+    };
     pmem_proto::csi::VolumeCapability {
         access_mode: Some(AccessMode {
             mode: Mode::SingleNodeWriter as i32,

@@ -13,7 +13,11 @@ use pmem_proto::csi::plugin_capability::{Type, service};
 async fn identity_over_socket_and_clean_sigterm() {
     let mut d = Daemon::start(&["--sim-mode", "file-only"]).await;
     let mut id = d.identity().await.unwrap();
-    let info = id.get_plugin_info(csi::GetPluginInfoRequest {}).await.unwrap().into_inner();
+    let info = id
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.name, "pmem-agent.csi");
     assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
     let caps = id
@@ -31,16 +35,29 @@ async fn identity_over_socket_and_clean_sigterm() {
         .collect();
     assert!(services.contains(&(service::Type::ControllerService as i32)));
     assert!(services.contains(&(service::Type::VolumeAccessibilityConstraints as i32)));
-    let ready = id.probe(csi::ProbeRequest {}).await.unwrap().into_inner().ready;
+    let ready = id
+        .probe(csi::ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .ready;
     assert_eq!(ready, Some(true));
 
     for sock in [d.csi_sock(), d.admin_sock()] {
         let meta = std::fs::metadata(&sock).unwrap();
         assert!(meta.file_type().is_socket());
-        assert_eq!(meta.permissions().mode() & 0o777, 0o660, "{}", sock.display());
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o660,
+            "{}",
+            sock.display()
+        );
     }
     let ledger = d.state_dir().join("ledger.db");
-    assert_eq!(std::fs::metadata(&ledger).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&ledger).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     let status = d.stop();
     assert!(status.success(), "exit status {status}; log:\n{}", d.log());
@@ -60,8 +77,18 @@ async fn second_daemon_is_refused_and_stale_socket_replaced() {
     let out = d.command().output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("locked by another process") || err.contains("in use"), "{err}");
-    assert!(d.identity().await.unwrap().probe(csi::ProbeRequest {}).await.is_ok());
+    assert!(
+        err.contains("locked by another process") || err.contains("in use"),
+        "{err}"
+    );
+    assert!(
+        d.identity()
+            .await
+            .unwrap()
+            .probe(csi::ProbeRequest {})
+            .await
+            .is_ok()
+    );
 
     // Crash: the socket file stays behind; a restart removes it and serves.
     d.kill();

@@ -63,8 +63,16 @@ pub fn volume(v: &Volume, pubs: &[pmem_allocator::Publication]) -> admin::Volume
         persistency: v.persistency.as_str().to_owned(),
         state: v.state.to_string(),
         device: v.device.clone().unwrap_or_default(),
-        parameters: v.parameters.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>(),
-        context: v.context.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>(),
+        parameters: v
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<HashMap<_, _>>(),
+        context: v
+            .context
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<HashMap<_, _>>(),
         publications: pubs
             .iter()
             .filter(|p| p.volume_id == v.id)
@@ -120,18 +128,26 @@ impl Admin for AdminService {
                     req.state
                 )));
             }
-            if !req.persistency.is_empty() && req.persistency.parse::<pmem_allocator::Persistency>().is_err() {
+            if !req.persistency.is_empty()
+                && req
+                    .persistency
+                    .parse::<pmem_allocator::Persistency>()
+                    .is_err()
+            {
                 return Err(invalid(format!(
                     "persistency {:?} is not persistent or ephemeral",
                     req.persistency
                 )));
             }
-            let (vols, pubs) = blocking(&d.alloc, |a| Ok((a.volumes()?, a.publications(None)?))).await?;
+            let (vols, pubs) =
+                blocking(&d.alloc, |a| Ok((a.volumes()?, a.publications(None)?))).await?;
             Ok(admin::ListVolumesResponse {
                 volumes: vols
                     .iter()
                     .filter(|v| req.state.is_empty() || v.state.as_str() == req.state)
-                    .filter(|v| req.persistency.is_empty() || v.persistency.as_str() == req.persistency)
+                    .filter(|v| {
+                        req.persistency.is_empty() || v.persistency.as_str() == req.persistency
+                    })
                     .map(|v| volume(v, &pubs))
                     .collect(),
             })
@@ -139,7 +155,10 @@ impl Admin for AdminService {
         .await
     }
 
-    async fn get_volume(&self, req: Request<admin::GetVolumeRequest>) -> Result<Response<admin::Volume>, Status> {
+    async fn get_volume(
+        &self,
+        req: Request<admin::GetVolumeRequest>,
+    ) -> Result<Response<admin::Volume>, Status> {
         let d = &self.driver;
         let id = req.into_inner().volume_id;
         let subject = id.clone();
@@ -148,7 +167,10 @@ impl Admin for AdminService {
                 return Err(invalid("volume_id is required"));
             }
             let lookup = id.clone();
-            let (v, pubs) = blocking(&d.alloc, move |a| Ok((a.volume(&lookup)?, a.publications(Some(&lookup))?))).await?;
+            let (v, pubs) = blocking(&d.alloc, move |a| {
+                Ok((a.volume(&lookup)?, a.publications(Some(&lookup))?))
+            })
+            .await?;
             let v = v.ok_or_else(|| AgentError::NotFound(format!("volume {id} does not exist")))?;
             Ok(volume(&v, &pubs))
         })
@@ -162,7 +184,11 @@ impl Admin for AdminService {
         let d = &self.driver;
         let req = req.into_inner();
         call(&d.metrics, "admin.Reconcile", "", async move {
-            let rep = blocking(&d.alloc, move |a| a.reconcile(req.dry_run, req.remove_orphans)).await?;
+            let rep = blocking(&d.alloc, move |a| {
+                a.reconcile(req.dry_run, req.remove_orphans)
+            })
+            .await?;
+            d.metrics.record_reconcile(&rep);
             let mut actions = rep.actions.clone();
             actions.extend(rep.errors.iter().map(|e| format!("error: {e}")));
             Ok(admin::ReconcileReport {

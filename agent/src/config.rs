@@ -91,6 +91,9 @@ pub struct Args {
     /// sim device mode: auto (loop devices when permitted), loop, file-only.
     #[arg(long, env = "PMEM_AGENT_SIM_MODE", value_enum)]
     pub sim_mode: Option<SimModeArg>,
+    /// Serve /metrics, /healthz and /readyz on HOST:PORT (off by default).
+    #[arg(long, env = "PMEM_AGENT_METRICS_ADDRESS")]
+    pub metrics_address: Option<String>,
 }
 
 /// The TOML file; every key optional, unknown keys rejected.
@@ -107,6 +110,7 @@ pub struct FileConfig {
     pub socket_mode: Option<String>,
     pub shutdown_timeout: Option<u64>,
     pub kubelet_root: Option<PathBuf>,
+    pub metrics_address: Option<String>,
     pub sim: Option<SimFileConfig>,
 }
 
@@ -138,6 +142,7 @@ pub struct Config {
     pub sim_align: Bytes,
     pub sim_slots: u32,
     pub sim_mode: SimModeArg,
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,9 +160,11 @@ pub enum ConfigError {
 
 /// Strips `unix://` from an endpoint; only unix sockets are served.
 pub fn socket_path(field: &str, endpoint: &str) -> Result<PathBuf, ConfigError> {
-    let path = endpoint
-        .strip_prefix("unix://")
-        .ok_or_else(|| ConfigError::Invalid(format!("{field} {endpoint:?} must be unix:///absolute/path")))?;
+    let path = endpoint.strip_prefix("unix://").ok_or_else(|| {
+        ConfigError::Invalid(format!(
+            "{field} {endpoint:?} must be unix:///absolute/path"
+        ))
+    })?;
     if !path.starts_with('/') {
         return Err(ConfigError::Invalid(format!(
             "{field} {endpoint:?} must be an absolute path (unix:///...)"
@@ -199,7 +206,11 @@ impl Config {
         let socket_mode = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
             .ok()
             .filter(|m| *m <= 0o777)
-            .ok_or_else(|| ConfigError::Invalid(format!("socket-mode {mode:?} is not an octal mode like 0660")))?;
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "socket-mode {mode:?} is not an octal mode like 0660"
+                ))
+            })?;
         let cfg = Config {
             endpoint: socket_path("endpoint", &endpoint)?,
             admin_endpoint: socket_path("admin-endpoint", &admin)?,
@@ -213,23 +224,43 @@ impl Config {
                 .or(file.driver_name)
                 .unwrap_or_else(|| DEFAULT_DRIVER_NAME.to_owned()),
             backend: args.backend.or(file.backend).unwrap_or(BackendKind::Sim),
-            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
             socket_mode,
             shutdown_timeout: std::time::Duration::from_secs(
-                args.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(30),
+                args.shutdown_timeout
+                    .or(file.shutdown_timeout)
+                    .unwrap_or(30),
             ),
             kubelet_root: args.kubelet_root.or(file.kubelet_root),
             sim_regions: args.sim_regions.or(sim.regions).unwrap_or(2),
             sim_region_size: size(
                 "sim-region-size",
-                &args.sim_region_size.or(sim.region_size).unwrap_or_else(|| "4GiB".into()),
+                &args
+                    .sim_region_size
+                    .or(sim.region_size)
+                    .unwrap_or_else(|| "4GiB".into()),
             )?,
             sim_align: size(
                 "sim-align",
-                &args.sim_align.or(sim.align).unwrap_or_else(|| "16MiB".into()),
+                &args
+                    .sim_align
+                    .or(sim.align)
+                    .unwrap_or_else(|| "16MiB".into()),
             )?,
             sim_slots: args.sim_slots.or(sim.slots).unwrap_or(509),
             sim_mode: args.sim_mode.or(sim.mode).unwrap_or(SimModeArg::Auto),
+            metrics_address: args
+                .metrics_address
+                .or(file.metrics_address)
+                .map(|a| {
+                    a.parse().map_err(|e| {
+                        ConfigError::Invalid(format!("metrics-address {a:?} is not HOST:PORT: {e}"))
+                    })
+                })
+                .transpose()?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -248,8 +279,12 @@ impl Config {
                 .driver_name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-            || !self.driver_name.starts_with(|c: char| c.is_ascii_alphanumeric())
-            || !self.driver_name.ends_with(|c: char| c.is_ascii_alphanumeric())
+            || !self
+                .driver_name
+                .starts_with(|c: char| c.is_ascii_alphanumeric())
+            || !self
+                .driver_name
+                .ends_with(|c: char| c.is_ascii_alphanumeric())
         {
             return Err(ConfigError::Invalid(format!(
                 "driver-name {:?} must be at most 63 characters, alphanumeric, '-' or '.', starting and ending alphanumeric",
@@ -315,7 +350,11 @@ mod tests {
     fn file_is_overridden_by_flags_and_rejects_unknown_keys() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
-        std::fs::write(&p, "node-id = \"n1\"\nbackend = \"sim\"\n[sim]\nregions = 1\nregion-size = \"1GiB\"\n").unwrap();
+        std::fs::write(
+            &p,
+            "node-id = \"n1\"\nbackend = \"sim\"\n[sim]\nregions = 1\nregion-size = \"1GiB\"\n",
+        )
+        .unwrap();
         let c = Config::load(args(&["--config", p.to_str().unwrap(), "--node-id", "n2"])).unwrap();
         assert_eq!(c.node_id, "n2");
         assert_eq!(c.sim_regions, 1);
@@ -329,7 +368,16 @@ mod tests {
     fn rejects_bad_values() {
         assert!(Config::load(args(&["--endpoint", "tcp://1.2.3.4:5"])).is_err());
         assert!(Config::load(args(&["--socket-mode", "999"])).is_err());
+        assert!(Config::load(args(&["--metrics-address", "localhost"])).is_err());
         assert!(Config::load(args(&["--driver-name", "-bad"])).is_err());
-        assert!(Config::load(args(&["--sim-region-size", "100MiB", "--sim-align", "64MiB"])).is_err());
+        assert!(
+            Config::load(args(&[
+                "--sim-region-size",
+                "100MiB",
+                "--sim-align",
+                "64MiB"
+            ]))
+            .is_err()
+        );
     }
 }

@@ -20,9 +20,9 @@ pub struct Driver {
 impl Driver {
     pub fn new(cfg: Config, alloc: Arc<Allocator>) -> Driver {
         Driver {
+            metrics: Metrics::new(&cfg.driver_name, alloc.backend().kind()),
             cfg,
             alloc,
-            metrics: Metrics::default(),
             ready: AtomicBool::new(false),
         }
     }

@@ -12,7 +12,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     pmem_agent::logging::init(cfg.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pmem-agent: start runtime: {e}");

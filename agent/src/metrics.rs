@@ -1,33 +1,215 @@
-//! In-process counters for CSI calls. A Prometheus exporter can read them;
-//! for now they feed logs and tests.
+//! Prometheus metrics. CSI call latencies are recorded as calls happen;
+//! capacity and volume gauges are refreshed from the allocator at scrape
+//! time, so they are never stale.
 
-use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use pmem_allocator::{Allocator, ReconcileReport, Usage, VolumeState};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 use tonic::Code;
 
-/// (method, gRPC code) -> (count, total time).
-type CallTable = BTreeMap<(&'static str, i32), (u64, Duration)>;
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    driver_name: String,
+    method_name: String,
+    grpc_status_code: String,
+}
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegionLabels {
+    region: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeLabels {
+    state: String,
+    persistency: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabels {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    backend: String,
+}
+
+fn histogram() -> Histogram {
+    // 0.5 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
 pub struct Metrics {
-    calls: Mutex<CallTable>,
+    driver_name: String,
+    registry: Mutex<Registry>,
+    ops: Family<OpLabels, Histogram>,
+    region_total: Family<RegionLabels, Gauge>,
+    region_available: Family<RegionLabels, Gauge>,
+    region_largest: Family<RegionLabels, Gauge>,
+    region_free_slots: Family<RegionLabels, Gauge>,
+    volumes: Family<VolumeLabels, Gauge>,
+    devices: Family<DeviceLabels, Gauge>,
+    ledger_commit: Histogram,
+    build: Family<BuildLabels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new("pmem-agent.csi", "")
+    }
 }
 
 impl Metrics {
-    pub fn observe_call(&self, method: &'static str, code: Code, took: Duration) {
-        let mut m = self.calls.lock().unwrap_or_else(|e| e.into_inner());
-        let e = m.entry((method, code as i32)).or_default();
-        e.0 += 1;
-        e.1 += took;
+    pub fn new(driver_name: &str, backend: &str) -> Metrics {
+        let m = Metrics {
+            driver_name: driver_name.to_owned(),
+            registry: Mutex::new(Registry::default()),
+            ops: Family::new_with_constructor(histogram),
+            region_total: Family::default(),
+            region_available: Family::default(),
+            region_largest: Family::default(),
+            region_free_slots: Family::default(),
+            volumes: Family::default(),
+            devices: Family::default(),
+            ledger_commit: histogram(),
+            build: Family::default(),
+        };
+        {
+            let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
+            // Named like the CSI sidecars' metric so dashboards can share queries.
+            r.register(
+                "csi_plugin_operations_seconds",
+                "Duration of CSI calls served by the plugin, by method and gRPC code",
+                m.ops.clone(),
+            );
+            let p = r.sub_registry_with_prefix("pmem_agent");
+            p.register("region_size_bytes", "Region size", m.region_total.clone());
+            p.register(
+                "region_available_bytes",
+                "Free bytes in a region (erasing extents are not free)",
+                m.region_available.clone(),
+            );
+            p.register(
+                "region_largest_allocatable_bytes",
+                "Largest volume a create would get now",
+                m.region_largest.clone(),
+            );
+            p.register(
+                "region_free_namespace_slots",
+                "Volumes the region can still hold by its namespace slots",
+                m.region_free_slots.clone(),
+            );
+            p.register(
+                "volumes",
+                "Volumes in the ledger by state and persistency",
+                m.volumes.clone(),
+            );
+            p.register(
+                "devices",
+                "Devices found by the last reconciliation that no volume owns (orphan) or that are not ours (foreign)",
+                m.devices.clone(),
+            );
+            p.register(
+                "ledger_commit_seconds",
+                "Duration of durable ledger transaction commits",
+                m.ledger_commit.clone(),
+            );
+            p.register("build_info", "Build information", m.build.clone());
+        }
+        m.build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                backend: backend.to_owned(),
+            })
+            .set(1);
+        m
     }
 
-    /// (method, code, count, total time) for every method and code seen.
-    pub fn calls(&self) -> Vec<(&'static str, Code, u64, Duration)> {
-        let m = self.calls.lock().unwrap_or_else(|e| e.into_inner());
-        m.iter()
-            .map(|(&(meth, code), &(n, d))| (meth, Code::from_i32(code), n, d))
-            .collect()
+    pub fn observe_call(&self, method: &'static str, code: Code, took: Duration) {
+        self.ops
+            .get_or_create(&OpLabels {
+                driver_name: self.driver_name.clone(),
+                method_name: method.to_owned(),
+                grpc_status_code: format!("{code:?}"),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn observe_commit(&self, took: Duration) {
+        self.ledger_commit.observe(took.as_secs_f64());
+    }
+
+    /// Records the device findings of a reconciliation.
+    pub fn record_reconcile(&self, rep: &ReconcileReport) {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.devices
+            .get_or_create(&DeviceLabels {
+                kind: "orphan".into(),
+            })
+            .set(n(rep.orphans.len()));
+        self.devices
+            .get_or_create(&DeviceLabels {
+                kind: "foreign".into(),
+            })
+            .set(n(rep.foreign.len()));
+    }
+
+    /// Refreshes the gauges from the ledger (blocking: call off the async threads).
+    pub fn refresh(&self, alloc: &Allocator) -> pmem_allocator::Result<()> {
+        let to = |b: u64| i64::try_from(b).unwrap_or(i64::MAX);
+        for c in alloc.capacity(Usage::AppDirect)? {
+            let l = RegionLabels {
+                region: c.spec.id.clone(),
+            };
+            self.region_total.get_or_create(&l).set(to(c.spec.size.0));
+            self.region_available
+                .get_or_create(&l)
+                .set(to(c.available.0));
+            self.region_largest.get_or_create(&l).set(to(c.largest.0));
+            self.region_free_slots
+                .get_or_create(&l)
+                .set(i64::from(c.free_slots));
+        }
+        let vols = alloc.volumes()?;
+        self.volumes.clear();
+        for state in VolumeState::ALL {
+            for persistency in ["persistent", "ephemeral"] {
+                let count = vols
+                    .iter()
+                    .filter(|v| v.state == state && v.persistency.as_str() == persistency)
+                    .count();
+                self.volumes
+                    .get_or_create(&VolumeLabels {
+                        state: state.to_string(),
+                        persistency: persistency.to_owned(),
+                    })
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+        }
+        Ok(())
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &r) {
+            tracing::error!(error = %e, "encode metrics");
+        }
+        out
     }
 }

@@ -29,11 +29,15 @@ pub async fn call<T>(
     metrics.observe_call(method, code, elapsed);
     let ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3;
     match &res {
-        Ok(_) => tracing::info!(method, volume = subject, duration_ms = ms, code = ?code, "csi call"),
+        Ok(_) => {
+            tracing::info!(method, volume = subject, duration_ms = ms, code = ?code, "csi call")
+        }
         Err(e) if matches!(code, Code::Internal | Code::Unavailable) => {
             tracing::error!(method, volume = subject, duration_ms = ms, code = ?code, error = %e, "csi call")
         }
-        Err(e) => tracing::warn!(method, volume = subject, duration_ms = ms, code = ?code, error = %e, "csi call"),
+        Err(e) => {
+            tracing::warn!(method, volume = subject, duration_ms = ms, code = ?code, error = %e, "csi call")
+        }
     }
     res.map(Response::new).map_err(Status::from)
 }

@@ -35,15 +35,20 @@ pub fn bind_socket(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
             ),
             Err(_) => {
                 tracing::info!(socket = %path.display(), "removing stale socket");
-                std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
+                std::fs::remove_file(path)
+                    .with_context(|| format!("remove stale socket {}", path.display()))?;
             }
         },
-        Ok(_) => bail!("{} exists and is not a socket; refusing to replace it", path.display()),
+        Ok(_) => bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        ),
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("stat socket {}", path.display())),
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create socket directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("create socket directory {}", dir.display()))?;
     }
     let l = UnixListener::bind(path).with_context(|| format!("bind socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
@@ -89,7 +94,10 @@ impl Drop for SocketGuard {
 
 async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return "none";
     };
@@ -114,6 +122,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let alloc = Arc::new(alloc);
     let driver = Arc::new(Driver::new(cfg.clone(), Arc::clone(&alloc)));
+    // Weak: the ledger must not keep the driver (and itself) alive.
+    let weak = Arc::downgrade(&driver);
+    alloc.set_commit_observer(pmem_allocator::ledger::CommitObserver(Arc::new(
+        move |took| {
+            if let Some(d) = weak.upgrade() {
+                d.metrics.observe_commit(took);
+            }
+        },
+    )));
+    let metrics_listener = match cfg.metrics_address {
+        Some(addr) => Some(crate::http::bind(addr).await?),
+        None => None,
+    };
 
     let csi_listener = bind_socket(&cfg.endpoint, cfg.socket_mode)?;
     let admin_listener = bind_socket(&cfg.admin_endpoint, cfg.socket_mode)?;
@@ -124,14 +145,28 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let csi = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService::new(Arc::clone(&driver))))
-        .add_service(ControllerServer::new(ControllerService::new(Arc::clone(&driver))))
+        .add_service(IdentityServer::new(IdentityService::new(Arc::clone(
+            &driver,
+        ))))
+        .add_service(ControllerServer::new(ControllerService::new(Arc::clone(
+            &driver,
+        ))))
         .add_service(NodeServer::new(NodeService::new(Arc::clone(&driver))))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(csi_listener), wait_stop(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(csi_listener),
+            wait_stop(stop_rx.clone()),
+        );
     let admin = tonic::transport::Server::builder()
         .add_service(AdminServer::new(AdminService::new(Arc::clone(&driver))))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), wait_stop(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(admin_listener),
+            wait_stop(stop_rx.clone()),
+        );
     let mut servers = tokio::spawn(async move { tokio::try_join!(csi, admin) });
+    if let Some(l) = metrics_listener {
+        tracing::info!(address = ?l.local_addr().ok(), "serving /metrics, /healthz, /readyz");
+        tokio::spawn(crate::http::serve(l, Arc::clone(&driver), stop_rx.clone()));
+    }
 
     // Probe says ready only once the ledger agrees with the devices.
     let report = {
@@ -146,8 +181,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         errors = report.errors.len(),
         "startup reconciliation done"
     );
+    driver.metrics.record_reconcile(&report);
     crate::csi::node::startup(&driver).await;
     driver.set_ready(true);
+    crate::notify::notify_logged("READY=1\nSTATUS=serving CSI");
+    if let Some(every) = crate::notify::watchdog_interval() {
+        let d = Arc::clone(&driver);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                // Ping only while healthy, so systemd restarts a wedged daemon.
+                match crate::http::readiness(&d).await {
+                    Ok(()) => crate::notify::notify_logged("WATCHDOG=1"),
+                    Err(e) if d.is_ready() => {
+                        tracing::warn!(error = %e, "withholding watchdog ping")
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+    }
     tracing::info!(
         endpoint = %cfg.endpoint.display(),
         admin = %cfg.admin_endpoint.display(),
@@ -160,6 +213,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         sig = shutdown_signal() => {
             tracing::info!(signal = sig, "shutting down: no new calls, waiting for in-flight calls");
             driver.set_ready(false);
+            crate::notify::notify_logged("STOPPING=1");
             let _ = stop_tx.send(true);
             match tokio::time::timeout(cfg.shutdown_timeout, &mut servers).await {
                 Ok(r) => { r??; }

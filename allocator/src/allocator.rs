@@ -127,10 +127,12 @@ impl Allocator {
             })
             .collect();
         for v in ledger.volumes()? {
-            let r = regions.get_mut(&v.region).ok_or_else(|| Error::LedgerCorrupt {
-                path: ledger_path.to_owned(),
-                message: format!("volume {} is in unknown region {}", v.id, v.region),
-            })?;
+            let r = regions
+                .get_mut(&v.region)
+                .ok_or_else(|| Error::LedgerCorrupt {
+                    path: ledger_path.to_owned(),
+                    message: format!("volume {} is in unknown region {}", v.id, v.region),
+                })?;
             r.map
                 .reserve(v.offset, v.size)
                 .map_err(|e| Error::LedgerCorrupt {
@@ -143,6 +145,11 @@ impl Allocator {
             backend,
             names: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Reports every durable ledger commit's duration to `observer`.
+    pub fn set_commit_observer(&self, observer: crate::ledger::CommitObserver) {
+        self.state().ledger.set_observer(observer);
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -189,7 +196,11 @@ impl Allocator {
 
     /// Extent size for a request in a region, or `None` if it overflows.
     fn extent_for(&self, spec: &RegionSpec, required: Bytes, usage: Usage) -> Option<Bytes> {
-        let usable = if required.0 == 0 { spec.align } else { required };
+        let usable = if required.0 == 0 {
+            spec.align
+        } else {
+            required
+        };
         self.backend
             .extent_for(spec, usable, usage)
             .align_up(spec.align)
@@ -249,7 +260,9 @@ impl Allocator {
                 Error::NotFound(format!("region {region} vanished during placement"))
             })?;
             r.map.reserve(offset, size).map_err(|e| {
-                Error::Device(format!("extent map of region {region} disagrees with the ledger: {e}"))
+                Error::Device(format!(
+                    "extent map of region {region} disagrees with the ledger: {e}"
+                ))
             })?;
             Volume { seq, ..v }
         };
@@ -268,9 +281,12 @@ impl Allocator {
         match made {
             Ok(dev) => {
                 fail::fail_point!("create:after-device");
-                self.state()
-                    .ledger
-                    .transition(&v.id, VolumeState::Ready, dev.path.as_deref(), "{}")?;
+                self.state().ledger.transition(
+                    &v.id,
+                    VolumeState::Ready,
+                    dev.path.as_deref(),
+                    "{}",
+                )?;
                 v.state = VolumeState::Ready;
                 v.device = dev.path;
                 Ok(v)
@@ -305,7 +321,10 @@ impl Allocator {
         let usable = self.usable_of(v);
         let mut why = Vec::new();
         if usable < req.required {
-            why.push(format!("its size {usable} is below the required {}", req.required));
+            why.push(format!(
+                "its size {usable} is below the required {}",
+                req.required
+            ));
         }
         if let Some(l) = req.limit
             && usable > l
@@ -316,13 +335,23 @@ impl Allocator {
             why.push(format!("it has usage {} not {}", v.usage, req.usage));
         }
         if v.erase_after != req.erase_after {
-            why.push(format!("it has eraseAfter={} not {}", v.erase_after, req.erase_after));
+            why.push(format!(
+                "it has eraseAfter={} not {}",
+                v.erase_after, req.erase_after
+            ));
         }
         if v.persistency != req.persistency {
-            why.push(format!("it is {} not {}", v.persistency.as_str(), req.persistency.as_str()));
+            why.push(format!(
+                "it is {} not {}",
+                v.persistency.as_str(),
+                req.persistency.as_str()
+            ));
         }
         if v.parameters != req.parameters {
-            why.push(format!("it has parameters {:?} not {:?}", v.parameters, req.parameters));
+            why.push(format!(
+                "it has parameters {:?} not {:?}",
+                v.parameters, req.parameters
+            ));
         }
         if let Some(r) = &req.region
             && *r != v.region
@@ -379,11 +408,21 @@ impl Allocator {
             if r.free_slots() == 0 {
                 continue;
             }
-            let (Some(offset), Some(hole)) = (r.map.best_fit(size), r.map.best_fit_len(size)) else {
+            let (Some(offset), Some(hole)) = (r.map.best_fit(size), r.map.best_fit_len(size))
+            else {
                 continue;
             };
-            let key = (hole, std::cmp::Reverse(r.map.free_total()), id.clone(), offset, size);
-            if best.as_ref().is_none_or(|b| (&key.0, &key.1, &key.2) < (&b.0, &b.1, &b.2)) {
+            let key = (
+                hole,
+                std::cmp::Reverse(r.map.free_total()),
+                id.clone(),
+                offset,
+                size,
+            );
+            if best
+                .as_ref()
+                .is_none_or(|b| (&key.0, &key.1, &key.2) < (&b.0, &b.1, &b.2))
+            {
                 best = Some(key);
             }
         }
@@ -402,7 +441,10 @@ impl Allocator {
             )));
         }
         let caps = self.capacity_of(st, req.usage);
-        let available = caps.iter().map(|c| c.available).fold(Bytes::ZERO, |a, b| a + b);
+        let available = caps
+            .iter()
+            .map(|c| c.available)
+            .fold(Bytes::ZERO, |a, b| a + b);
         let largest = caps.iter().map(|c| c.largest).max().unwrap_or_default();
         let slots: u32 = caps.iter().map(|c| c.free_slots).sum();
         let message = if slots == 0 {
@@ -573,13 +615,12 @@ impl Allocator {
         let old = v.size;
         {
             let mut st = self.state();
-            let r = st
-                .regions
-                .get(&v.region)
-                .ok_or_else(|| Error::NotFound(format!("region {} of volume {id} does not exist", v.region)))?;
-            let new = self
-                .extent_for(&r.spec, required, v.usage)
-                .ok_or_else(|| Error::OutOfRange(format!("required_bytes {required} is too large")))?;
+            let r = st.regions.get(&v.region).ok_or_else(|| {
+                Error::NotFound(format!("region {} of volume {id} does not exist", v.region))
+            })?;
+            let new = self.extent_for(&r.spec, required, v.usage).ok_or_else(|| {
+                Error::OutOfRange(format!("required_bytes {required} is too large"))
+            })?;
             let usable = self.usable_for(&r.spec, new, v.usage);
             if let Some(l) = limit
                 && usable > l
@@ -602,9 +643,15 @@ impl Allocator {
                 )));
             }
             st.ledger.begin_expand(id, old, new)?;
-            let r = st.regions.get_mut(&v.region).ok_or_else(|| Error::NotFound(v.region.clone()))?;
+            let r = st
+                .regions
+                .get_mut(&v.region)
+                .ok_or_else(|| Error::NotFound(v.region.clone()))?;
             r.map.grow(v.offset, old, new).map_err(|e| {
-                Error::Device(format!("extent map of region {} disagrees with the ledger: {e}", v.region))
+                Error::Device(format!(
+                    "extent map of region {} disagrees with the ledger: {e}",
+                    v.region
+                ))
             })?;
             v.size = new;
         }
@@ -629,12 +676,22 @@ impl Allocator {
                 "volume {} is {}, not ready",
                 v.id, v.state
             ))),
-            None => Err(Error::NotFound(format!("volume {} does not exist", p.volume_id))),
+            None => Err(Error::NotFound(format!(
+                "volume {} does not exist",
+                p.volume_id
+            ))),
         }
     }
 
-    pub fn delete_publication(&self, volume_id: &str, kind: PublicationKind, path: &str) -> Result<()> {
-        self.state().ledger.delete_publication(volume_id, kind, path)
+    pub fn delete_publication(
+        &self,
+        volume_id: &str,
+        kind: PublicationKind,
+        path: &str,
+    ) -> Result<()> {
+        self.state()
+            .ledger
+            .delete_publication(volume_id, kind, path)
     }
 
     /// Publications of one volume, or all with `None`.

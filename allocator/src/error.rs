@@ -39,7 +39,9 @@ pub enum Error {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("ledger {path} is locked by another process (is another pmem-agent running on this state directory?)")]
+    #[error(
+        "ledger {path} is locked by another process (is another pmem-agent running on this state directory?)"
+    )]
     LedgerLocked { path: PathBuf },
     #[error("ledger {path}: {message}")]
     LedgerCorrupt { path: PathBuf, message: String },

@@ -118,11 +118,36 @@ impl IntentOp {
     }
 }
 
+/// Called with the duration of every durable commit (metrics).
+#[derive(Clone)]
+pub struct CommitObserver(pub std::sync::Arc<dyn Fn(Duration) + Send + Sync>);
+
+impl std::fmt::Debug for CommitObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitObserver")
+    }
+}
+
 #[derive(Debug)]
 pub struct Ledger {
     conn: Connection,
     path: PathBuf,
+    observer: Option<CommitObserver>,
     _lock: Flock<File>,
+}
+
+/// Commits and reports the commit's duration.
+fn commit(
+    tx: rusqlite::Transaction<'_>,
+    path: &Path,
+    observer: &Option<CommitObserver>,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    tx.commit().map_err(|e| sql_err(path, e))?;
+    if let Some(o) = observer {
+        (o.0)(start.elapsed());
+    }
+    Ok(())
 }
 
 const VOLUME_COLUMNS: &str = "seq, id, name, region, offset, size, requested, usage, erase_after, \
@@ -141,18 +166,19 @@ impl Ledger {
             .mode(0o600)
             .open(&lock_path)
             .map_err(|e| Error::io(format!("open ledger lock {}", lock_path.display()), e))?;
-        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-            if errno == nix::errno::Errno::EWOULDBLOCK {
-                Error::LedgerLocked {
-                    path: path.to_owned(),
+        let lock =
+            Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+                if errno == nix::errno::Errno::EWOULDBLOCK {
+                    Error::LedgerLocked {
+                        path: path.to_owned(),
+                    }
+                } else {
+                    Error::io(
+                        format!("lock ledger {}", lock_path.display()),
+                        std::io::Error::from(errno),
+                    )
                 }
-            } else {
-                Error::io(
-                    format!("lock ledger {}", lock_path.display()),
-                    std::io::Error::from(errno),
-                )
-            }
-        })?;
+            })?;
         // Create the file ourselves so it is 0600 from the start; sqlite gives
         // the -wal and -shm files the same mode.
         OpenOptions::new()
@@ -167,6 +193,7 @@ impl Ledger {
         let mut ledger = Ledger {
             conn,
             path: path.to_owned(),
+            observer: None,
             _lock: lock,
         };
         ledger.configure()?;
@@ -176,6 +203,10 @@ impl Ledger {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn set_observer(&mut self, observer: CommitObserver) {
+        self.observer = Some(observer);
     }
 
     fn err(&self, e: rusqlite::Error) -> Error {
@@ -230,7 +261,7 @@ impl Ledger {
         }
         tx.execute_batch(&format!("PRAGMA user_version = {}", MIGRATIONS.len()))
             .map_err(|e| sql_err(&path, e))?;
-        tx.commit().map_err(|e| sql_err(&path, e))?;
+        commit(tx, &path, &self.observer)?;
         tracing::info!(ledger = %path.display(), from = current, to = MIGRATIONS.len(), "ledger schema migrated");
         Ok(())
     }
@@ -294,9 +325,11 @@ impl Ledger {
                 continue;
             }
             let n: i64 = tx
-                .query_row("SELECT COUNT(*) FROM volumes WHERE region = ?1", [&k.id], |r| {
-                    r.get(0)
-                })
+                .query_row(
+                    "SELECT COUNT(*) FROM volumes WHERE region = ?1",
+                    [&k.id],
+                    |r| r.get(0),
+                )
                 .map_err(|e| sql_err(&path, e))?;
             if n > 0 {
                 return Err(Error::LedgerCorrupt {
@@ -310,13 +343,15 @@ impl Ledger {
             tx.execute("DELETE FROM regions WHERE id = ?1", [&k.id])
                 .map_err(|e| sql_err(&path, e))?;
         }
-        tx.commit().map_err(|e| sql_err(&path, e))
+        commit(tx, &path, &self.observer)
     }
 
     pub fn regions(&self) -> Result<Vec<RegionSpec>> {
         let mut st = self
             .conn
-            .prepare("SELECT id, size, align, ns_slots, numa_node, location FROM regions ORDER BY id")
+            .prepare(
+                "SELECT id, size, align, ns_slots, numa_node, location FROM regions ORDER BY id",
+            )
             .map_err(|e| self.err(e))?;
         let rows = st
             .query_map([], |r| {
@@ -338,7 +373,9 @@ impl Ledger {
     pub fn volumes(&self) -> Result<Vec<Volume>> {
         let mut st = self
             .conn
-            .prepare_cached(&format!("SELECT {VOLUME_COLUMNS} FROM volumes ORDER BY seq"))
+            .prepare_cached(&format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes ORDER BY seq"
+            ))
             .map_err(|e| self.err(e))?;
         let rows = st.query_map([], volume_from_row).map_err(|e| self.err(e))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
@@ -347,14 +384,18 @@ impl Ledger {
 
     pub fn volume(&self, id: &str) -> Result<Option<Volume>> {
         self.conn
-            .prepare_cached(&format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE id = ?1"))
+            .prepare_cached(&format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes WHERE id = ?1"
+            ))
             .and_then(|mut st| st.query_row([id], volume_from_row).optional())
             .map_err(|e| self.err(e))
     }
 
     pub fn volume_by_name(&self, name: &str) -> Result<Option<Volume>> {
         self.conn
-            .prepare_cached(&format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE name = ?1"))
+            .prepare_cached(&format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes WHERE name = ?1"
+            ))
             .and_then(|mut st| st.query_row([name], volume_from_row).optional())
             .map_err(|e| self.err(e))
     }
@@ -392,7 +433,7 @@ impl Ledger {
             params![v.id, detail],
         )
         .map_err(|e| sql_err(&path, e))?;
-        tx.commit().map_err(|e| sql_err(&path, e))?;
+        commit(tx, &path, &self.observer)?;
         Ok(seq)
     }
 
@@ -408,7 +449,9 @@ impl Ledger {
         let path = self.path.clone();
         let tx = self.conn.transaction().map_err(|e| sql_err(&path, e))?;
         let from: Option<String> = tx
-            .query_row("SELECT state FROM volumes WHERE id = ?1", [id], |r| r.get(0))
+            .query_row("SELECT state FROM volumes WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(|e| sql_err(&path, e))?;
         let from = from.ok_or_else(|| Error::NotFound(format!("volume {id} not in ledger")))?;
@@ -441,7 +484,7 @@ impl Ledger {
             params![id, to.as_str(), device],
         )
         .map_err(|e| sql_err(&path, e))?;
-        tx.commit().map_err(|e| sql_err(&path, e))
+        commit(tx, &path, &self.observer)
     }
 
     /// Records the device path of a ready volume (after re-attachment).
@@ -463,7 +506,7 @@ impl Ledger {
             .map_err(|e| sql_err(&path, e))?;
         tx.execute("DELETE FROM volumes WHERE id = ?1", [id])
             .map_err(|e| sql_err(&path, e))?;
-        tx.commit().map_err(|e| sql_err(&path, e))
+        commit(tx, &path, &self.observer)
     }
 
     /// Grows the recorded extent and records an expand intent carrying the
@@ -484,10 +527,13 @@ impl Ledger {
         }
         tx.execute(
             "INSERT INTO intents (volume_id, op, detail) VALUES (?1, 'expand', ?2)",
-            params![id, format!("{{\"old_size\":{},\"new_size\":{}}}", old.0, new.0)],
+            params![
+                id,
+                format!("{{\"old_size\":{},\"new_size\":{}}}", old.0, new.0)
+            ],
         )
         .map_err(|e| sql_err(&path, e))?;
-        tx.commit().map_err(|e| sql_err(&path, e))
+        commit(tx, &path, &self.observer)
     }
 
     pub fn finish_expand(&mut self, id: &str) -> Result<()> {
@@ -534,13 +580,24 @@ impl Ledger {
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(volume_id, kind, path) DO UPDATE SET readonly = excluded.readonly,
                    capability = excluded.capability",
-                params![p.volume_id, p.kind.as_str(), p.path, p.readonly, p.capability],
+                params![
+                    p.volume_id,
+                    p.kind.as_str(),
+                    p.path,
+                    p.readonly,
+                    p.capability
+                ],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
     }
 
-    pub fn delete_publication(&mut self, volume_id: &str, kind: PublicationKind, path: &str) -> Result<()> {
+    pub fn delete_publication(
+        &mut self,
+        volume_id: &str,
+        kind: PublicationKind,
+        path: &str,
+    ) -> Result<()> {
         self.conn
             .execute(
                 "DELETE FROM publications WHERE volume_id = ?1 AND kind = ?2 AND path = ?3",
@@ -565,7 +622,11 @@ impl Ledger {
                 Ok(Publication {
                     volume_id: r.get(0)?,
                     kind: kind.parse().map_err(|m: String| {
-                        rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, m.into())
+                        rusqlite::Error::FromSqlConversionFailure(
+                            1,
+                            rusqlite::types::Type::Text,
+                            m.into(),
+                        )
                     })?,
                     path: r.get(2)?,
                     readonly: r.get(3)?,
@@ -700,16 +761,24 @@ mod tests {
         l.sync_regions("sim", &[spec("region0")]).unwrap();
         l.insert_creating(&vol("v1", "n1"), "{}").unwrap();
         assert_eq!(l.intents().unwrap()[0].op, IntentOp::Create);
-        assert!(l.transition("v1", VolumeState::Erasing, None, "{}").is_err());
+        assert!(
+            l.transition("v1", VolumeState::Erasing, None, "{}")
+                .is_err()
+        );
         l.transition("v1", VolumeState::Ready, Some("/dev/loop9"), "{}")
             .unwrap();
         assert!(l.intents().unwrap().is_empty());
-        l.transition("v1", VolumeState::Deleting, None, "{}").unwrap();
-        l.transition("v1", VolumeState::Erasing, None, "{}").unwrap();
+        l.transition("v1", VolumeState::Deleting, None, "{}")
+            .unwrap();
+        l.transition("v1", VolumeState::Erasing, None, "{}")
+            .unwrap();
         let i = l.intents().unwrap();
         assert_eq!(i.len(), 1);
         assert_eq!(i[0].op, IntentOp::Erase);
-        assert_eq!(l.volume("v1").unwrap().unwrap().device.as_deref(), Some("/dev/loop9"));
+        assert_eq!(
+            l.volume("v1").unwrap().unwrap().device.as_deref(),
+            Some("/dev/loop9")
+        );
         l.remove_volume("v1").unwrap();
         assert!(l.intents().unwrap().is_empty());
         assert!(l.volume("v1").unwrap().is_none());

@@ -69,16 +69,18 @@ impl Allocator {
                     rep.foreign.push(item);
                 }
                 Owner::Ours(id) => {
-                    let owned = known
-                        .iter()
-                        .any(|(kid, region, offset)| kid == id && *region == item.region && *offset == item.offset);
+                    let owned = known.iter().any(|(kid, region, offset)| {
+                        kid == id && *region == item.region && *offset == item.offset
+                    });
                     if owned || (dry_run && rep.actions.iter().any(|a| a.contains(id.as_str()))) {
                         continue;
                     }
                     tracing::warn!(region = %item.region, device = %item.path, volume = %id, "orphan device: marked as ours but no ledger volume owns it");
                     if remove_orphans && !dry_run {
                         match self.backend().remove_orphan(&item) {
-                            Ok(()) => rep.actions.push(format!("removed orphan {} (volume {id})", item.path)),
+                            Ok(()) => rep
+                                .actions
+                                .push(format!("removed orphan {} (volume {id})", item.path)),
                             Err(e) => rep.errors.push(format!("remove orphan {}: {e}", item.path)),
                         }
                     } else {
@@ -106,29 +108,41 @@ impl Allocator {
         let id = v.id.clone();
         match v.state {
             VolumeState::Creating => {
-                rep.actions.push(format!("finish interrupted create of volume {id}"));
+                rep.actions
+                    .push(format!("finish interrupted create of volume {id}"));
                 if !dry_run && let Err(e) = self.finish_create(v) {
-                    rep.errors.push(format!("finish create of volume {id}: {e}"));
+                    rep.errors
+                        .push(format!("finish create of volume {id}: {e}"));
                 }
             }
             VolumeState::Deleting | VolumeState::Erasing => {
-                rep.actions.push(format!("finish interrupted delete of volume {id} ({})", v.state));
+                rep.actions.push(format!(
+                    "finish interrupted delete of volume {id} ({})",
+                    v.state
+                ));
                 if !dry_run && let Err(e) = self.finish_delete(v) {
-                    rep.errors.push(format!("finish delete of volume {id}: {e}"));
+                    rep.errors
+                        .push(format!("finish delete of volume {id}: {e}"));
                 }
             }
             VolumeState::Ready => {
                 let req = device_request(&v);
                 if expanding {
-                    rep.actions.push(format!("finish interrupted expansion of volume {id} to {}", v.size));
+                    rep.actions.push(format!(
+                        "finish interrupted expansion of volume {id} to {}",
+                        v.size
+                    ));
                     if !dry_run {
                         match self.backend().resize(&req) {
                             Ok(_) => {
                                 if let Err(e) = self.finish_expand(&id) {
-                                    rep.errors.push(format!("record expansion of volume {id}: {e}"));
+                                    rep.errors
+                                        .push(format!("record expansion of volume {id}: {e}"));
                                 }
                             }
-                            Err(e) => rep.errors.push(format!("finish expansion of volume {id}: {e}")),
+                            Err(e) => rep
+                                .errors
+                                .push(format!("finish expansion of volume {id}: {e}")),
                         }
                     }
                 }
@@ -140,26 +154,32 @@ impl Allocator {
                             d.path.as_deref().unwrap_or("(none)")
                         ));
                         if !dry_run && let Err(e) = self.set_device(&id, d.path.as_deref()) {
-                            rep.errors.push(format!("record device of volume {id}: {e}"));
+                            rep.errors
+                                .push(format!("record device of volume {id}: {e}"));
                         }
                     }
                     Ok(None) => {
-                        rep.actions.push(format!("restore missing device of volume {id}"));
+                        rep.actions
+                            .push(format!("restore missing device of volume {id}"));
                         if !dry_run {
                             match self.backend().create(&req) {
                                 Ok(d) => {
                                     if let Err(e) = self.set_device(&id, d.path.as_deref()) {
-                                        rep.errors.push(format!("record device of volume {id}: {e}"));
+                                        rep.errors
+                                            .push(format!("record device of volume {id}: {e}"));
                                     }
                                 }
                                 Err(e) => {
                                     rep.missing.push(id.clone());
-                                    rep.errors.push(format!("restore device of volume {id}: {e}"));
+                                    rep.errors
+                                        .push(format!("restore device of volume {id}: {e}"));
                                 }
                             }
                         }
                     }
-                    Err(e) => rep.errors.push(format!("look up device of volume {id}: {e}")),
+                    Err(e) => rep
+                        .errors
+                        .push(format!("look up device of volume {id}: {e}")),
                 }
             }
         }

@@ -254,12 +254,24 @@ impl ExtentMap {
         let mut all: Vec<(Extent, bool)> = self
             .free
             .iter()
-            .map(|(&o, &l)| (Extent { offset: Bytes(o), len: Bytes(l) }, false))
-            .chain(
-                self.used
-                    .iter()
-                    .map(|(&o, &l)| (Extent { offset: Bytes(o), len: Bytes(l) }, true)),
-            )
+            .map(|(&o, &l)| {
+                (
+                    Extent {
+                        offset: Bytes(o),
+                        len: Bytes(l),
+                    },
+                    false,
+                )
+            })
+            .chain(self.used.iter().map(|(&o, &l)| {
+                (
+                    Extent {
+                        offset: Bytes(o),
+                        len: Bytes(l),
+                    },
+                    true,
+                )
+            }))
             .collect();
         all.sort_by_key(|(e, _)| e.offset);
         all

@@ -166,7 +166,14 @@ impl SimBackend {
     /// Zeroes `[offset, offset+len)` of a region file and verifies it.
     fn zero_range(&self, region: &str, offset: Bytes, len: Bytes) -> Result<()> {
         let (f, path) = self.open_region(region)?;
-        let ctx = |what: &str| format!("{what} {}+{} of region file {}", offset.0, len.0, path.display());
+        let ctx = |what: &str| {
+            format!(
+                "{what} {}+{} of region file {}",
+                offset.0,
+                len.0,
+                path.display()
+            )
+        };
         let (o, l) = (
             i64::try_from(offset.0).map_err(|_| Error::OutOfRange(ctx("offset too large in")))?,
             i64::try_from(len.0).map_err(|_| Error::OutOfRange(ctx("length too large in")))?,
@@ -247,7 +254,11 @@ impl Backend for SimBackend {
     }
 
     fn describe(&self) -> String {
-        let files: Vec<String> = self.regions.iter().map(|(_, p)| p.display().to_string()).collect();
+        let files: Vec<String> = self
+            .regions
+            .iter()
+            .map(|(_, p)| p.display().to_string())
+            .collect();
         match self.mode {
             SimMode::Loop => format!(
                 "sim backend in loop mode: volumes are loop devices over extents of {}",
@@ -332,10 +343,13 @@ impl Backend for SimBackend {
                 other.name
             )));
         }
-        Ok(devs.into_iter().find(|d| d.offset == req.offset).map(|d| Device {
-            path: Some(d.path.display().to_string()),
-            size: d.size_limit,
-        }))
+        Ok(devs
+            .into_iter()
+            .find(|d| d.offset == req.offset)
+            .map(|d| Device {
+                path: Some(d.path.display().to_string()),
+                size: d.size_limit,
+            }))
     }
 
     fn destroy(&self, req: &DeviceRequest) -> Result<()> {
@@ -343,7 +357,11 @@ impl Backend for SimBackend {
             return Ok(());
         }
         let marker = format!("{MARKER}{}", req.volume_id);
-        for d in self.devices_of(req)?.into_iter().filter(|d| d.name == marker) {
+        for d in self
+            .devices_of(req)?
+            .into_iter()
+            .filter(|d| d.name == marker)
+        {
             loopdev::detach(&d.path).map_err(|e| {
                 if e.raw_os_error() == Some(libc::EBUSY) {
                     Error::FailedPrecondition(format!(

@@ -102,9 +102,7 @@ impl fmt::Display for Bytes {
 /// Kubernetes quantity.
 pub fn parse_size(s: &str) -> Result<Bytes, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit()))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit())).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
         return Err(format!("size {s:?} does not start with a number"));

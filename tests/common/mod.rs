@@ -21,7 +21,11 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILD: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> -> target/<profile>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_owned();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_owned();
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
@@ -51,7 +55,10 @@ impl Daemon {
     /// Starts a daemon with small sim regions (2 × 1 GiB) unless `extra`
     /// overrides them, and waits until Probe says ready.
     pub async fn start(extra: &[&str]) -> Daemon {
-        let dir = tempfile::Builder::new().prefix("pmem-agent-test").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("pmem-agent-test")
+            .tempdir()
+            .expect("tempdir");
         let mut d = Daemon {
             dir,
             child: None,
@@ -132,7 +139,11 @@ impl Daemon {
             {
                 return;
             }
-            assert!(Instant::now() < deadline, "pmem-agent not ready in 30s; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "pmem-agent not ready in 30s; log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -172,7 +183,10 @@ impl Daemon {
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                panic!("pmem-agent did not exit within 20s of SIGTERM; log:\n{}", self.log());
+                panic!(
+                    "pmem-agent did not exit within 20s of SIGTERM; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -217,7 +231,10 @@ pub fn cleanup_dir(dir: &Path) {
                 continue;
             };
             if backing.trim().starts_with(&prefix) {
-                let _ = Command::new("losetup").arg("-d").arg(format!("/dev/{name}")).status();
+                let _ = Command::new("losetup")
+                    .arg("-d")
+                    .arg(format!("/dev/{name}"))
+                    .status();
             }
         }
     }

@@ -131,7 +131,9 @@ fn size(s: &str) -> Result<i64, String> {
 }
 
 fn capability(block: bool, fs: &str, readonly: bool) -> csi::VolumeCapability {
-    use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode};
+    use csi::volume_capability::{
+        AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
+    };
     csi::VolumeCapability {
         access_mode: Some(AccessMode {
             mode: if readonly {
@@ -170,7 +172,9 @@ fn extent_bar(r: &pmem_proto::admin::Region, width: u64) -> String {
             continue;
         }
         let a = e.offset_bytes * width / r.size_bytes;
-        let b = ((e.offset_bytes + e.size_bytes) * width).div_ceil(r.size_bytes).min(width);
+        let b = ((e.offset_bytes + e.size_bytes) * width)
+            .div_ceil(r.size_bytes)
+            .min(width);
         let c = if e.state == "ready" { '#' } else { '~' };
         for x in bar.iter_mut().take(b as usize).skip(a as usize) {
             *x = c;
@@ -191,17 +195,35 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
     match &cli.cmd {
         Cmd::Identity => {
             let mut c = IdentityClient::new(connect(&cli.endpoint).await?);
-            let info = c.get_plugin_info(csi::GetPluginInfoRequest {}).await.map_err(st)?.into_inner();
-            let ready = c.probe(csi::ProbeRequest {}).await.map_err(st)?.into_inner().ready.unwrap_or(false);
+            let info = c
+                .get_plugin_info(csi::GetPluginInfoRequest {})
+                .await
+                .map_err(st)?
+                .into_inner();
+            let ready = c
+                .probe(csi::ProbeRequest {})
+                .await
+                .map_err(st)?
+                .into_inner()
+                .ready
+                .unwrap_or(false);
             out(
                 json!({"name": info.name, "version": info.vendor_version, "manifest": info.manifest, "ready": ready}),
                 format!("{} {} ready={ready}\n", info.name, info.vendor_version),
             );
-            return Ok(if ready { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            return Ok(if ready {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
         }
         Cmd::Regions => {
             let mut c = AdminClient::new(connect(&cli.admin_endpoint).await?);
-            let r = c.list_regions(pmem_proto::admin::ListRegionsRequest {}).await.map_err(st)?.into_inner();
+            let r = c
+                .list_regions(pmem_proto::admin::ListRegionsRequest {})
+                .await
+                .map_err(st)?
+                .into_inner();
             let mut t = format!(
                 "{:<10} {:<6} {:>10} {:>10} {:>10} {:>6} {:>5}  map (# used, ~ erasing/creating, . free)\n",
                 "REGION", "KIND", "SIZE", "AVAILABLE", "LARGEST", "SLOTS", "NUMA"
@@ -249,7 +271,14 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             for v in &r.volumes {
                 t += &format!(
                     "{:<38} {:<24} {:<8} {:>10} {:<9} {:<10} {:<8} {}\n",
-                    v.id, v.name, v.region, human(v.size_bytes), v.usage, v.persistency, v.state, v.device
+                    v.id,
+                    v.name,
+                    v.region,
+                    human(v.size_bytes),
+                    v.usage,
+                    v.persistency,
+                    v.state,
+                    v.device
                 );
             }
             out(Value::Array(r.volumes.iter().map(volume_json).collect()), t);
@@ -257,7 +286,9 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         Cmd::Volume { id } => {
             let mut c = AdminClient::new(connect(&cli.admin_endpoint).await?);
             let v = c
-                .get_volume(pmem_proto::admin::GetVolumeRequest { volume_id: id.clone() })
+                .get_volume(pmem_proto::admin::GetVolumeRequest {
+                    volume_id: id.clone(),
+                })
                 .await
                 .map_err(st)?
                 .into_inner();
@@ -265,7 +296,10 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             let t = serde_json::to_string_pretty(&j).unwrap_or_default() + "\n";
             out(j, t);
         }
-        Cmd::Reconcile { apply, remove_orphans } => {
+        Cmd::Reconcile {
+            apply,
+            remove_orphans,
+        } => {
             let mut c = AdminClient::new(connect(&cli.admin_endpoint).await?);
             let r = c
                 .reconcile(pmem_proto::admin::ReconcileRequest {
@@ -275,7 +309,11 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 .await
                 .map_err(st)?
                 .into_inner();
-            let mut t = format!("{} ({} actions)\n", if r.dry_run { "dry run" } else { "applied" }, r.actions.len());
+            let mut t = format!(
+                "{} ({} actions)\n",
+                if r.dry_run { "dry run" } else { "applied" },
+                r.actions.len()
+            );
             for a in &r.actions {
                 t += &format!("  {a}\n");
             }
@@ -305,9 +343,19 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 .await
                 .map_err(st)?
                 .into_inner();
-            let mut t = format!("{:<14} {:<8} {:>12} {:>10} {}\n", "DEVICE", "REGION", "OFFSET", "SIZE", "VOLUME");
+            let mut t = format!(
+                "{:<14} {:<8} {:>12} {:>10} {}\n",
+                "DEVICE", "REGION", "OFFSET", "SIZE", "VOLUME"
+            );
             for o in &r.orphans {
-                t += &format!("{:<14} {:<8} {:>12} {:>10} {}\n", o.path, o.region, o.offset_bytes, human(o.size_bytes), o.owner);
+                t += &format!(
+                    "{:<14} {:<8} {:>12} {:>10} {}\n",
+                    o.path,
+                    o.region,
+                    o.offset_bytes,
+                    human(o.size_bytes),
+                    o.owner
+                );
             }
             out(Value::Array(r.orphans.iter().map(dev_json).collect()), t);
         }
@@ -333,11 +381,17 @@ async fn csi_cmd(cli: &Cli, cmd: &CsiCmd) -> Result<ExitCode, String> {
                 .await
                 .map_err(st)?
                 .into_inner();
-            let info = node.node_get_info(csi::NodeGetInfoRequest {}).await.map_err(st)?.into_inner();
+            let info = node
+                .node_get_info(csi::NodeGetInfoRequest {})
+                .await
+                .map_err(st)?
+                .into_inner();
             if cli.json {
-                print(json!({"available_capacity": c.available_capacity, "maximum_volume_size": c.maximum_volume_size,
+                print(
+                    json!({"available_capacity": c.available_capacity, "maximum_volume_size": c.maximum_volume_size,
                     "minimum_volume_size": c.minimum_volume_size, "node_id": info.node_id,
-                    "max_volumes_per_node": info.max_volumes_per_node}));
+                    "max_volumes_per_node": info.max_volumes_per_node}),
+                );
             } else {
                 let u = |v: i64| human(u64::try_from(v).unwrap_or(0));
                 println!(
@@ -350,7 +404,15 @@ async fn csi_cmd(cli: &Cli, cmd: &CsiCmd) -> Result<ExitCode, String> {
                 );
             }
         }
-        CsiCmd::Create { name, size: s, limit, usage, erase_after, block, fs } => {
+        CsiCmd::Create {
+            name,
+            size: s,
+            limit,
+            usage,
+            erase_after,
+            block,
+            fs,
+        } => {
             let v = ctl
                 .create_volume(csi::CreateVolumeRequest {
                     name: name.clone(),
@@ -371,9 +433,15 @@ async fn csi_cmd(cli: &Cli, cmd: &CsiCmd) -> Result<ExitCode, String> {
                 .volume
                 .unwrap_or_default();
             if cli.json {
-                print(json!({"volume_id": v.volume_id, "capacity_bytes": v.capacity_bytes, "volume_context": v.volume_context}));
+                print(
+                    json!({"volume_id": v.volume_id, "capacity_bytes": v.capacity_bytes, "volume_context": v.volume_context}),
+                );
             } else {
-                println!("{} {}", v.volume_id, human(u64::try_from(v.capacity_bytes).unwrap_or(0)));
+                println!(
+                    "{} {}",
+                    v.volume_id,
+                    human(u64::try_from(v.capacity_bytes).unwrap_or(0))
+                );
             }
         }
         CsiCmd::Delete { id } => {
@@ -386,13 +454,25 @@ async fn csi_cmd(cli: &Cli, cmd: &CsiCmd) -> Result<ExitCode, String> {
             println!("deleted {id}");
         }
         CsiCmd::List => {
-            let r = ctl.list_volumes(csi::ListVolumesRequest::default()).await.map_err(st)?.into_inner();
+            let r = ctl
+                .list_volumes(csi::ListVolumesRequest::default())
+                .await
+                .map_err(st)?
+                .into_inner();
             for e in r.entries {
                 let v = e.volume.unwrap_or_default();
-                println!("{} {}", v.volume_id, human(u64::try_from(v.capacity_bytes).unwrap_or(0)));
+                println!(
+                    "{} {}",
+                    v.volume_id,
+                    human(u64::try_from(v.capacity_bytes).unwrap_or(0))
+                );
             }
         }
-        CsiCmd::Expand { id, size: s, node_path } => {
+        CsiCmd::Expand {
+            id,
+            size: s,
+            node_path,
+        } => {
             let r = ctl
                 .controller_expand_volume(csi::ControllerExpandVolumeRequest {
                     volume_id: id.clone(),
@@ -423,7 +503,12 @@ async fn csi_cmd(cli: &Cli, cmd: &CsiCmd) -> Result<ExitCode, String> {
                 println!("node: {} bytes", n.capacity_bytes);
             }
         }
-        CsiCmd::Stage { id, staging_path, block, fs } => {
+        CsiCmd::Stage {
+            id,
+            staging_path,
+            block,
+            fs,
+        } => {
             node.node_stage_volume(csi::NodeStageVolumeRequest {
                 volume_id: id.clone(),
                 staging_target_path: staging_path.clone(),
@@ -443,7 +528,14 @@ async fn csi_cmd(cli: &Cli, cmd: &CsiCmd) -> Result<ExitCode, String> {
             .map_err(st)?;
             println!("unstaged {id}");
         }
-        CsiCmd::Publish { id, staging_path, target_path, block, fs, readonly } => {
+        CsiCmd::Publish {
+            id,
+            staging_path,
+            target_path,
+            block,
+            fs,
+            readonly,
+        } => {
             node.node_publish_volume(csi::NodePublishVolumeRequest {
                 volume_id: id.clone(),
                 staging_target_path: staging_path.clone(),
@@ -480,7 +572,9 @@ async fn csi_cmd(cli: &Cli, cmd: &CsiCmd) -> Result<ExitCode, String> {
                 .iter()
                 .map(|u| json!({"unit": u.unit, "available": u.available, "total": u.total, "used": u.used}))
                 .collect();
-            print(json!({"usage": usage, "condition": r.volume_condition.map(|c| json!({"abnormal": c.abnormal, "message": c.message}))}));
+            print(
+                json!({"usage": usage, "condition": r.volume_condition.map(|c| json!({"abnormal": c.abnormal, "message": c.message}))}),
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -499,7 +593,10 @@ fn dev_json(d: &pmem_proto::admin::Device) -> Value {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pmemctl: {e}");
@@ -514,4 +611,3 @@ fn main() -> ExitCode {
         }
     }
 }
-

@@ -52,12 +52,14 @@ fn to_i64(b: Bytes) -> i64 {
     i64::try_from(b.0).unwrap_or(i64::MAX)
 }
 
-
 impl ControllerService {
     /// An RPC we do not support (and do not advertise), logged like any call.
     async fn refuse<T>(&self, method: &'static str, what: &str) -> Result<Response<T>, Status> {
         let msg = format!("{what} is not supported by pmem-agent");
-        call(&self.driver.metrics, method, "", async { Err(AgentError::Unimplemented(msg)) }).await
+        call(&self.driver.metrics, method, "", async {
+            Err(AgentError::Unimplemented(msg))
+        })
+        .await
     }
 
     fn csi_volume(&self, v: &Volume) -> csi::Volume {
@@ -70,12 +72,18 @@ impl ControllerService {
         }
     }
 
-    async fn create(&self, req: csi::CreateVolumeRequest) -> AgentResult<csi::CreateVolumeResponse> {
+    async fn create(
+        &self,
+        req: csi::CreateVolumeRequest,
+    ) -> AgentResult<csi::CreateVolumeResponse> {
         if req.name.is_empty() {
             return Err(invalid("name is required"));
         }
         if req.name.len() > 256 {
-            return Err(invalid(format!("name {:?} is longer than 256 bytes", req.name)));
+            return Err(invalid(format!(
+                "name {:?} is longer than 256 bytes",
+                req.name
+            )));
         }
         let (required, limit) = parse_range("capacity_range", req.capacity_range.as_ref())?;
         parse_capabilities("volume_capabilities", &req.volume_capabilities)?;
@@ -86,10 +94,15 @@ impl ControllerService {
             ));
         }
         if !req.mutable_parameters.is_empty() {
-            return Err(invalid("mutable_parameters are not supported (no MODIFY_VOLUME)"));
+            return Err(invalid(
+                "mutable_parameters are not supported (no MODIFY_VOLUME)",
+            ));
         }
-        check_accessibility(req.accessibility_requirements.as_ref(), &self.driver.cfg.node_id)
-            .map_err(AgentError::ResourceExhausted)?;
+        check_accessibility(
+            req.accessibility_requirements.as_ref(),
+            &self.driver.cfg.node_id,
+        )
+        .map_err(AgentError::ResourceExhausted)?;
         let creq = CreateRequest {
             name: req.name.clone(),
             required,
@@ -107,7 +120,10 @@ impl ControllerService {
         })
     }
 
-    async fn delete(&self, req: csi::DeleteVolumeRequest) -> AgentResult<csi::DeleteVolumeResponse> {
+    async fn delete(
+        &self,
+        req: csi::DeleteVolumeRequest,
+    ) -> AgentResult<csi::DeleteVolumeResponse> {
         if req.volume_id.is_empty() {
             return Err(invalid("volume_id is required"));
         }
@@ -128,7 +144,9 @@ impl ControllerService {
         }
         let id = req.volume_id.clone();
         let v = blocking(&self.driver.alloc, move |a| a.volume(&id)).await?;
-        let v = v.ok_or_else(|| AgentError::NotFound(format!("volume {} does not exist", req.volume_id)))?;
+        let v = v.ok_or_else(|| {
+            AgentError::NotFound(format!("volume {} does not exist", req.volume_id))
+        })?;
         let mut problems = Vec::new();
         if let Err(e) = parse_capabilities("volume_capabilities", &req.volume_capabilities) {
             problems.push(e.to_string());
@@ -169,15 +187,29 @@ impl ControllerService {
                 .parse()
                 .ok()
                 .filter(|t| *t > 0)
-                .ok_or_else(|| AgentError::Aborted(format!("starting_token {:?} is not a token this plugin issued", req.starting_token)))?
+                .ok_or_else(|| {
+                    AgentError::Aborted(format!(
+                        "starting_token {:?} is not a token this plugin issued",
+                        req.starting_token
+                    ))
+                })?
         };
         let vols = blocking(&self.driver.alloc, |a| a.volumes()).await?;
         let listed: Vec<&Volume> = vols
             .iter()
-            .filter(|v| matches!(v.state, VolumeState::Ready | VolumeState::Creating) && v.seq >= start)
+            .filter(|v| {
+                matches!(v.state, VolumeState::Ready | VolumeState::Creating) && v.seq >= start
+            })
             .collect();
-        let take = if max == 0 { listed.len() } else { max.min(listed.len()) };
-        let next_token = listed.get(take).map(|v| v.seq.to_string()).unwrap_or_default();
+        let take = if max == 0 {
+            listed.len()
+        } else {
+            max.min(listed.len())
+        };
+        let next_token = listed
+            .get(take)
+            .map(|v| v.seq.to_string())
+            .unwrap_or_default();
         let entries = listed[..take]
             .iter()
             .map(|v| csi::list_volumes_response::Entry {
@@ -188,10 +220,16 @@ impl ControllerService {
                 }),
             })
             .collect();
-        Ok(csi::ListVolumesResponse { entries, next_token })
+        Ok(csi::ListVolumesResponse {
+            entries,
+            next_token,
+        })
     }
 
-    async fn get_volume(&self, req: csi::ControllerGetVolumeRequest) -> AgentResult<csi::ControllerGetVolumeResponse> {
+    async fn get_volume(
+        &self,
+        req: csi::ControllerGetVolumeRequest,
+    ) -> AgentResult<csi::ControllerGetVolumeResponse> {
         if req.volume_id.is_empty() {
             return Err(invalid("volume_id is required"));
         }
@@ -210,7 +248,9 @@ impl ControllerService {
             Ok((Some(v), Some(found)))
         })
         .await?;
-        let v = v.ok_or_else(|| AgentError::NotFound(format!("volume {} does not exist", req.volume_id)))?;
+        let v = v.ok_or_else(|| {
+            AgentError::NotFound(format!("volume {} does not exist", req.volume_id))
+        })?;
         let condition = match found {
             _ if v.state != VolumeState::Ready => condition_of_state(&v),
             Some(Ok(Some(_))) => csi::VolumeCondition {
@@ -219,7 +259,10 @@ impl ControllerService {
             },
             Some(Ok(None)) => csi::VolumeCondition {
                 abnormal: true,
-                message: format!("device of volume {} in region {} is missing", v.id, v.region),
+                message: format!(
+                    "device of volume {} in region {} is missing",
+                    v.id, v.region
+                ),
             },
             Some(Err(e)) => csi::VolumeCondition {
                 abnormal: true,
@@ -236,7 +279,10 @@ impl ControllerService {
         })
     }
 
-    async fn capacity(&self, req: csi::GetCapacityRequest) -> AgentResult<csi::GetCapacityResponse> {
+    async fn capacity(
+        &self,
+        req: csi::GetCapacityRequest,
+    ) -> AgentResult<csi::GetCapacityResponse> {
         for (i, c) in req.volume_capabilities.iter().enumerate() {
             crate::csi::params::parse_capability(&format!("volume_capabilities[{i}]"), c)?;
         }
@@ -262,7 +308,10 @@ impl ControllerService {
         })
     }
 
-    async fn expand(&self, req: csi::ControllerExpandVolumeRequest) -> AgentResult<csi::ControllerExpandVolumeResponse> {
+    async fn expand(
+        &self,
+        req: csi::ControllerExpandVolumeRequest,
+    ) -> AgentResult<csi::ControllerExpandVolumeResponse> {
         if req.volume_id.is_empty() {
             return Err(invalid("volume_id is required"));
         }
@@ -271,11 +320,17 @@ impl ControllerService {
         }
         let (required, limit) = parse_range("capacity_range", req.capacity_range.as_ref())?;
         let block = match &req.volume_capability {
-            Some(c) => crate::csi::params::parse_capability("volume_capability", c)?.access == Access::Block,
+            Some(c) => {
+                crate::csi::params::parse_capability("volume_capability", c)?.access
+                    == Access::Block
+            }
             None => false,
         };
         let id = req.volume_id.clone();
-        let v = blocking(&self.driver.alloc, move |a| a.expand_volume(&id, required, limit)).await?;
+        let v = blocking(&self.driver.alloc, move |a| {
+            a.expand_volume(&id, required, limit)
+        })
+        .await?;
         Ok(csi::ControllerExpandVolumeResponse {
             capacity_bytes: to_i64(self.driver.alloc.usable_of(&v)),
             node_expansion_required: !block,
@@ -304,7 +359,13 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
         let req = request.into_inner();
         let name = req.name.clone();
-        call(&self.driver.metrics, "CreateVolume", &name, self.create(req)).await
+        call(
+            &self.driver.metrics,
+            "CreateVolume",
+            &name,
+            self.create(req),
+        )
+        .await
     }
 
     async fn delete_volume(
@@ -320,14 +381,22 @@ impl Controller for ControllerService {
         &self,
         _request: Request<csi::ControllerPublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
-        self.refuse("ControllerPublishVolume", "ControllerPublishVolume (volumes are node-local; attachRequired is false)").await
+        self.refuse(
+            "ControllerPublishVolume",
+            "ControllerPublishVolume (volumes are node-local; attachRequired is false)",
+        )
+        .await
     }
 
     async fn controller_unpublish_volume(
         &self,
         _request: Request<csi::ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
-        self.refuse("ControllerUnpublishVolume", "ControllerUnpublishVolume (volumes are node-local; attachRequired is false)").await
+        self.refuse(
+            "ControllerUnpublishVolume",
+            "ControllerUnpublishVolume (volumes are node-local; attachRequired is false)",
+        )
+        .await
     }
 
     async fn validate_volume_capabilities(
@@ -336,39 +405,62 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        call(&self.driver.metrics, "ValidateVolumeCapabilities", &id, self.validate(req)).await
+        call(
+            &self.driver.metrics,
+            "ValidateVolumeCapabilities",
+            &id,
+            self.validate(req),
+        )
+        .await
     }
 
     async fn list_volumes(
         &self,
         request: Request<csi::ListVolumesRequest>,
     ) -> Result<Response<csi::ListVolumesResponse>, Status> {
-        call(&self.driver.metrics, "ListVolumes", "", self.list(request.into_inner())).await
+        call(
+            &self.driver.metrics,
+            "ListVolumes",
+            "",
+            self.list(request.into_inner()),
+        )
+        .await
     }
 
     async fn get_capacity(
         &self,
         request: Request<csi::GetCapacityRequest>,
     ) -> Result<Response<csi::GetCapacityResponse>, Status> {
-        call(&self.driver.metrics, "GetCapacity", "", self.capacity(request.into_inner())).await
+        call(
+            &self.driver.metrics,
+            "GetCapacity",
+            "",
+            self.capacity(request.into_inner()),
+        )
+        .await
     }
 
     async fn controller_get_capabilities(
         &self,
         _request: Request<csi::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
-        call(&self.driver.metrics, "ControllerGetCapabilities", "", async {
-            Ok(csi::ControllerGetCapabilitiesResponse {
-                capabilities: CAPABILITIES
-                    .iter()
-                    .map(|t| csi::ControllerServiceCapability {
-                        r#type: Some(controller_service_capability::Type::Rpc(
-                            controller_service_capability::Rpc { r#type: *t as i32 },
-                        )),
-                    })
-                    .collect(),
-            })
-        })
+        call(
+            &self.driver.metrics,
+            "ControllerGetCapabilities",
+            "",
+            async {
+                Ok(csi::ControllerGetCapabilitiesResponse {
+                    capabilities: CAPABILITIES
+                        .iter()
+                        .map(|t| csi::ControllerServiceCapability {
+                            r#type: Some(controller_service_capability::Type::Rpc(
+                                controller_service_capability::Rpc { r#type: *t as i32 },
+                            )),
+                        })
+                        .collect(),
+                })
+            },
+        )
         .await
     }
 
@@ -406,7 +498,13 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        call(&self.driver.metrics, "ControllerExpandVolume", &id, self.expand(req)).await
+        call(
+            &self.driver.metrics,
+            "ControllerExpandVolume",
+            &id,
+            self.expand(req),
+        )
+        .await
     }
 
     async fn controller_get_volume(
@@ -415,13 +513,20 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        call(&self.driver.metrics, "ControllerGetVolume", &id, self.get_volume(req)).await
+        call(
+            &self.driver.metrics,
+            "ControllerGetVolume",
+            &id,
+            self.get_volume(req),
+        )
+        .await
     }
 
     async fn controller_modify_volume(
         &self,
         _request: Request<csi::ControllerModifyVolumeRequest>,
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
-        self.refuse("ControllerModifyVolume", "ControllerModifyVolume").await
+        self.refuse("ControllerModifyVolume", "ControllerModifyVolume")
+            .await
     }
 }

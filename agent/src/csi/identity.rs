@@ -24,9 +24,9 @@ impl IdentityService {
 
 fn service_cap(t: service::Type) -> csi::PluginCapability {
     csi::PluginCapability {
-        r#type: Some(plugin_capability::Type::Service(plugin_capability::Service {
-            r#type: t as i32,
-        })),
+        r#type: Some(plugin_capability::Type::Service(
+            plugin_capability::Service { r#type: t as i32 },
+        )),
     }
 }
 
@@ -78,9 +78,7 @@ impl Identity for IdentityService {
     ) -> Result<Response<csi::ProbeResponse>, Status> {
         let ready = self.driver.is_ready();
         call(&self.driver.metrics, "Probe", "", async move {
-            Ok(csi::ProbeResponse {
-                ready: Some(ready),
-            })
+            Ok(csi::ProbeResponse { ready: Some(ready) })
         })
         .await
     }

@@ -24,28 +24,54 @@ pub async fn startup(_driver: &Arc<Driver>) {}
 
 #[tonic::async_trait]
 impl Node for NodeService {
-    async fn node_stage_volume(&self, _r: Request<csi::NodeStageVolumeRequest>) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+    async fn node_stage_volume(
+        &self,
+        _r: Request<csi::NodeStageVolumeRequest>,
+    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
         Err(Status::unimplemented("NodeStageVolume"))
     }
-    async fn node_unstage_volume(&self, _r: Request<csi::NodeUnstageVolumeRequest>) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+    async fn node_unstage_volume(
+        &self,
+        _r: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
         Err(Status::unimplemented("NodeUnstageVolume"))
     }
-    async fn node_publish_volume(&self, _r: Request<csi::NodePublishVolumeRequest>) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+    async fn node_publish_volume(
+        &self,
+        _r: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
         Err(Status::unimplemented("NodePublishVolume"))
     }
-    async fn node_unpublish_volume(&self, _r: Request<csi::NodeUnpublishVolumeRequest>) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+    async fn node_unpublish_volume(
+        &self,
+        _r: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
         Err(Status::unimplemented("NodeUnpublishVolume"))
     }
-    async fn node_get_volume_stats(&self, _r: Request<csi::NodeGetVolumeStatsRequest>) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+    async fn node_get_volume_stats(
+        &self,
+        _r: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
         Err(Status::unimplemented("NodeGetVolumeStats"))
     }
-    async fn node_expand_volume(&self, _r: Request<csi::NodeExpandVolumeRequest>) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+    async fn node_expand_volume(
+        &self,
+        _r: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         Err(Status::unimplemented("NodeExpandVolume"))
     }
-    async fn node_get_capabilities(&self, _r: Request<csi::NodeGetCapabilitiesRequest>) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
-        Ok(Response::new(csi::NodeGetCapabilitiesResponse { capabilities: vec![] }))
+    async fn node_get_capabilities(
+        &self,
+        _r: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
+            capabilities: vec![],
+        }))
     }
-    async fn node_get_info(&self, _r: Request<csi::NodeGetInfoRequest>) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+    async fn node_get_info(
+        &self,
+        _r: Request<csi::NodeGetInfoRequest>,
+    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
         let d = &self.driver;
         Ok(Response::new(csi::NodeGetInfoResponse {
             node_id: d.cfg.node_id.clone(),

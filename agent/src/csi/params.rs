@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use pmem_allocator::{Bytes, Usage};
 use pmem_proto::csi;
-use pmem_proto::csi::volume_capability::access_mode::Mode;
 use pmem_proto::csi::volume_capability::AccessType;
+use pmem_proto::csi::volume_capability::access_mode::Mode;
 
 use crate::config::TOPOLOGY_KEY;
 use crate::error::{AgentResult, invalid};
@@ -37,14 +37,18 @@ pub fn parse_parameters(params: &HashMap<String, String>) -> AgentResult<VolumeP
         let v = &params[k];
         let lower = k.to_ascii_lowercase();
         if lower == "usage" {
-            usage = v
-                .parse()
-                .map_err(|_| invalid(format!("parameter {k}={v:?}: must be AppDirect or FileIO")))?;
+            usage = v.parse().map_err(|_| {
+                invalid(format!("parameter {k}={v:?}: must be AppDirect or FileIO"))
+            })?;
         } else if lower == "eraseafter" {
             erase_after = match v.to_ascii_lowercase().as_str() {
                 "true" => true,
                 "false" => false,
-                _ => return Err(invalid(format!("parameter {k}={v:?}: must be true or false"))),
+                _ => {
+                    return Err(invalid(format!(
+                        "parameter {k}={v:?}: must be true or false"
+                    )));
+                }
             };
         } else if lower.starts_with(K8S_PREFIX) {
             stored.insert(k.clone(), v.clone());
@@ -103,7 +107,12 @@ impl Capability {
         match &self.access {
             Access::Block => format!("block;{}", self.mode.as_str_name()),
             Access::Mount { fs, flags } => {
-                format!("mount;{};{};{}", fs.as_str(), flags.join(","), self.mode.as_str_name())
+                format!(
+                    "mount;{};{};{}",
+                    fs.as_str(),
+                    flags.join(","),
+                    self.mode.as_str_name()
+                )
             }
         }
     }
@@ -116,8 +125,11 @@ pub fn parse_capability(field: &str, cap: &csi::VolumeCapability) -> AgentResult
         .as_ref()
         .ok_or_else(|| invalid(format!("{field}.access_mode is required")))?
         .mode;
-    let mode = Mode::try_from(mode_raw)
-        .map_err(|_| invalid(format!("{field}.access_mode.mode {mode_raw} is not a known mode")))?;
+    let mode = Mode::try_from(mode_raw).map_err(|_| {
+        invalid(format!(
+            "{field}.access_mode.mode {mode_raw} is not a known mode"
+        ))
+    })?;
     match mode {
         Mode::SingleNodeWriter
         | Mode::SingleNodeReaderOnly
@@ -144,7 +156,9 @@ pub fn parse_capability(field: &str, cap: &csi::VolumeCapability) -> AgentResult
             };
             for f in &m.mount_flags {
                 if f.is_empty() || f.contains(char::is_whitespace) {
-                    return Err(invalid(format!("{field}.mount.mount_flags entry {f:?} is malformed")));
+                    return Err(invalid(format!(
+                        "{field}.mount.mount_flags entry {f:?} is malformed"
+                    )));
                 }
             }
             Access::Mount {
@@ -152,12 +166,19 @@ pub fn parse_capability(field: &str, cap: &csi::VolumeCapability) -> AgentResult
                 flags: m.mount_flags.clone(),
             }
         }
-        None => return Err(invalid(format!("{field}.access_type must be mount or block"))),
+        None => {
+            return Err(invalid(format!(
+                "{field}.access_type must be mount or block"
+            )));
+        }
     };
     Ok(Capability { access, mode })
 }
 
-pub fn parse_capabilities(field: &str, caps: &[csi::VolumeCapability]) -> AgentResult<Vec<Capability>> {
+pub fn parse_capabilities(
+    field: &str,
+    caps: &[csi::VolumeCapability],
+) -> AgentResult<Vec<Capability>> {
     if caps.is_empty() {
         return Err(invalid(format!("{field} is required")));
     }
@@ -168,12 +189,19 @@ pub fn parse_capabilities(field: &str, caps: &[csi::VolumeCapability]) -> AgentR
 }
 
 /// Required and limit bytes; `None` limit means unlimited.
-pub fn parse_range(field: &str, r: Option<&csi::CapacityRange>) -> AgentResult<(Bytes, Option<Bytes>)> {
+pub fn parse_range(
+    field: &str,
+    r: Option<&csi::CapacityRange>,
+) -> AgentResult<(Bytes, Option<Bytes>)> {
     let Some(r) = r else {
         return Ok((Bytes::ZERO, None));
     };
-    let required = u64::try_from(r.required_bytes)
-        .map_err(|_| invalid(format!("{field}.required_bytes {} is negative", r.required_bytes)))?;
+    let required = u64::try_from(r.required_bytes).map_err(|_| {
+        invalid(format!(
+            "{field}.required_bytes {} is negative",
+            r.required_bytes
+        ))
+    })?;
     let limit = u64::try_from(r.limit_bytes)
         .map_err(|_| invalid(format!("{field}.limit_bytes {} is negative", r.limit_bytes)))?;
     if limit != 0 && limit < required {
@@ -198,7 +226,10 @@ pub fn topology_matches(t: &csi::Topology, node_id: &str) -> bool {
 
 /// Checks accessibility requirements: `Ok(())` when they admit this node,
 /// `Err(message)` otherwise.
-pub fn check_accessibility(req: Option<&csi::TopologyRequirement>, node_id: &str) -> Result<(), String> {
+pub fn check_accessibility(
+    req: Option<&csi::TopologyRequirement>,
+    node_id: &str,
+) -> Result<(), String> {
     let Some(req) = req else {
         return Ok(());
     };
@@ -243,7 +274,9 @@ mod tests {
         let p = parse_parameters(&m(&[("csi.storage.k8s.io/pvc/name", "x")])).unwrap();
         assert_eq!(p.usage, Usage::AppDirect);
         assert!(p.erase_after);
-        let e = parse_parameters(&m(&[("size", "1")])).unwrap_err().to_string();
+        let e = parse_parameters(&m(&[("size", "1")]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"size\""), "{e}");
         assert!(parse_parameters(&m(&[("usage", "dax")])).is_err());
         assert!(parse_parameters(&m(&[("eraseAfter", "yes")])).is_err());

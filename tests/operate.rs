@@ -133,6 +133,7 @@ async fn operate_systemd_notify_ready_after_socket_serves() {
         child: None,
         extra: vec!["--sim-mode".into(), "file-only".into()],
         node_id: "test-node".into(),
+        allocd: None,
     };
     let log = std::fs::File::create(d.log_path()).unwrap();
     let child = d
@@ -158,7 +159,7 @@ async fn operate_systemd_notify_ready_after_socket_serves() {
         .ready;
     assert_eq!(ready, Some(true));
     let st = d.stop();
-    assert!(st.success());
+    assert!(st.success(), "exit {st}; log:\n{}", d.log());
     let n = notify.recv(&mut buf).unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
 }
@@ -230,4 +231,24 @@ async fn operate_pmemctl_every_subcommand() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is pmem-agent running"));
+}
+
+#[tokio::test]
+async fn operate_agent_without_its_allocator_daemon_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("pmem-agent"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}/csi.sock", dir.path().display()))
+        .arg("--admin-endpoint")
+        .arg(format!("unix://{}/admin.sock", dir.path().display()))
+        .arg("--allocator")
+        .arg(format!("unix://{}/allocator.sock", dir.path().display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("allocator") && err.contains("does not exist"),
+        "{err}"
+    );
 }

@@ -1,10 +1,9 @@
-//! The admin API (`pmem.admin.v1`) on its own socket: regions, volumes,
-//! reconciliation. Used by `pmemctl` and the tests.
+//! The admin API (`pmem.admin.v1.Admin`) on its own socket: regions,
+//! volumes, reconciliation. Used by `pmemctl` and the tests.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use pmem_allocator::{InventoryItem, Owner, RegionCapacity, Usage, Volume};
+use pmem_allocator::Usage;
 use pmem_proto::admin;
 use pmem_proto::admin::admin_server::Admin;
 use tonic::{Request, Response, Status};
@@ -12,6 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::driver::Driver;
 use crate::error::{AgentError, invalid};
 use crate::rpc::{blocking, call};
+use crate::wire;
 
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -24,80 +24,6 @@ impl AdminService {
     }
 }
 
-fn region(c: &RegionCapacity, backend: &str) -> admin::Region {
-    admin::Region {
-        id: c.spec.id.clone(),
-        backend: backend.to_owned(),
-        size_bytes: c.spec.size.0,
-        align_bytes: c.spec.align.0,
-        available_bytes: c.available.0,
-        largest_allocatable_bytes: c.largest.0,
-        minimum_volume_bytes: c.minimum.0,
-        namespace_slots: c.spec.ns_slots,
-        free_namespace_slots: c.free_slots,
-        numa_node: c.spec.numa_node,
-        location: c.spec.location.clone(),
-        extents: c
-            .extents
-            .iter()
-            .map(|(e, owner)| admin::Extent {
-                offset_bytes: e.offset.0,
-                size_bytes: e.len.0,
-                volume_id: owner.as_ref().map(|o| o.0.clone()).unwrap_or_default(),
-                state: owner.as_ref().map(|o| o.1.to_string()).unwrap_or_default(),
-            })
-            .collect(),
-    }
-}
-
-pub fn volume(v: &Volume, pubs: &[pmem_allocator::Publication]) -> admin::Volume {
-    admin::Volume {
-        id: v.id.clone(),
-        name: v.name.clone(),
-        region: v.region.clone(),
-        offset_bytes: v.offset.0,
-        size_bytes: v.size.0,
-        requested_bytes: v.requested.0,
-        usage: v.usage.as_str().to_owned(),
-        erase_after: v.erase_after,
-        persistency: v.persistency.as_str().to_owned(),
-        state: v.state.to_string(),
-        device: v.device.clone().unwrap_or_default(),
-        parameters: v
-            .parameters
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect::<HashMap<_, _>>(),
-        context: v
-            .context
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect::<HashMap<_, _>>(),
-        publications: pubs
-            .iter()
-            .filter(|p| p.volume_id == v.id)
-            .map(|p| admin::Publication {
-                kind: p.kind.as_str().to_owned(),
-                path: p.path.clone(),
-                readonly: p.readonly,
-            })
-            .collect(),
-    }
-}
-
-fn device(i: &InventoryItem) -> admin::Device {
-    admin::Device {
-        region: i.region.clone(),
-        path: i.path.clone(),
-        offset_bytes: i.offset.0,
-        size_bytes: i.size.0,
-        owner: match &i.owner {
-            Owner::Ours(id) => id.clone(),
-            Owner::Foreign(what) => what.clone(),
-        },
-    }
-}
-
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn list_regions(
@@ -106,10 +32,15 @@ impl Admin for AdminService {
     ) -> Result<Response<admin::ListRegionsResponse>, Status> {
         let d = &self.driver;
         call(&d.metrics, "admin.ListRegions", "", async {
-            let caps = blocking(&d.alloc, |a| a.capacity(Usage::AppDirect)).await?;
-            let kind = d.alloc.backend().kind();
+            let (caps, kind) = blocking(&d.alloc, |a| {
+                Ok((a.capacity(Usage::AppDirect)?, a.backend_kind()))
+            })
+            .await?;
             Ok(admin::ListRegionsResponse {
-                regions: caps.iter().map(|c| region(c, kind)).collect(),
+                regions: caps
+                    .iter()
+                    .map(|c| wire::region_to_wire(c, &kind))
+                    .collect(),
             })
         })
         .await
@@ -139,18 +70,19 @@ impl Admin for AdminService {
                     req.persistency
                 )));
             }
-            let (vols, pubs) =
-                blocking(&d.alloc, |a| Ok((a.volumes()?, a.publications(None)?))).await?;
-            Ok(admin::ListVolumesResponse {
-                volumes: vols
+            let volumes = blocking(&d.alloc, move |a| {
+                let pubs = a.publications(None)?;
+                a.volumes()?
                     .iter()
                     .filter(|v| req.state.is_empty() || v.state.as_str() == req.state)
                     .filter(|v| {
                         req.persistency.is_empty() || v.persistency.as_str() == req.persistency
                     })
-                    .map(|v| volume(v, &pubs))
-                    .collect(),
+                    .map(|v| Ok(wire::volume_to_wire(v, a.usable_of(v)?, &pubs)))
+                    .collect()
             })
+            .await?;
+            Ok(admin::ListVolumesResponse { volumes })
         })
         .await
     }
@@ -167,12 +99,15 @@ impl Admin for AdminService {
                 return Err(invalid("volume_id is required"));
             }
             let lookup = id.clone();
-            let (v, pubs) = blocking(&d.alloc, move |a| {
-                Ok((a.volume(&lookup)?, a.publications(Some(&lookup))?))
+            let v = blocking(&d.alloc, move |a| {
+                let Some(v) = a.volume(&lookup)? else {
+                    return Ok(None);
+                };
+                let pubs = a.publications(Some(&lookup))?;
+                Ok(Some(wire::volume_to_wire(&v, a.usable_of(&v)?, &pubs)))
             })
             .await?;
-            let v = v.ok_or_else(|| AgentError::NotFound(format!("volume {id} does not exist")))?;
-            Ok(volume(&v, &pubs))
+            v.ok_or_else(|| AgentError::NotFound(format!("volume {id} does not exist")))
         })
         .await
     }
@@ -189,15 +124,11 @@ impl Admin for AdminService {
             })
             .await?;
             d.metrics.record_reconcile(&rep);
-            let mut actions = rep.actions.clone();
-            actions.extend(rep.errors.iter().map(|e| format!("error: {e}")));
-            Ok(admin::ReconcileReport {
-                actions,
-                orphans: rep.orphans.iter().map(device).collect(),
-                foreign: rep.foreign.iter().map(device).collect(),
-                missing: rep.missing.clone(),
-                dry_run: rep.dry_run,
-            })
+            let mut w = wire::report_to_wire(&rep);
+            // pmemctl prints actions; show failed steps there too.
+            w.actions
+                .extend(rep.errors.iter().map(|e| format!("error: {e}")));
+            Ok(w)
         })
         .await
     }

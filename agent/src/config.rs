@@ -13,6 +13,8 @@ pub const DEFAULT_DRIVER_NAME: &str = "pmem-agent.csi";
 pub const DEFAULT_ENDPOINT: &str = "unix:///run/pmem-agent/csi.sock";
 pub const DEFAULT_ADMIN_ENDPOINT: &str = "unix:///run/pmem-agent/admin.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/pmem-agent";
+/// Where `pmem-allocd` serves by default.
+pub const DEFAULT_ALLOCATOR_ENDPOINT: &str = "unix:///run/pmem-agent/allocator.sock";
 /// Topology key under which volumes and the node report the node id.
 pub const TOPOLOGY_KEY: &str = "pmem-agent.csi/node";
 
@@ -94,6 +96,10 @@ pub struct Args {
     /// Serve /metrics, /healthz and /readyz on HOST:PORT (off by default).
     #[arg(long, env = "PMEM_AGENT_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
+    /// pmem-agent: use the allocator daemon at unix:///PATH instead of the
+    /// embedded one. pmem-allocd: serve at unix:///PATH.
+    #[arg(long, env = "PMEM_AGENT_ALLOCATOR")]
+    pub allocator: Option<String>,
 }
 
 /// The TOML file; every key optional, unknown keys rejected.
@@ -111,6 +117,7 @@ pub struct FileConfig {
     pub shutdown_timeout: Option<u64>,
     pub kubelet_root: Option<PathBuf>,
     pub metrics_address: Option<String>,
+    pub allocator: Option<String>,
     pub sim: Option<SimFileConfig>,
 }
 
@@ -143,6 +150,8 @@ pub struct Config {
     pub sim_slots: u32,
     pub sim_mode: SimModeArg,
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Socket of a separate allocator daemon (`None`: embedded allocator).
+    pub allocator: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -260,6 +269,11 @@ impl Config {
                         ConfigError::Invalid(format!("metrics-address {a:?} is not HOST:PORT: {e}"))
                     })
                 })
+                .transpose()?,
+            allocator: args
+                .allocator
+                .or(file.allocator)
+                .map(|a| socket_path("allocator", &a))
                 .transpose()?,
         };
         cfg.validate()?;

@@ -1,26 +1,29 @@
 //! State shared by every service of one daemon.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-
-use pmem_allocator::Allocator;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::store::Store;
 
 #[derive(Debug)]
 pub struct Driver {
     pub cfg: Config,
-    pub alloc: Arc<Allocator>,
+    /// The volume store: the embedded allocator or a pmem-allocd client.
+    pub alloc: Store,
     pub metrics: Metrics,
+    /// Device backend kind (`sim`, `direct`, `lvm`).
+    pub backend: String,
     /// Set once the ledger is open and reconciled; Probe reports it.
     ready: AtomicBool,
 }
 
 impl Driver {
-    pub fn new(cfg: Config, alloc: Arc<Allocator>) -> Driver {
+    /// `backend` names the device backend for metrics (`sim`, `direct`, `lvm`).
+    pub fn new(cfg: Config, alloc: Store, backend: &str) -> Driver {
         Driver {
-            metrics: Metrics::new(&cfg.driver_name, alloc.backend().kind()),
+            metrics: Metrics::new(&cfg.driver_name, backend),
+            backend: backend.to_owned(),
             cfg,
             alloc,
             ready: AtomicBool::new(false),

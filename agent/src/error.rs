@@ -52,7 +52,7 @@ impl AgentError {
                 AllocError::OutOfRange(_) => Code::OutOfRange,
                 AllocError::FailedPrecondition(_) => Code::FailedPrecondition,
                 AllocError::Busy(_) => Code::Aborted,
-                AllocError::LedgerLocked { .. } => Code::Unavailable,
+                AllocError::LedgerLocked { .. } | AllocError::Unavailable(_) => Code::Unavailable,
                 AllocError::Ledger { .. }
                 | AllocError::LedgerCorrupt { .. }
                 | AllocError::Io { .. }

@@ -34,11 +34,7 @@ pub async fn readiness(driver: &Arc<Driver>) -> Result<(), String> {
         );
     }
     let d = Arc::clone(driver);
-    let check = tokio::task::spawn_blocking(move || {
-        d.alloc.volume("readiness-probe")?;
-        d.alloc.backend().regions()?;
-        Ok::<_, pmem_allocator::Error>(())
-    });
+    let check = tokio::task::spawn_blocking(move || d.alloc.health());
     match tokio::time::timeout(Duration::from_secs(5), check).await {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(e))) => Err(format!("not ready: {e}")),
@@ -61,7 +57,8 @@ async fn handle(
     Ok(match req.uri().path() {
         "/metrics" => {
             let d = Arc::clone(&driver);
-            let refreshed = tokio::task::spawn_blocking(move || d.metrics.refresh(&d.alloc)).await;
+            let refreshed =
+                tokio::task::spawn_blocking(move || d.metrics.refresh(d.alloc.as_ref())).await;
             match refreshed {
                 Ok(Ok(())) => reply(
                     StatusCode::OK,

@@ -2,6 +2,7 @@
 //! and `pmemctl` binaries and the tests).
 
 pub mod admin;
+pub mod allocd;
 pub mod client;
 pub mod config;
 pub mod csi;
@@ -13,3 +14,5 @@ pub mod metrics;
 pub mod notify;
 pub mod rpc;
 pub mod server;
+pub mod store;
+pub mod wire;

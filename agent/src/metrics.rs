@@ -5,7 +5,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use pmem_allocator::{Allocator, ReconcileReport, Usage, VolumeState};
+use pmem_allocator::{ReconcileReport, Usage, VolumeState};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -169,7 +169,7 @@ impl Metrics {
     }
 
     /// Refreshes the gauges from the ledger (blocking: call off the async threads).
-    pub fn refresh(&self, alloc: &Allocator) -> pmem_allocator::Result<()> {
+    pub fn refresh(&self, alloc: &dyn crate::store::VolumeStore) -> pmem_allocator::Result<()> {
         let to = |b: u64| i64::try_from(b).unwrap_or(i64::MAX);
         for c in alloc.capacity(Usage::AppDirect)? {
             let l = RegionLabels {

@@ -6,11 +6,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use pmem_allocator::Allocator;
 use tonic::{Code, Response, Status};
 
 use crate::error::{AgentError, AgentResult};
 use crate::metrics::Metrics;
+use crate::store::{Store, VolumeStore};
 
 /// Runs one RPC handler and logs its outcome.
 pub async fn call<T>(
@@ -42,14 +42,15 @@ pub async fn call<T>(
     res.map(Response::new).map_err(Status::from)
 }
 
-/// Runs synchronous allocator work on the blocking pool.
-pub async fn blocking<T, F>(alloc: &Arc<Allocator>, f: F) -> AgentResult<T>
+/// Runs synchronous volume-store work on the blocking pool (the store may be
+/// the embedded allocator or a remote pmem-allocd client; both block).
+pub async fn blocking<T, F>(store: &Store, f: F) -> AgentResult<T>
 where
     T: Send + 'static,
-    F: FnOnce(&Allocator) -> Result<T, pmem_allocator::Error> + Send + 'static,
+    F: FnOnce(&dyn VolumeStore) -> Result<T, pmem_allocator::Error> + Send + 'static,
 {
-    let a = Arc::clone(alloc);
-    tokio::task::spawn_blocking(move || f(&a))
+    let a = Arc::clone(store);
+    tokio::task::spawn_blocking(move || f(a.as_ref()))
         .await
         .map_err(|e| AgentError::Internal(format!("allocator task failed: {e}")))?
         .map_err(AgentError::from)

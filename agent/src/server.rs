@@ -23,6 +23,7 @@ use crate::csi::controller::ControllerService;
 use crate::csi::identity::IdentityService;
 use crate::csi::node::NodeService;
 use crate::driver::Driver;
+use crate::store::{RemoteStore, Store};
 
 /// Binds a unix socket with `mode`. A stale socket file is removed; one that
 /// a live process still accepts on is refused.
@@ -107,30 +108,50 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-/// Runs the daemon until a signal.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// Opens the state directory, the backend and the ledger (the embedded
+/// allocator, or the one pmem-allocd serves).
+pub async fn open_allocator(cfg: &Config) -> anyhow::Result<Arc<Allocator>> {
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("create state directory {}", cfg.state_dir.display()))?;
     std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("chmod state directory {}", cfg.state_dir.display()))?;
-    let backend = open_backend(&cfg)?;
+    let backend = open_backend(cfg)?;
     tracing::info!("{}", backend.describe());
     let ledger = cfg.ledger_path();
-    let alloc = {
-        let b = Arc::clone(&backend);
-        tokio::task::spawn_blocking(move || Allocator::open(&ledger, b)).await??
+    let alloc = tokio::task::spawn_blocking(move || Allocator::open(&ledger, backend)).await??;
+    Ok(Arc::new(alloc))
+}
+
+/// Runs the daemon until a signal.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let (store, local): (Store, Option<Arc<Allocator>>) = match &cfg.allocator {
+        Some(path) => {
+            let ep = format!("unix://{}", path.display());
+            let remote = RemoteStore::connect(&ep).await?;
+            tracing::info!(allocator = %ep, "using the allocator daemon");
+            (Arc::new(remote), None)
+        }
+        None => {
+            let a = open_allocator(&cfg).await?;
+            (Arc::clone(&a) as Store, Some(a))
+        }
     };
-    let alloc = Arc::new(alloc);
-    let driver = Arc::new(Driver::new(cfg.clone(), Arc::clone(&alloc)));
-    // Weak: the ledger must not keep the driver (and itself) alive.
-    let weak = Arc::downgrade(&driver);
-    alloc.set_commit_observer(pmem_allocator::ledger::CommitObserver(Arc::new(
-        move |took| {
-            if let Some(d) = weak.upgrade() {
-                d.metrics.observe_commit(took);
-            }
-        },
-    )));
+    let kind = {
+        let s = Arc::clone(&store);
+        tokio::task::spawn_blocking(move || s.backend_kind()).await?
+    };
+    let driver = Arc::new(Driver::new(cfg.clone(), store, &kind));
+    if let Some(alloc) = &local {
+        // Weak: the ledger must not keep the driver (and itself) alive.
+        let weak = Arc::downgrade(&driver);
+        alloc.set_commit_observer(pmem_allocator::ledger::CommitObserver(Arc::new(
+            move |took| {
+                if let Some(d) = weak.upgrade() {
+                    d.metrics.observe_commit(took);
+                }
+            },
+        )));
+    }
     let metrics_listener = match cfg.metrics_address {
         Some(addr) => Some(crate::http::bind(addr).await?),
         None => None,
@@ -169,10 +190,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     // Probe says ready only once the ledger agrees with the devices.
-    let report = {
-        let a = Arc::clone(&alloc);
-        tokio::task::spawn_blocking(move || a.reconcile(false, false)).await??
-    };
+    let report = crate::rpc::blocking(&driver.alloc, |a| a.reconcile(false, false))
+        .await
+        .map_err(|e| anyhow::anyhow!("start-up reconciliation: {e}"))?;
     tracing::info!(
         actions = report.actions.len(),
         orphans = report.orphans.len(),
@@ -230,10 +250,65 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     drop(driver);
     // Close the ledger: the last Arc goes when no blocking task holds it.
-    match Arc::try_unwrap(alloc) {
-        Ok(a) => drop(a),
-        Err(_) => tracing::warn!("allocator still in use by a blocking task at exit"),
+    if let Some(alloc) = local {
+        match Arc::try_unwrap(alloc) {
+            Ok(a) => drop(a),
+            Err(_) => tracing::warn!("allocator still in use by a blocking task at exit"),
+        }
     }
     tracing::info!("pmem-agent stopped");
+    Ok(())
+}
+
+/// Runs `pmem-allocd`: the allocator alone, serving `pmem.admin.v1.Allocator`
+/// on its socket (and the admin API on the admin socket), until a signal.
+pub async fn run_allocd(cfg: Config) -> anyhow::Result<()> {
+    let path = cfg.allocator.clone().unwrap_or_else(|| {
+        crate::config::socket_path("allocator", crate::config::DEFAULT_ALLOCATOR_ENDPOINT)
+            .unwrap_or_else(|_| PathBuf::from("/run/pmem-agent/allocator.sock"))
+    });
+    let alloc = open_allocator(&cfg).await?;
+    let listener = bind_socket(&path, cfg.socket_mode)?;
+    let _sockets = SocketGuard(vec![path.clone()]);
+    let report = {
+        let a = Arc::clone(&alloc);
+        tokio::task::spawn_blocking(move || a.reconcile(false, false)).await??
+    };
+    tracing::info!(
+        actions = report.actions.len(),
+        orphans = report.orphans.len(),
+        errors = report.errors.len(),
+        "start-up reconciliation done"
+    );
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let server = tonic::transport::Server::builder()
+        .add_service(pmem_proto::admin::allocator_server::AllocatorServer::new(
+            crate::allocd::AllocatorService::new(Arc::clone(&alloc)),
+        ))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        });
+    let mut server = tokio::spawn(server);
+    crate::notify::notify_logged("READY=1\nSTATUS=serving the allocator");
+    tracing::info!(socket = %path.display(), "pmem-allocd ready");
+    tokio::select! {
+        sig = shutdown_signal() => {
+            tracing::info!(signal = sig, "shutting down");
+            crate::notify::notify_logged("STOPPING=1");
+            let _ = stop_tx.send(true);
+            match tokio::time::timeout(cfg.shutdown_timeout, &mut server).await {
+                Ok(r) => r??,
+                Err(_) => server.abort(),
+            }
+        }
+        r = &mut server => {
+            r??;
+            bail!("allocator server stopped unexpectedly");
+        }
+    }
+    if Arc::try_unwrap(alloc).is_err() {
+        tracing::warn!("allocator still in use by a blocking task at exit");
+    }
+    tracing::info!("pmem-allocd stopped");
     Ok(())
 }

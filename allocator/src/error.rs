@@ -51,6 +51,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The allocator cannot be reached (a remote allocator daemon is down).
+    #[error("{0}")]
+    Unavailable(String),
     /// A device operation failed; the message names device, region and volume.
     #[error("{0}")]
     Device(String),

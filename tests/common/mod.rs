@@ -43,12 +43,19 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// One daemon on its own temp state dir.
+/// Whether the CSI suites run against a separate `pmem-allocd`
+/// (`PMEM_TEST_ALLOCATOR=remote`) instead of the embedded allocator.
+pub fn remote_allocator() -> bool {
+    std::env::var("PMEM_TEST_ALLOCATOR").is_ok_and(|v| v == "remote")
+}
+
+/// One daemon on its own temp state dir (plus its pmem-allocd in remote mode).
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
     pub extra: Vec<String>,
     pub node_id: String,
+    pub allocd: Option<Child>,
 }
 
 impl Daemon {
@@ -64,6 +71,7 @@ impl Daemon {
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             node_id: "test-node".into(),
+            allocd: None,
         };
         d.spawn().await;
         d
@@ -89,8 +97,29 @@ impl Daemon {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    pub fn allocator_sock(&self) -> PathBuf {
+        self.dir.path().join("allocator.sock")
+    }
+
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(bin("pmem-agent"));
+        let mut cmd = self.base_command("pmem-agent");
+        if remote_allocator() {
+            cmd.arg("--allocator")
+                .arg(format!("unix://{}", self.allocator_sock().display()));
+        }
+        cmd
+    }
+
+    /// The allocator daemon, for remote mode.
+    pub fn allocd_command(&self) -> Command {
+        let mut cmd = self.base_command("pmem-allocd");
+        cmd.arg("--allocator")
+            .arg(format!("unix://{}", self.allocator_sock().display()));
+        cmd
+    }
+
+    fn base_command(&self, name: &str) -> Command {
+        let mut cmd = Command::new(bin(name));
         cmd.arg("--endpoint")
             .arg(format!("unix://{}", self.csi_sock().display()))
             .arg("--admin-endpoint")
@@ -107,13 +136,33 @@ impl Daemon {
         cmd
     }
 
-    /// (Re)starts the process and waits for readiness.
+    /// (Re)starts the process (after its pmem-allocd in remote mode) and
+    /// waits for readiness.
     pub async fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .expect("log file");
+        if remote_allocator() && self.allocd.is_none() {
+            let alog = log.try_clone().expect("log file");
+            let child = self
+                .allocd_command()
+                .stdout(Stdio::null())
+                .stderr(alog)
+                .spawn()
+                .expect("spawn pmem-allocd");
+            self.allocd = Some(child);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !self.allocator_sock().exists() {
+                assert!(
+                    Instant::now() < deadline,
+                    "pmem-allocd not up in 30s; log:\n{}",
+                    self.log()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let child = self
             .command()
             .stdout(Stdio::null())
@@ -171,9 +220,22 @@ impl Daemon {
         AdminClient::new(ch)
     }
 
-    /// SIGTERM and wait; returns the exit status.
+    /// SIGTERM and wait; returns the agent's exit status. In remote mode
+    /// the allocator daemon is stopped too and must exit cleanly.
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("daemon running");
+        let st = Self::term(self.child.take().expect("daemon running"), &self.log());
+        if let Some(a) = self.allocd.take() {
+            let ast = Self::term(a, &self.log());
+            assert!(
+                ast.success(),
+                "pmem-allocd exit {ast}; log:\n{}",
+                self.log()
+            );
+        }
+        st
+    }
+
+    fn term(mut c: Child, log: &str) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid"));
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -183,18 +245,19 @@ impl Daemon {
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                panic!(
-                    "pmem-agent did not exit within 20s of SIGTERM; log:\n{}",
-                    self.log()
-                );
+                panic!("daemon did not exit within 20s of SIGTERM; log:\n{log}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// SIGKILL (a crash).
+    /// SIGKILL (a crash) of the agent and, in remote mode, the allocator.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        for c in [self.child.take(), self.allocd.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut c = c;
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -62,9 +62,9 @@ impl ControllerService {
         .await
     }
 
-    fn csi_volume(&self, v: &Volume) -> csi::Volume {
+    fn csi_volume(&self, v: &Volume, usable: Bytes) -> csi::Volume {
         csi::Volume {
-            capacity_bytes: to_i64(self.driver.alloc.usable_of(v)),
+            capacity_bytes: to_i64(usable),
             volume_id: v.id.clone(),
             volume_context: volume_context(v),
             content_source: None,
@@ -114,9 +114,14 @@ impl ControllerService {
             context: Default::default(),
             region: None,
         };
-        let v = blocking(&self.driver.alloc, move |a| a.create_volume(&creq)).await?;
+        let (v, usable) = blocking(&self.driver.alloc, move |a| {
+            let v = a.create_volume(&creq)?;
+            let usable = a.usable_of(&v)?;
+            Ok((v, usable))
+        })
+        .await?;
         Ok(csi::CreateVolumeResponse {
-            volume: Some(self.csi_volume(&v)),
+            volume: Some(self.csi_volume(&v, usable)),
         })
     }
 
@@ -194,13 +199,19 @@ impl ControllerService {
                     ))
                 })?
         };
-        let vols = blocking(&self.driver.alloc, |a| a.volumes()).await?;
-        let listed: Vec<&Volume> = vols
-            .iter()
-            .filter(|v| {
-                matches!(v.state, VolumeState::Ready | VolumeState::Creating) && v.seq >= start
-            })
-            .collect();
+        let listed = blocking(&self.driver.alloc, move |a| {
+            a.volumes()?
+                .into_iter()
+                .filter(|v| {
+                    matches!(v.state, VolumeState::Ready | VolumeState::Creating) && v.seq >= start
+                })
+                .map(|v| {
+                    let u = a.usable_of(&v)?;
+                    Ok((v, u))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
         let take = if max == 0 {
             listed.len()
         } else {
@@ -208,12 +219,12 @@ impl ControllerService {
         };
         let next_token = listed
             .get(take)
-            .map(|v| v.seq.to_string())
+            .map(|(v, _)| v.seq.to_string())
             .unwrap_or_default();
         let entries = listed[..take]
             .iter()
-            .map(|v| csi::list_volumes_response::Entry {
-                volume: Some(self.csi_volume(v)),
+            .map(|(v, u)| csi::list_volumes_response::Entry {
+                volume: Some(self.csi_volume(v, *u)),
                 status: Some(csi::list_volumes_response::VolumeStatus {
                     published_node_ids: Vec::new(),
                     volume_condition: Some(condition_of_state(v)),
@@ -234,21 +245,16 @@ impl ControllerService {
             return Err(invalid("volume_id is required"));
         }
         let id = req.volume_id.clone();
-        let (v, found) = blocking(&self.driver.alloc, move |a| {
+        let found = blocking(&self.driver.alloc, move |a| {
             let Some(v) = a.volume(&id)? else {
-                return Ok((None, None));
+                return Ok(None);
             };
-            let found = a.backend().find(&pmem_allocator::DeviceRequest {
-                volume_id: v.id.clone(),
-                region: v.region.clone(),
-                offset: v.offset,
-                size: v.size,
-                usage: v.usage,
-            });
-            Ok((Some(v), Some(found)))
+            let usable = a.usable_of(&v)?;
+            let found = a.find_device(&v);
+            Ok(Some((v, usable, Some(found))))
         })
         .await?;
-        let v = v.ok_or_else(|| {
+        let (v, usable, found) = found.ok_or_else(|| {
             AgentError::NotFound(format!("volume {} does not exist", req.volume_id))
         })?;
         let condition = match found {
@@ -271,7 +277,7 @@ impl ControllerService {
             None => condition_of_state(&v),
         };
         Ok(csi::ControllerGetVolumeResponse {
-            volume: Some(self.csi_volume(&v)),
+            volume: Some(self.csi_volume(&v, usable)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
                 published_node_ids: Vec::new(),
                 volume_condition: Some(condition),
@@ -327,12 +333,13 @@ impl ControllerService {
             None => false,
         };
         let id = req.volume_id.clone();
-        let v = blocking(&self.driver.alloc, move |a| {
-            a.expand_volume(&id, required, limit)
+        let usable = blocking(&self.driver.alloc, move |a| {
+            let v = a.expand_volume(&id, required, limit)?;
+            a.usable_of(&v)
         })
         .await?;
         Ok(csi::ControllerExpandVolumeResponse {
-            capacity_bytes: to_i64(self.driver.alloc.usable_of(&v)),
+            capacity_bytes: to_i64(usable),
             node_expansion_required: !block,
         })
     }

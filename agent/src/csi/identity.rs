@@ -42,7 +42,7 @@ impl Identity for IdentityService {
                 name: d.cfg.driver_name.clone(),
                 vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
                 manifest: HashMap::from([
-                    ("backend".to_owned(), d.alloc.backend().kind().to_owned()),
+                    ("backend".to_owned(), d.backend.clone()),
                     ("node".to_owned(), d.cfg.node_id.clone()),
                 ]),
             })

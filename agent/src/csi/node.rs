@@ -73,9 +73,12 @@ impl Node for NodeService {
         _r: Request<csi::NodeGetInfoRequest>,
     ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
         let d = &self.driver;
+        let max = crate::rpc::blocking(&d.alloc, |a| a.max_volumes())
+            .await
+            .map_err(Status::from)?;
         Ok(Response::new(csi::NodeGetInfoResponse {
             node_id: d.cfg.node_id.clone(),
-            max_volumes_per_node: i64::try_from(d.alloc.max_volumes()).unwrap_or(i64::MAX),
+            max_volumes_per_node: i64::try_from(max).unwrap_or(i64::MAX),
             accessible_topology: Some(crate::csi::params::node_topology(&d.cfg.node_id)),
         }))
     }

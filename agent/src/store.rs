@@ -1,0 +1,316 @@
+//! Where the agent keeps volumes: the allocator embedded in this process
+//! (the default), or a separate `pmem-allocd` reached over its unix socket
+//! (`--allocator unix://PATH`), for nodes where the CSI plugin runs in a
+//! container but the ledger and device work stay on the host.
+//!
+//! The trait is synchronous like the allocator itself: callers run it on the
+//! blocking pool (`rpc::blocking`); the remote implementation drives its
+//! gRPC client from there with `Handle::block_on`.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use pmem_allocator::{
+    Allocator, Bytes, CreateRequest, Device, DeviceRequest, Error, Publication, PublicationKind,
+    ReconcileReport, RegionCapacity, Result, Usage, Volume,
+};
+use pmem_proto::admin;
+use pmem_proto::admin::allocator_client::AllocatorClient;
+use tokio::runtime::Handle;
+use tonic::transport::Channel;
+
+use crate::wire;
+
+pub trait VolumeStore: Send + Sync + Debug {
+    /// `sim`, `direct` or `lvm`.
+    fn backend_kind(&self) -> String;
+    /// Ledger and backend answer.
+    fn health(&self) -> Result<()>;
+    fn create_volume(&self, req: &CreateRequest) -> Result<Volume>;
+    fn delete_volume(&self, id: &str) -> Result<()>;
+    fn expand_volume(&self, id: &str, required: Bytes, limit: Option<Bytes>) -> Result<Volume>;
+    fn volume(&self, id: &str) -> Result<Option<Volume>>;
+    fn volume_by_name(&self, name: &str) -> Result<Option<Volume>>;
+    fn volumes(&self) -> Result<Vec<Volume>>;
+    fn capacity(&self, usage: Usage) -> Result<Vec<RegionCapacity>>;
+    fn max_volumes(&self) -> Result<u64>;
+    /// Usable device bytes of a volume (after backend metadata).
+    fn usable_of(&self, v: &Volume) -> Result<Bytes>;
+    fn put_publication(&self, p: &Publication) -> Result<()>;
+    fn delete_publication(&self, volume_id: &str, kind: PublicationKind, path: &str) -> Result<()>;
+    fn publications(&self, volume_id: Option<&str>) -> Result<Vec<Publication>>;
+    fn reconcile(&self, dry_run: bool, remove_orphans: bool) -> Result<ReconcileReport>;
+    /// The volume's device as the backend finds it now.
+    fn find_device(&self, v: &Volume) -> Result<Option<Device>>;
+}
+
+fn device_request(v: &Volume) -> DeviceRequest {
+    DeviceRequest {
+        volume_id: v.id.clone(),
+        region: v.region.clone(),
+        offset: v.offset,
+        size: v.size,
+        usage: v.usage,
+    }
+}
+
+impl VolumeStore for Allocator {
+    fn backend_kind(&self) -> String {
+        self.backend().kind().to_owned()
+    }
+
+    fn health(&self) -> Result<()> {
+        self.volume("health-probe")?;
+        self.backend().regions()?;
+        Ok(())
+    }
+
+    fn create_volume(&self, req: &CreateRequest) -> Result<Volume> {
+        Allocator::create_volume(self, req)
+    }
+
+    fn delete_volume(&self, id: &str) -> Result<()> {
+        Allocator::delete_volume(self, id)
+    }
+
+    fn expand_volume(&self, id: &str, required: Bytes, limit: Option<Bytes>) -> Result<Volume> {
+        Allocator::expand_volume(self, id, required, limit)
+    }
+
+    fn volume(&self, id: &str) -> Result<Option<Volume>> {
+        Allocator::volume(self, id)
+    }
+
+    fn volume_by_name(&self, name: &str) -> Result<Option<Volume>> {
+        Allocator::volume_by_name(self, name)
+    }
+
+    fn volumes(&self) -> Result<Vec<Volume>> {
+        Allocator::volumes(self)
+    }
+
+    fn capacity(&self, usage: Usage) -> Result<Vec<RegionCapacity>> {
+        Allocator::capacity(self, usage)
+    }
+
+    fn max_volumes(&self) -> Result<u64> {
+        Ok(Allocator::max_volumes(self))
+    }
+
+    fn usable_of(&self, v: &Volume) -> Result<Bytes> {
+        Ok(Allocator::usable_of(self, v))
+    }
+
+    fn put_publication(&self, p: &Publication) -> Result<()> {
+        Allocator::put_publication(self, p)
+    }
+
+    fn delete_publication(&self, volume_id: &str, kind: PublicationKind, path: &str) -> Result<()> {
+        Allocator::delete_publication(self, volume_id, kind, path)
+    }
+
+    fn publications(&self, volume_id: Option<&str>) -> Result<Vec<Publication>> {
+        Allocator::publications(self, volume_id)
+    }
+
+    fn reconcile(&self, dry_run: bool, remove_orphans: bool) -> Result<ReconcileReport> {
+        Allocator::reconcile(self, dry_run, remove_orphans)
+    }
+
+    fn find_device(&self, v: &Volume) -> Result<Option<Device>> {
+        self.backend().find(&device_request(v))
+    }
+}
+
+/// The allocator in a `pmem-allocd` daemon.
+#[derive(Debug, Clone)]
+pub struct RemoteStore {
+    client: AllocatorClient<Channel>,
+    handle: Handle,
+    endpoint: String,
+}
+
+impl RemoteStore {
+    /// Connects (from async context) to `unix:///path`.
+    pub async fn connect(endpoint: &str) -> Result<RemoteStore> {
+        let ch = crate::client::connect(endpoint)
+            .await
+            .map_err(|e| Error::Unavailable(format!("allocator {endpoint}: {e}")))?;
+        Ok(RemoteStore {
+            client: AllocatorClient::new(ch),
+            handle: Handle::current(),
+            endpoint: endpoint.to_owned(),
+        })
+    }
+
+    /// Runs one call; must be on a blocking thread, never an async one.
+    fn call<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(AllocatorClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let c = self.client.clone();
+        self.handle
+            .block_on(f(c))
+            .map(tonic::Response::into_inner)
+            .map_err(|s| wire::status_to_error(&s))
+    }
+
+    fn get(&self, id: &str) -> Result<Option<admin::Volume>> {
+        let req = admin::GetVolumeRequest {
+            volume_id: id.to_owned(),
+        };
+        match self.call(|mut c| async move { c.get_volume(req).await }) {
+            Ok(v) => Ok(Some(v)),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+}
+
+impl VolumeStore for RemoteStore {
+    fn backend_kind(&self) -> String {
+        self.call(|mut c| async move { c.health(admin::Empty {}).await })
+            .map(|h| h.backend)
+            .unwrap_or_else(|_| "remote".to_owned())
+    }
+
+    fn health(&self) -> Result<()> {
+        self.call(|mut c| async move { c.health(admin::Empty {}).await })
+            .map(|_| ())
+    }
+
+    fn create_volume(&self, req: &CreateRequest) -> Result<Volume> {
+        let w = admin::AllocCreateRequest {
+            name: req.name.clone(),
+            required_bytes: req.required.0,
+            limit_bytes: req.limit.map_or(0, |l| l.0),
+            usage: req.usage.as_str().to_owned(),
+            erase_after: req.erase_after,
+            parameters: req.parameters.clone().into_iter().collect(),
+            persistency: req.persistency.as_str().to_owned(),
+            context: req.context.clone().into_iter().collect(),
+            region: req.region.clone().unwrap_or_default(),
+        };
+        let v = self.call(|mut c| async move { c.create_volume(w).await })?;
+        wire::volume_from_wire(&v)
+    }
+
+    fn delete_volume(&self, id: &str) -> Result<()> {
+        let req = admin::GetVolumeRequest {
+            volume_id: id.to_owned(),
+        };
+        self.call(|mut c| async move { c.delete_volume(req).await })
+            .map(|_| ())
+    }
+
+    fn expand_volume(&self, id: &str, required: Bytes, limit: Option<Bytes>) -> Result<Volume> {
+        let req = admin::AllocExpandRequest {
+            volume_id: id.to_owned(),
+            required_bytes: required.0,
+            limit_bytes: limit.map_or(0, |l| l.0),
+        };
+        let v = self.call(|mut c| async move { c.expand_volume(req).await })?;
+        wire::volume_from_wire(&v)
+    }
+
+    fn volume(&self, id: &str) -> Result<Option<Volume>> {
+        self.get(id)?
+            .map(|v| wire::volume_from_wire(&v))
+            .transpose()
+    }
+
+    fn volume_by_name(&self, name: &str) -> Result<Option<Volume>> {
+        let req = admin::GetVolumeByNameRequest {
+            name: name.to_owned(),
+        };
+        match self.call(|mut c| async move { c.get_volume_by_name(req).await }) {
+            Ok(v) => wire::volume_from_wire(&v).map(Some),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn volumes(&self) -> Result<Vec<Volume>> {
+        let r = self.call(|mut c| async move {
+            c.list_volumes(admin::ListVolumesRequest::default()).await
+        })?;
+        r.volumes.iter().map(wire::volume_from_wire).collect()
+    }
+
+    fn capacity(&self, usage: Usage) -> Result<Vec<RegionCapacity>> {
+        let req = admin::CapacityRequest {
+            usage: usage.as_str().to_owned(),
+        };
+        let r = self.call(|mut c| async move { c.capacity(req).await })?;
+        r.regions.iter().map(wire::region_from_wire).collect()
+    }
+
+    fn max_volumes(&self) -> Result<u64> {
+        self.call(|mut c| async move { c.max_volumes(admin::Empty {}).await })
+            .map(|r| r.max_volumes)
+    }
+
+    fn usable_of(&self, v: &Volume) -> Result<Bytes> {
+        match self.get(&v.id)? {
+            Some(w) => Ok(Bytes(w.usable_bytes)),
+            None => Err(Error::NotFound(format!("volume {} does not exist", v.id))),
+        }
+    }
+
+    fn put_publication(&self, p: &Publication) -> Result<()> {
+        let w = wire::publication_to_wire(p);
+        self.call(|mut c| async move { c.put_publication(w).await })
+            .map(|_| ())
+    }
+
+    fn delete_publication(&self, volume_id: &str, kind: PublicationKind, path: &str) -> Result<()> {
+        let w = admin::Publication {
+            kind: kind.as_str().to_owned(),
+            path: path.to_owned(),
+            readonly: false,
+            volume_id: volume_id.to_owned(),
+            capability: String::new(),
+        };
+        self.call(|mut c| async move { c.delete_publication(w).await })
+            .map(|_| ())
+    }
+
+    fn publications(&self, volume_id: Option<&str>) -> Result<Vec<Publication>> {
+        let req = admin::GetVolumeRequest {
+            volume_id: volume_id.unwrap_or_default().to_owned(),
+        };
+        let r = self.call(|mut c| async move { c.list_publications(req).await })?;
+        r.publications
+            .iter()
+            .map(wire::publication_from_wire)
+            .collect()
+    }
+
+    fn reconcile(&self, dry_run: bool, remove_orphans: bool) -> Result<ReconcileReport> {
+        let req = admin::ReconcileRequest {
+            dry_run,
+            remove_orphans,
+        };
+        let r = self.call(|mut c| async move { c.reconcile(req).await })?;
+        Ok(wire::report_from_wire(&r))
+    }
+
+    fn find_device(&self, v: &Volume) -> Result<Option<Device>> {
+        let req = admin::GetVolumeRequest {
+            volume_id: v.id.clone(),
+        };
+        let r = self.call(|mut c| async move { c.find_device(req).await })?;
+        Ok(r.found.then(|| Device {
+            path: (!r.path.is_empty()).then_some(r.path),
+            size: Bytes(r.size_bytes),
+        }))
+    }
+}
+
+/// A shared store.
+pub type Store = Arc<dyn VolumeStore>;

@@ -1,0 +1,279 @@
+//! Conversions between the allocator's types and the admin/allocator wire
+//! messages (`pmem.admin.v1`), both ways.
+
+use std::collections::{BTreeMap, HashMap};
+
+use pmem_allocator::region::Extent;
+use pmem_allocator::{
+    Bytes, Error, InventoryItem, Owner, Persistency, Publication, PublicationKind, ReconcileReport,
+    RegionCapacity, RegionSpec, Usage, Volume, VolumeState,
+};
+use pmem_proto::admin;
+use tonic::{Code, Status};
+
+fn bad(what: &str, v: &str) -> Error {
+    Error::InvalidArgument(format!("{what} {v:?} is not valid"))
+}
+
+pub fn volume_to_wire(v: &Volume, usable: Bytes, pubs: &[Publication]) -> admin::Volume {
+    admin::Volume {
+        id: v.id.clone(),
+        name: v.name.clone(),
+        region: v.region.clone(),
+        offset_bytes: v.offset.0,
+        size_bytes: v.size.0,
+        requested_bytes: v.requested.0,
+        usage: v.usage.as_str().to_owned(),
+        erase_after: v.erase_after,
+        persistency: v.persistency.as_str().to_owned(),
+        state: v.state.to_string(),
+        device: v.device.clone().unwrap_or_default(),
+        parameters: v
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<HashMap<_, _>>(),
+        context: v
+            .context
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<HashMap<_, _>>(),
+        publications: pubs
+            .iter()
+            .filter(|p| p.volume_id == v.id)
+            .map(publication_to_wire)
+            .collect(),
+        usable_bytes: usable.0,
+        seq: v.seq,
+    }
+}
+
+pub fn volume_from_wire(w: &admin::Volume) -> Result<Volume, Error> {
+    Ok(Volume {
+        id: w.id.clone(),
+        name: w.name.clone(),
+        region: w.region.clone(),
+        offset: Bytes(w.offset_bytes),
+        size: Bytes(w.size_bytes),
+        requested: Bytes(w.requested_bytes),
+        usage: w.usage.parse().map_err(|_| bad("usage", &w.usage))?,
+        erase_after: w.erase_after,
+        parameters: w
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<BTreeMap<_, _>>(),
+        persistency: w
+            .persistency
+            .parse()
+            .map_err(|_| bad("persistency", &w.persistency))?,
+        context: w
+            .context
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<BTreeMap<_, _>>(),
+        state: w.state.parse().map_err(|_| bad("state", &w.state))?,
+        device: (!w.device.is_empty()).then(|| w.device.clone()),
+        seq: w.seq,
+    })
+}
+
+pub fn publication_to_wire(p: &Publication) -> admin::Publication {
+    admin::Publication {
+        kind: p.kind.as_str().to_owned(),
+        path: p.path.clone(),
+        readonly: p.readonly,
+        volume_id: p.volume_id.clone(),
+        capability: p.capability.clone(),
+    }
+}
+
+pub fn publication_from_wire(w: &admin::Publication) -> Result<Publication, Error> {
+    Ok(Publication {
+        volume_id: w.volume_id.clone(),
+        kind: w
+            .kind
+            .parse::<PublicationKind>()
+            .map_err(|_| bad("publication kind", &w.kind))?,
+        path: w.path.clone(),
+        readonly: w.readonly,
+        capability: w.capability.clone(),
+    })
+}
+
+pub fn region_to_wire(c: &RegionCapacity, backend: &str) -> admin::Region {
+    admin::Region {
+        id: c.spec.id.clone(),
+        backend: backend.to_owned(),
+        size_bytes: c.spec.size.0,
+        align_bytes: c.spec.align.0,
+        available_bytes: c.available.0,
+        largest_allocatable_bytes: c.largest.0,
+        minimum_volume_bytes: c.minimum.0,
+        namespace_slots: c.spec.ns_slots,
+        free_namespace_slots: c.free_slots,
+        numa_node: c.spec.numa_node,
+        location: c.spec.location.clone(),
+        extents: c
+            .extents
+            .iter()
+            .map(|(e, owner)| admin::Extent {
+                offset_bytes: e.offset.0,
+                size_bytes: e.len.0,
+                volume_id: owner.as_ref().map(|o| o.0.clone()).unwrap_or_default(),
+                state: owner.as_ref().map(|o| o.1.to_string()).unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+pub fn region_from_wire(w: &admin::Region) -> Result<RegionCapacity, Error> {
+    let extents = w
+        .extents
+        .iter()
+        .map(|e| {
+            let owner = if e.volume_id.is_empty() {
+                None
+            } else {
+                Some((
+                    e.volume_id.clone(),
+                    e.state
+                        .parse::<VolumeState>()
+                        .map_err(|_| bad("state", &e.state))?,
+                ))
+            };
+            Ok((
+                Extent {
+                    offset: Bytes(e.offset_bytes),
+                    len: Bytes(e.size_bytes),
+                },
+                owner,
+            ))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok(RegionCapacity {
+        spec: RegionSpec {
+            id: w.id.clone(),
+            size: Bytes(w.size_bytes),
+            align: Bytes(w.align_bytes),
+            ns_slots: w.namespace_slots,
+            numa_node: w.numa_node,
+            location: w.location.clone(),
+        },
+        available: Bytes(w.available_bytes),
+        largest: Bytes(w.largest_allocatable_bytes),
+        minimum: Bytes(w.minimum_volume_bytes),
+        free_slots: w.free_namespace_slots,
+        volumes: u32::try_from(w.extents.iter().filter(|e| !e.volume_id.is_empty()).count())
+            .unwrap_or(u32::MAX),
+        extents,
+    })
+}
+
+fn device_to_wire(i: &InventoryItem) -> admin::Device {
+    admin::Device {
+        region: i.region.clone(),
+        path: i.path.clone(),
+        offset_bytes: i.offset.0,
+        size_bytes: i.size.0,
+        owner: match &i.owner {
+            Owner::Ours(id) => id.clone(),
+            Owner::Foreign(what) => what.clone(),
+        },
+    }
+}
+
+fn device_from_wire(w: &admin::Device, ours: bool) -> InventoryItem {
+    InventoryItem {
+        region: w.region.clone(),
+        path: w.path.clone(),
+        offset: Bytes(w.offset_bytes),
+        size: Bytes(w.size_bytes),
+        owner: if ours {
+            Owner::Ours(w.owner.clone())
+        } else {
+            Owner::Foreign(w.owner.clone())
+        },
+    }
+}
+
+pub fn report_to_wire(r: &ReconcileReport) -> admin::ReconcileReport {
+    admin::ReconcileReport {
+        actions: r.actions.clone(),
+        orphans: r.orphans.iter().map(device_to_wire).collect(),
+        foreign: r.foreign.iter().map(device_to_wire).collect(),
+        missing: r.missing.clone(),
+        dry_run: r.dry_run,
+        errors: r.errors.clone(),
+    }
+}
+
+pub fn report_from_wire(w: &admin::ReconcileReport) -> ReconcileReport {
+    ReconcileReport {
+        dry_run: w.dry_run,
+        actions: w.actions.clone(),
+        orphans: w
+            .orphans
+            .iter()
+            .map(|d| device_from_wire(d, true))
+            .collect(),
+        foreign: w
+            .foreign
+            .iter()
+            .map(|d| device_from_wire(d, false))
+            .collect(),
+        missing: w.missing.clone(),
+        errors: w.errors.clone(),
+    }
+}
+
+pub fn usage_from_wire(s: &str) -> Result<Usage, Error> {
+    if s.is_empty() {
+        return Ok(Usage::AppDirect);
+    }
+    s.parse().map_err(|_| bad("usage", s))
+}
+
+pub fn persistency_from_wire(s: &str) -> Result<Persistency, Error> {
+    s.parse().map_err(|_| bad("persistency", s))
+}
+
+/// The allocator's error as a status (pmem-allocd's boundary).
+pub fn error_to_status(e: &Error) -> Status {
+    let code = match e {
+        Error::InvalidArgument(_) => Code::InvalidArgument,
+        Error::NotFound(_) => Code::NotFound,
+        Error::Conflict(_) => Code::AlreadyExists,
+        Error::Exhausted { .. } => Code::ResourceExhausted,
+        Error::OutOfRange(_) => Code::OutOfRange,
+        Error::FailedPrecondition(_) => Code::FailedPrecondition,
+        Error::Busy(_) => Code::Aborted,
+        Error::LedgerLocked { .. } | Error::Unavailable(_) => Code::Unavailable,
+        Error::Ledger { .. }
+        | Error::LedgerCorrupt { .. }
+        | Error::Io { .. }
+        | Error::Device(_) => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// A status from pmem-allocd back into the allocator's error, keeping its
+/// meaning (the agent maps it to the same CSI code as in-process).
+pub fn status_to_error(s: &Status) -> Error {
+    let m = s.message().to_owned();
+    match s.code() {
+        Code::InvalidArgument => Error::InvalidArgument(m),
+        Code::NotFound => Error::NotFound(m),
+        Code::AlreadyExists => Error::Conflict(m),
+        Code::ResourceExhausted => Error::Exhausted {
+            message: m,
+            available: Bytes::ZERO,
+            largest: Bytes::ZERO,
+        },
+        Code::OutOfRange => Error::OutOfRange(m),
+        Code::FailedPrecondition => Error::FailedPrecondition(m),
+        Code::Aborted => Error::Busy(m),
+        Code::Unavailable => Error::Unavailable(format!("allocator daemon unavailable: {m}")),
+        code => Error::Device(format!("allocator daemon: {code:?}: {m}")),
+    }
+}

@@ -243,6 +243,7 @@ async fn operate_agent_without_its_allocator_daemon_fails_clearly() {
         .arg(format!("unix://{}/admin.sock", dir.path().display()))
         .arg("--allocator")
         .arg(format!("unix://{}/allocator.sock", dir.path().display()))
+        .args(["--allocator-wait", "1"])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -100,6 +100,9 @@ pub struct Args {
     /// embedded one. pmem-allocd: serve at unix:///PATH.
     #[arg(long, env = "PMEM_AGENT_ALLOCATOR")]
     pub allocator: Option<String>,
+    /// Seconds pmem-agent waits at start for the allocator daemon (default 30).
+    #[arg(long, env = "PMEM_AGENT_ALLOCATOR_WAIT")]
+    pub allocator_wait: Option<u64>,
 }
 
 /// The TOML file; every key optional, unknown keys rejected.
@@ -118,6 +121,7 @@ pub struct FileConfig {
     pub kubelet_root: Option<PathBuf>,
     pub metrics_address: Option<String>,
     pub allocator: Option<String>,
+    pub allocator_wait: Option<u64>,
     pub sim: Option<SimFileConfig>,
 }
 
@@ -152,6 +156,7 @@ pub struct Config {
     pub metrics_address: Option<std::net::SocketAddr>,
     /// Socket of a separate allocator daemon (`None`: embedded allocator).
     pub allocator: Option<PathBuf>,
+    pub allocator_wait: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -275,6 +280,9 @@ impl Config {
                 .or(file.allocator)
                 .map(|a| socket_path("allocator", &a))
                 .transpose()?,
+            allocator_wait: std::time::Duration::from_secs(
+                args.allocator_wait.or(file.allocator_wait).unwrap_or(30),
+            ),
         };
         cfg.validate()?;
         Ok(cfg)

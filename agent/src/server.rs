@@ -127,7 +127,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (store, local): (Store, Option<Arc<Allocator>>) = match &cfg.allocator {
         Some(path) => {
             let ep = format!("unix://{}", path.display());
-            let remote = RemoteStore::connect(&ep).await?;
+            // The allocator daemon may be (re)starting: wait for it a while.
+            let deadline = tokio::time::Instant::now() + cfg.allocator_wait;
+            let remote = loop {
+                match RemoteStore::connect(&ep).await {
+                    Ok(r) => break r,
+                    Err(e) if tokio::time::Instant::now() < deadline => {
+                        tracing::info!(error = %e, "waiting for the allocator daemon");
+                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
             tracing::info!(allocator = %ep, "using the allocator daemon");
             (Arc::new(remote), None)
         }

@@ -154,7 +154,7 @@ impl Daemon {
                 .expect("spawn pmem-allocd");
             self.allocd = Some(child);
             let deadline = Instant::now() + Duration::from_secs(30);
-            while !self.allocator_sock().exists() {
+            while std::os::unix::net::UnixStream::connect(self.allocator_sock()).is_err() {
                 assert!(
                     Instant::now() < deadline,
                     "pmem-allocd not up in 30s; log:\n{}",

@@ -1,0 +1,261 @@
+//! The host-OS layer of the Node service: mounts, filesystems and block
+//! devices, behind the [`Host`] trait so the RPC logic can be tested without
+//! root. [`host::RealHost`] uses mount syscalls, `/proc/self/mountinfo`,
+//! sysfs and the filesystem tools; `fake::FakeHost` (tests) keeps all of it
+//! in memory and records every call.
+
+pub mod exec;
+#[cfg(test)]
+pub mod fake;
+pub mod host;
+pub mod mountinfo;
+pub mod paths;
+
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::mount::MsFlags;
+
+pub use crate::csi::params::FsType;
+use crate::error::AgentError;
+pub use mountinfo::MountEntry;
+
+/// xfs refuses filesystems below 300 MiB (xfsprogs ≥ 5.19).
+pub const XFS_MIN_BYTES: u64 = 300 << 20;
+
+/// Errors of the host layer. They become `Internal` at the RPC boundary
+/// unless the node logic decided on a more precise code first.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{op} {}: {source}", path.display())]
+    Sys {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{argv} failed ({status}): {stderr}")]
+    Command {
+        argv: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{argv} did not finish within {}s and was killed", after.as_secs())]
+    Timeout { argv: String, after: Duration },
+    #[error("cannot run {argv}: {source}")]
+    Spawn {
+        argv: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+}
+
+impl MountError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> MountError {
+        MountError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn sys(op: &'static str, path: &Path, source: nix::errno::Errno) -> MountError {
+        MountError::Sys {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+impl From<MountError> for AgentError {
+    fn from(e: MountError) -> AgentError {
+        AgentError::Internal(e.to_string())
+    }
+}
+
+/// What `blkid -p` finds on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// No signature at all: safe to format.
+    Empty,
+    /// A filesystem of this type (`xfs`, `ext4`, ...).
+    Filesystem(String),
+    /// Something else (partition table, swap, RAID member, ...), described.
+    Other(String),
+}
+
+/// A filesystem mount to perform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSpec {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub fs_type: String,
+    pub flags: MsFlags,
+    /// Filesystem-specific options, comma-joined into the data argument.
+    pub data: Vec<String>,
+}
+
+/// `statvfs` numbers, in fragments (`block_size` bytes) and inodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FsStats {
+    pub block_size: u64,
+    pub blocks: u64,
+    pub blocks_free: u64,
+    pub blocks_avail: u64,
+    pub files: u64,
+    pub files_free: u64,
+}
+
+/// Everything the Node service needs from the operating system.
+#[tonic::async_trait]
+pub trait Host: Send + Sync + Debug {
+    /// The mount table of this process's namespace.
+    async fn mounts(&self) -> Result<Vec<MountEntry>, MountError>;
+    /// Mounts a filesystem.
+    async fn mount(&self, spec: &MountSpec) -> Result<(), MountError>;
+    /// Bind-mounts `source` (directory or device node) on `target`, then
+    /// applies the per-mount `flags` (read-only, nosuid, ...) with a bind
+    /// remount when there are any.
+    async fn bind(&self, source: &Path, target: &Path, flags: MsFlags) -> Result<(), MountError>;
+    /// Unmounts the top mount at `target`; not mounted or absent is success.
+    async fn unmount(&self, target: &Path) -> Result<(), MountError>;
+    /// `st_rdev` when `path` is (or is a bind mount of) a block device;
+    /// `None` when it does not exist or is something else.
+    async fn device_number(&self, path: &Path) -> Result<Option<u64>, MountError>;
+    /// Size of a block device in bytes.
+    async fn device_size(&self, dev: &Path) -> Result<u64, MountError>;
+    /// Whether the block device supports DAX (`queue/dax` in sysfs).
+    async fn dax_supported(&self, dev: &Path) -> bool;
+    /// Signatures on the device.
+    async fn probe(&self, dev: &Path) -> Result<Probe, MountError>;
+    /// Makes a filesystem laid out for 2 MiB pages.
+    async fn mkfs(&self, dev: &Path, fs: FsType) -> Result<(), MountError>;
+    /// Sets a 2 MiB extent size hint on an xfs directory (inherited by new files).
+    async fn set_extent_hint(&self, dir: &Path) -> Result<(), MountError>;
+    async fn statvfs(&self, path: &Path) -> Result<FsStats, MountError>;
+    /// Size of the ext4 filesystem on `dev` in bytes (from its superblock).
+    async fn ext4_size(&self, dev: &Path) -> Result<u64, MountError>;
+    /// Grows a mounted filesystem to the device size.
+    async fn grow_online(&self, fs: FsType, dev: &Path, mountpoint: &Path)
+    -> Result<(), MountError>;
+    /// Checks and grows an unmounted ext4 filesystem to the device size.
+    async fn grow_offline_ext4(&self, dev: &Path) -> Result<(), MountError>;
+    /// Creates a directory and its parents.
+    async fn make_dir(&self, path: &Path) -> Result<(), MountError>;
+    /// Creates an empty file (and its parent directories) if it is missing.
+    async fn make_file(&self, path: &Path) -> Result<(), MountError>;
+    /// Removes a file or empty directory; absent is success.
+    async fn remove(&self, path: &Path) -> Result<(), MountError>;
+}
+
+/// Mount flags split into syscall flags and filesystem data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountOptions {
+    pub flags: MsFlags,
+    pub data: Vec<String>,
+}
+
+impl MountOptions {
+    /// The flags a bind remount can set per mount point.
+    pub fn per_mount(&self) -> MsFlags {
+        self.flags
+            & (MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC
+                | MsFlags::MS_NOATIME
+                | MsFlags::MS_NODIRATIME
+                | MsFlags::MS_RELATIME
+                | MsFlags::MS_STRICTATIME)
+    }
+}
+
+/// Turns CSI `mount_flags` into syscall flags and data. Entries may hold
+/// several comma-separated options. Options that change what is mounted
+/// (`bind`, `remount`, `move`, ...) are refused; unknown options go to the
+/// filesystem, which rejects what it does not know.
+pub fn parse_options(opts: &[String]) -> Result<MountOptions, String> {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in opts.iter().flat_map(|e| e.split(',')) {
+        let (set, clear) = match o {
+            "" | "defaults" => continue,
+            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
+            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
+            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
+            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
+            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
+            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
+            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
+            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
+            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
+            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
+            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
+            "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
+            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
+            "lazytime" => (MsFlags::MS_LAZYTIME, MsFlags::empty()),
+            "nolazytime" => (MsFlags::empty(), MsFlags::MS_LAZYTIME),
+            "silent" => (MsFlags::MS_SILENT, MsFlags::empty()),
+            "loud" => (MsFlags::empty(), MsFlags::MS_SILENT),
+            "bind" | "rbind" | "remount" | "move" | "loop" | "shared" | "rshared" | "slave"
+            | "rslave" | "private" | "rprivate" | "unbindable" | "runbindable" => {
+                return Err(format!(
+                    "mount flag {o:?} is not allowed: the plugin decides how volumes are mounted"
+                ));
+            }
+            other => {
+                data.push(other.to_owned());
+                continue;
+            }
+        };
+        flags.insert(set);
+        flags.remove(clear);
+    }
+    Ok(MountOptions { flags, data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| (*x).to_owned()).collect()
+    }
+
+    #[test]
+    fn options_split_into_flags_and_data() {
+        let o = parse_options(&s(&["noatime,nosuid", "discard", "ro", "defaults"])).unwrap();
+        assert!(o.flags.contains(MsFlags::MS_NOATIME | MsFlags::MS_NOSUID | MsFlags::MS_RDONLY));
+        assert_eq!(o.data, vec!["discard"]);
+        assert_eq!(
+            o.per_mount(),
+            MsFlags::MS_NOATIME | MsFlags::MS_NOSUID | MsFlags::MS_RDONLY
+        );
+        let o = parse_options(&s(&["ro", "rw", "sync"])).unwrap();
+        assert!(!o.flags.contains(MsFlags::MS_RDONLY));
+        assert!(o.flags.contains(MsFlags::MS_SYNCHRONOUS));
+        assert_eq!(o.per_mount(), MsFlags::empty());
+    }
+
+    #[test]
+    fn options_refuse_mount_kind_changes() {
+        for bad in ["bind", "remount", "rshared"] {
+            let e = parse_options(&s(&[bad])).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! time, so they are never stale.
 
 use std::sync::Mutex;
+use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use pmem_allocator::{ReconcileReport, Usage, VolumeState};
@@ -59,6 +60,7 @@ pub struct Metrics {
     devices: Family<DeviceLabels, Gauge>,
     ledger_commit: Histogram,
     build: Family<BuildLabels, Gauge>,
+    in_flight: Gauge<i64, AtomicI64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -87,6 +89,7 @@ impl Metrics {
             devices: Family::default(),
             ledger_commit: histogram(),
             build: Family::default(),
+            in_flight: Gauge::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -129,6 +132,7 @@ impl Metrics {
                 m.ledger_commit.clone(),
             );
             p.register("build_info", "Build information", m.build.clone());
+            p.register("calls_in_flight", "RPCs being served now", m.in_flight.clone());
         }
         m.build
             .get_or_create(&BuildLabels {
@@ -137,6 +141,17 @@ impl Metrics {
             })
             .set(1);
         m
+    }
+
+    /// Marks a call as started; the guard marks it finished when dropped.
+    pub fn start_call(&self) -> InFlight<'_> {
+        self.in_flight.inc();
+        InFlight(&self.in_flight)
+    }
+
+    /// RPCs being served now (shutdown waits for 0).
+    pub fn calls_in_flight(&self) -> i64 {
+        self.in_flight.get()
     }
 
     pub fn observe_call(&self, method: &'static str, code: Code, took: Duration) {
@@ -211,5 +226,14 @@ impl Metrics {
             tracing::error!(error = %e, "encode metrics");
         }
         out
+    }
+}
+
+/// Counts one in-flight call while alive.
+pub struct InFlight<'a>(&'a Gauge<i64, AtomicI64>);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

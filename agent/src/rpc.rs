@@ -20,7 +20,10 @@ pub async fn call<T>(
     fut: impl Future<Output = AgentResult<T>>,
 ) -> Result<Response<T>, Status> {
     let start = Instant::now();
-    let res = fut.await;
+    let res = {
+        let _in_flight = metrics.start_call();
+        fut.await
+    };
     let elapsed = start.elapsed();
     let code = match &res {
         Ok(_) => Code::Ok,

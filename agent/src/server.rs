@@ -246,11 +246,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             driver.set_ready(false);
             crate::notify::notify_logged("STOPPING=1");
             let _ = stop_tx.send(true);
-            match tokio::time::timeout(cfg.shutdown_timeout, &mut servers).await {
+            // Clients (kubelet, sidecars) keep idle connections open, so
+            // wait for the calls in flight, not for the connections.
+            let deadline = tokio::time::Instant::now() + cfg.shutdown_timeout;
+            while driver.metrics.calls_in_flight() > 0 {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(timeout = ?cfg.shutdown_timeout, in_flight = driver.metrics.calls_in_flight(), "in-flight calls did not finish in time; exiting anyway");
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            match tokio::time::timeout(std::time::Duration::from_millis(200), &mut servers).await {
                 Ok(r) => { r??; }
                 Err(_) => {
-                    tracing::warn!(timeout = ?cfg.shutdown_timeout, "in-flight calls did not finish in time; exiting anyway");
+                    // Only idle connections are left: drop them.
                     servers.abort();
+                    let _ = (&mut servers).await;
                 }
             }
         }
@@ -264,7 +275,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(alloc) = local {
         match Arc::try_unwrap(alloc) {
             Ok(a) => drop(a),
-            Err(_) => tracing::warn!("allocator still in use by a blocking task at exit"),
+            // Idle connection tasks still hold it; they and the ledger go
+            // when the runtime shuts down right after this returns.
+            Err(_) => tracing::debug!("allocator closes with the runtime"),
         }
     }
     tracing::info!("pmem-agent stopped");

@@ -28,10 +28,10 @@ pub const XFS_MIN_BYTES: u64 = 300 << 20;
 /// unless the node logic decided on a more precise code first.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("{op} {}: {source}", path.display())]
+    /// A system call failed; `op` says what was attempted on what.
+    #[error("{op}: {source}")]
     Sys {
-        op: &'static str,
-        path: PathBuf,
+        op: String,
         #[source]
         source: nix::errno::Errno,
     },
@@ -67,11 +67,18 @@ impl MountError {
         }
     }
 
-    pub fn sys(op: &'static str, path: &Path, source: nix::errno::Errno) -> MountError {
+    pub fn sys(op: impl Into<String>, source: nix::errno::Errno) -> MountError {
         MountError::Sys {
-            op,
-            path: path.to_owned(),
+            op: op.into(),
             source,
+        }
+    }
+
+    /// The errno of a failed system call, if that is what this is.
+    pub fn errno(&self) -> Option<nix::errno::Errno> {
+        match self {
+            MountError::Sys { source, .. } => Some(*source),
+            _ => None,
         }
     }
 }

@@ -230,6 +230,7 @@ impl Metrics {
 }
 
 /// Counts one in-flight call while alive.
+#[derive(Debug)]
 pub struct InFlight<'a>(&'a Gauge<i64, AtomicI64>);
 
 impl Drop for InFlight<'_> {

@@ -103,6 +103,13 @@ pub struct Args {
     /// Seconds pmem-agent waits at start for the allocator daemon (default 30).
     #[arg(long, env = "PMEM_AGENT_ALLOCATOR_WAIT")]
     pub allocator_wait: Option<u64>,
+    /// direct backend: where sysfs is mounted (default /sys).
+    #[arg(long, env = "PMEM_AGENT_SYSFS_ROOT")]
+    pub sysfs_root: Option<PathBuf>,
+    /// direct backend: where block device nodes are, and are created when
+    /// neither devtmpfs nor udev made them (default /dev).
+    #[arg(long, env = "PMEM_AGENT_DIRECT_DEV_DIR")]
+    pub direct_dev_dir: Option<PathBuf>,
 }
 
 /// The TOML file; every key optional, unknown keys rejected.
@@ -157,6 +164,8 @@ pub struct Config {
     /// Socket of a separate allocator daemon (`None`: embedded allocator).
     pub allocator: Option<PathBuf>,
     pub allocator_wait: std::time::Duration,
+    pub sysfs_root: PathBuf,
+    pub direct_dev_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,6 +292,8 @@ impl Config {
             allocator_wait: std::time::Duration::from_secs(
                 args.allocator_wait.or(file.allocator_wait).unwrap_or(30),
             ),
+            sysfs_root: args.sysfs_root.unwrap_or_else(|| PathBuf::from("/sys")),
+            direct_dev_dir: args.direct_dev_dir.unwrap_or_else(|| PathBuf::from("/dev")),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -387,11 +398,21 @@ mod tests {
     }
 
     #[test]
+    fn direct_paths_default_to_the_host() {
+        let c = Config::load(args(&[])).unwrap();
+        assert_eq!(c.sysfs_root, PathBuf::from("/sys"));
+        assert_eq!(c.direct_dev_dir, PathBuf::from("/dev"));
+        let c = Config::load(args(&["--sysfs-root", "/host/sys", "--backend", "direct"])).unwrap();
+        assert_eq!(c.sysfs_root, PathBuf::from("/host/sys"));
+        assert_eq!(c.backend, BackendKind::Direct);
+    }
+
+    #[test]
     fn rejects_bad_values() {
         assert!(Config::load(args(&["--endpoint", "tcp://1.2.3.4:5"])).is_err());
         assert!(Config::load(args(&["--socket-mode", "999"])).is_err());
         assert!(Config::load(args(&["--metrics-address", "localhost"])).is_err());
-        assert!(Config::load(args(&["--driver-name", "-bad"])).is_err());
+        assert!(Config::load(args(&["--driver-name=-bad"])).is_err());
         assert!(
             Config::load(args(&[
                 "--sim-region-size",

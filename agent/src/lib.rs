@@ -11,6 +11,7 @@ pub mod error;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod mount;
 pub mod notify;
 pub mod rpc;
 pub mod server;

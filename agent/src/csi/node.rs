@@ -1,85 +1,1356 @@
-//! CSI Node service (placeholder being replaced).
+//! CSI Node service: stages volumes (formats and mounts them, or just
+//! records block volumes), publishes them into pods with bind mounts, serves
+//! CSI ephemeral inline volumes, reports usage and condition, and grows
+//! filesystems. The operating system sits behind [`Host`]; the ledger
+//! records every stage and publish so DeleteVolume can refuse while a
+//! volume is in use and a repeated call can be recognised.
+//!
+//! Idempotency: a repeated call that matches what the ledger and the mount
+//! table show succeeds without touching anything; one that conflicts with
+//! it fails with ALREADY_EXISTS. Calls on one volume are serialised; a call
+//! arriving while another on the same volume runs gets ABORTED, as the CSI
+//! spec recommends.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
+use nix::mount::MsFlags;
+use pmem_allocator::units::parse_size;
+use pmem_allocator::{
+    Bytes, CreateRequest, Persistency, Publication, PublicationKind, Usage, Volume, VolumeState,
+};
 use pmem_proto::csi;
 use pmem_proto::csi::node_server::Node;
+use pmem_proto::csi::node_service_capability::{self, rpc};
+use pmem_proto::csi::volume_capability::AccessType;
+use pmem_proto::csi::volume_capability::access_mode::Mode;
+use pmem_proto::csi::volume_usage::Unit;
 use tonic::{Request, Response, Status};
 
+use crate::csi::params::{
+    Access, Capability, FsType, node_topology, parse_capability, parse_parameters, parse_range,
+};
 use crate::driver::Driver;
+use crate::error::{AgentError, AgentResult, invalid};
+use crate::mount::host::RealHost;
+use crate::mount::{Host, MountEntry, MountSpec, Probe, XFS_MIN_BYTES, parse_options, paths};
+use crate::rpc::{blocking, call};
+
+#[cfg(test)]
+mod tests;
+
+/// The node RPCs we implement and advertise.
+const CAPABILITIES: &[rpc::Type] = &[
+    rpc::Type::StageUnstageVolume,
+    rpc::Type::GetVolumeStats,
+    rpc::Type::VolumeCondition,
+    rpc::Type::ExpandVolume,
+    rpc::Type::SingleNodeMultiWriter,
+];
+
+/// volume_context key the kubelet sets on CSI ephemeral inline volumes.
+pub const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
+/// Pod information the kubelet adds (podInfoOnMount); kept as the volume's context.
+pub const POD_INFO_KEYS: [&str; 4] = [
+    "csi.storage.k8s.io/pod.name",
+    "csi.storage.k8s.io/pod.namespace",
+    "csi.storage.k8s.io/pod.uid",
+    "csi.storage.k8s.io/serviceAccount.name",
+];
+const K8S_PREFIX: &str = "csi.storage.k8s.io/";
+/// The inline volume attribute giving its size.
+pub const SIZE_KEY: &str = "size";
+
+/// An ext4 filesystem this much smaller than its device is grown.
+const GROW_SLACK: u64 = 1 << 20;
+/// Mounts stacked on one path that an unpublish/unstage peels off at most.
+const MAX_STACKED: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct NodeService {
     driver: Arc<Driver>,
+    host: Arc<dyn Host>,
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Marks a volume as having a call in flight until dropped.
+#[derive(Debug)]
+struct InFlight {
+    busy: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// Node start-up work after reconciliation: delete ephemeral inline volumes
+/// whose pods are gone (their target is no longer mounted).
+pub async fn startup(driver: &Arc<Driver>) {
+    collect_ephemeral(driver, &RealHost::new()).await;
+}
+
+fn failed(msg: impl Into<String>) -> AgentError {
+    AgentError::FailedPrecondition(msg.into())
+}
+
+fn not_found(msg: impl Into<String>) -> AgentError {
+    AgentError::NotFound(msg.into())
+}
+
+fn exists(msg: impl Into<String>) -> AgentError {
+    AgentError::AlreadyExists(msg.into())
+}
+
+fn require(field: &str, value: &str) -> AgentResult<()> {
+    if value.is_empty() {
+        Err(invalid(format!("{field} is required")))
+    } else {
+        Ok(())
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The top mount at `path` (later entries are stacked on earlier ones).
+fn top_mount<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+    mounts.iter().rev().find(|m| m.mount_point == path)
+}
+
+/// A ledger path as the OS sees it (symlinks of ancestors resolved).
+fn resolved(p: &str) -> PathBuf {
+    paths::resolve(Path::new(p)).unwrap_or_else(|_| PathBuf::from(p))
+}
+
+fn is_block(p: &Publication) -> bool {
+    p.capability.starts_with("block;")
+}
+
+fn ready(v: &Volume) -> AgentResult<()> {
+    if v.state == VolumeState::Ready {
+        Ok(())
+    } else {
+        Err(not_found(format!(
+            "volume {} is {}, not ready",
+            v.id, v.state
+        )))
+    }
+}
+
+/// The block device of a volume.
+fn device_of(v: &Volume) -> AgentResult<PathBuf> {
+    v.device.as_deref().map(PathBuf::from).ok_or_else(|| {
+        failed(format!(
+            "volume {} has no block device: the backend runs without devices (sim file-only mode, no access to /dev/loop-control), so its volumes cannot be staged or published on this node",
+            v.id
+        ))
+    })
+}
+
+/// A validated capability plus whether fs_type was given (an empty fs_type
+/// adopts whichever supported filesystem the device already has).
+fn capability(c: Option<&csi::VolumeCapability>) -> AgentResult<(Capability, bool)> {
+    let c = c.ok_or_else(|| invalid("volume_capability is required"))?;
+    let cap = parse_capability("volume_capability", c)?;
+    let explicit = match &c.access_type {
+        Some(AccessType::Mount(m)) => {
+            if !m.volume_mount_group.is_empty() {
+                return Err(invalid(format!(
+                    "volume_capability.mount.volume_mount_group {:?} is not supported (no VOLUME_MOUNT_GROUP capability)",
+                    m.volume_mount_group
+                )));
+            }
+            !m.fs_type.is_empty()
+        }
+        _ => true,
+    };
+    if let Access::Mount { flags, .. } = &cap.access {
+        parse_options(flags)
+            .map_err(|e| invalid(format!("volume_capability.mount.mount_flags: {e}")))?;
+    }
+    Ok((cap, explicit))
+}
+
+fn is_ephemeral(ctx: &HashMap<String, String>) -> AgentResult<bool> {
+    match ctx.get(EPHEMERAL_KEY).map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(invalid(format!(
+            "volume_context {EPHEMERAL_KEY}={other:?} must be true or false"
+        ))),
+    }
+}
+
+/// The create request of a CSI ephemeral inline volume: named after the
+/// kubelet's volume id, sized by the `size` attribute, with `usage` and
+/// `eraseAfter` as in a StorageClass and the pod information as context.
+pub fn ephemeral_request(
+    name: &str,
+    ctx: &HashMap<String, String>,
+    fs: FsType,
+) -> AgentResult<CreateRequest> {
+    let raw = ctx.get(SIZE_KEY).ok_or_else(|| {
+        invalid(format!(
+            "volume_context attribute {SIZE_KEY:?} is required for a CSI ephemeral inline volume (a quantity such as 2Gi)"
+        ))
+    })?;
+    let size = parse_size(raw)
+        .map_err(|e| invalid(format!("volume_context attribute {SIZE_KEY}={raw:?}: {e}")))?;
+    if size.0 == 0 {
+        return Err(invalid(format!(
+            "volume_context attribute {SIZE_KEY}={raw:?} must be above zero"
+        )));
+    }
+    if fs == FsType::Xfs && size.0 < XFS_MIN_BYTES {
+        return Err(invalid(format!(
+            "volume_context attribute {SIZE_KEY}={raw:?} is below the {} an xfs filesystem needs; ask for more or use fsType ext4",
+            Bytes(XFS_MIN_BYTES)
+        )));
+    }
+    let attrs: HashMap<String, String> = ctx
+        .iter()
+        .filter(|(k, _)| k.as_str() != SIZE_KEY && !k.starts_with(K8S_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let p = parse_parameters(&attrs)
+        .map_err(|e| invalid(format!("volume_context of an ephemeral inline volume: {e}")))?;
+    let context: BTreeMap<String, String> = ctx
+        .iter()
+        .filter(|(k, _)| POD_INFO_KEYS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Ok(CreateRequest {
+        name: name.to_owned(),
+        required: size,
+        limit: None,
+        usage: p.usage,
+        erase_after: p.erase_after,
+        parameters: p.stored,
+        persistency: Persistency::Ephemeral,
+        context,
+        region: None,
+    })
+}
+
+/// A filesystem mount of a volume's device at a path.
+#[derive(Debug)]
+struct FsMount<'a> {
+    v: &'a Volume,
+    dev: &'a Path,
+    rdev: u64,
+    fs: FsType,
+    explicit: bool,
+    flags: &'a [String],
+    target: &'a Path,
+    read_only: bool,
+}
+
+/// Text of the condition when AppDirect could not get DAX.
+fn no_dax(dev: &Path) -> String {
+    format!(
+        "AppDirect requested but device {} has no DAX; mounted without dax",
+        dev.display()
+    )
 }
 
 impl NodeService {
     pub fn new(driver: Arc<Driver>) -> NodeService {
-        NodeService { driver }
+        NodeService::with_host(driver, Arc::new(RealHost::new()))
+    }
+
+    /// A node service on another host implementation (tests).
+    pub fn with_host(driver: Arc<Driver>, host: Arc<dyn Host>) -> NodeService {
+        NodeService {
+            driver,
+            host,
+            busy: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    /// Claims `id` for this call, or ABORTED when another call holds it.
+    fn begin(&self, id: &str) -> AgentResult<InFlight> {
+        let mut b = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        if !b.insert(id.to_owned()) {
+            return Err(AgentError::Aborted(format!(
+                "an operation on volume {id} is already in progress; retry"
+            )));
+        }
+        Ok(InFlight {
+            busy: Arc::clone(&self.busy),
+            id: id.to_owned(),
+        })
+    }
+
+    fn check_path(&self, field: &str, raw: &str) -> AgentResult<PathBuf> {
+        paths::check(field, raw, self.driver.cfg.kubelet_root.as_deref()).map_err(invalid)
+    }
+
+    async fn volume(&self, id: &str) -> AgentResult<Option<Volume>> {
+        let id = id.to_owned();
+        blocking(&self.driver.alloc, move |a| a.volume(&id)).await
+    }
+
+    /// By id, or for an ephemeral inline volume by the kubelet's id, which
+    /// is its name.
+    async fn volume_or_ephemeral(&self, id: &str) -> AgentResult<Option<Volume>> {
+        let id = id.to_owned();
+        blocking(&self.driver.alloc, move |a| {
+            if let Some(v) = a.volume(&id)? {
+                return Ok(Some(v));
+            }
+            Ok(a.volume_by_name(&id)?
+                .filter(|v| v.persistency == Persistency::Ephemeral))
+        })
+        .await
+    }
+
+    async fn publications(&self, volume_id: &str) -> AgentResult<Vec<Publication>> {
+        let id = volume_id.to_owned();
+        blocking(&self.driver.alloc, move |a| a.publications(Some(&id))).await
+    }
+
+    async fn record(&self, p: Publication) -> AgentResult<()> {
+        blocking(&self.driver.alloc, move |a| a.put_publication(&p)).await
+    }
+
+    async fn unrecord(
+        &self,
+        volume_id: &str,
+        kind: PublicationKind,
+        path: &str,
+    ) -> AgentResult<()> {
+        let (id, path) = (volume_id.to_owned(), path.to_owned());
+        blocking(&self.driver.alloc, move |a| {
+            a.delete_publication(&id, kind, &path)
+        })
+        .await
+    }
+
+    /// `st_rdev` of the volume's device; FAILED_PRECONDITION when it is gone.
+    async fn rdev(&self, v: &Volume, dev: &Path) -> AgentResult<u64> {
+        self.host.device_number(dev).await?.ok_or_else(|| {
+            failed(format!(
+                "device {} of volume {} is missing",
+                dev.display(),
+                v.id
+            ))
+        })
+    }
+
+    /// Whether the mount `m` at `path` shows the device `rdev`: a filesystem
+    /// on it, or a bind mount of its device node.
+    async fn holds(&self, m: &MountEntry, path: &Path, rdev: u64) -> AgentResult<bool> {
+        if m.dev == rdev {
+            return Ok(true);
+        }
+        Ok(self.host.device_number(path).await? == Some(rdev))
+    }
+
+    /// Makes sure the device carries the wanted filesystem: formats an empty
+    /// device, never one with anything else on it, and grows an ext4 that is
+    /// smaller than its device (offline growth: online needs privileges many
+    /// nodes lack). Returns the filesystem to mount.
+    async fn prepare_fs(&self, m: &FsMount<'_>) -> AgentResult<FsType> {
+        let found = match self.host.probe(m.dev).await? {
+            Probe::Empty => None,
+            Probe::Filesystem(t) => Some(t),
+            Probe::Other(what) => {
+                return Err(failed(format!(
+                    "device {} of volume {} holds {what}; refusing to format it",
+                    m.dev.display(),
+                    m.v.id
+                )));
+            }
+        };
+        let fs = match found.as_deref() {
+            None => {
+                let size = self.host.device_size(m.dev).await?;
+                if m.fs == FsType::Xfs && size < XFS_MIN_BYTES {
+                    return Err(failed(format!(
+                        "volume {} is {} but an xfs filesystem needs at least {}; use a larger volume or fs_type ext4",
+                        m.v.id,
+                        Bytes(size),
+                        Bytes(XFS_MIN_BYTES)
+                    )));
+                }
+                tracing::info!(volume = %m.v.id, device = %m.dev.display(), fs = m.fs.as_str(), "formatting");
+                self.host.mkfs(m.dev, m.fs).await?;
+                return Ok(m.fs);
+            }
+            Some(t) if t == m.fs.as_str() => m.fs,
+            Some("xfs") if !m.explicit => FsType::Xfs,
+            Some("ext4") if !m.explicit => FsType::Ext4,
+            Some(t) => {
+                return Err(failed(format!(
+                    "device {} of volume {} already has a {t} filesystem but volume_capability asks for {}; refusing to reformat it",
+                    m.dev.display(),
+                    m.v.id,
+                    m.fs.as_str()
+                )));
+            }
+        };
+        if fs == FsType::Ext4 {
+            self.grow_ext4_offline(m.v, m.dev).await?;
+        }
+        Ok(fs)
+    }
+
+    /// Grows an unmounted ext4 filesystem to its device when it is smaller.
+    async fn grow_ext4_offline(&self, v: &Volume, dev: &Path) -> AgentResult<()> {
+        let size = self.host.device_size(dev).await?;
+        let fs_size = self.host.ext4_size(dev).await?;
+        if fs_size.saturating_add(GROW_SLACK) <= size {
+            tracing::info!(volume = %v.id, device = %dev.display(), from = fs_size, to = size, "growing ext4 filesystem offline");
+            self.host.grow_offline_ext4(dev).await?;
+        }
+        Ok(())
+    }
+
+    /// Formats if needed and mounts the device at the target, with `dax`
+    /// for AppDirect volumes when the device supports it; finishes a mount
+    /// an interrupted call left behind.
+    async fn mount_fs(&self, m: FsMount<'_>) -> AgentResult<()> {
+        let opts = parse_options(m.flags)
+            .map_err(|e| invalid(format!("volume_capability.mount.mount_flags: {e}")))?;
+        let want_dax = m.v.usage == Usage::AppDirect;
+        let dax = want_dax && self.host.dax_supported(m.dev).await;
+        let mounts = self.host.mounts().await?;
+        let mut fresh = false;
+        match top_mount(&mounts, m.target) {
+            Some(e) if e.dev != m.rdev => {
+                return Err(failed(format!(
+                    "{} already has a mount of another device ({} from {}); refusing to mount volume {} over it",
+                    m.target.display(),
+                    e.fs_type,
+                    e.source,
+                    m.v.id
+                )));
+            }
+            Some(_) => {}
+            None => {
+                fresh = true;
+                let fs = self.prepare_fs(&m).await?;
+                self.host.make_dir(m.target).await?;
+                let mut flags = opts.flags;
+                if m.read_only {
+                    flags |= MsFlags::MS_RDONLY;
+                }
+                let mut data = opts.data.clone();
+                if dax {
+                    data.push("dax".into());
+                } else if want_dax {
+                    tracing::warn!(volume = %m.v.id, device = %m.dev.display(), "{}", no_dax(m.dev));
+                }
+                self.host
+                    .mount(&MountSpec {
+                        source: m.dev.to_owned(),
+                        target: m.target.to_owned(),
+                        fs_type: fs.as_str().to_owned(),
+                        flags,
+                        data,
+                    })
+                    .await?;
+                tracing::info!(volume = %m.v.id, device = %m.dev.display(), target = %m.target.display(), fs = fs.as_str(), dax, "mounted");
+            }
+        }
+        let mounts = self.host.mounts().await?;
+        let e = top_mount(&mounts, m.target)
+            .filter(|e| e.dev == m.rdev)
+            .ok_or_else(|| {
+                AgentError::Internal(format!(
+                    "mounted volume {} at {} but the mount table does not show it",
+                    m.v.id,
+                    m.target.display()
+                ))
+            })?;
+        if dax && !e.dax() {
+            let opts = e.super_options.join(",");
+            if !fresh {
+                // Mounted earlier (and perhaps in use): report, do not undo.
+                tracing::warn!(volume = %m.v.id, target = %m.target.display(), options = %opts, "AppDirect volume is mounted without dax");
+            } else {
+                self.host.unmount(m.target).await?;
+                return Err(failed(format!(
+                    "mounted volume {} with dax but the kernel did not enable DAX (options {opts}); unmounted it",
+                    m.v.id
+                )));
+            }
+        }
+        if e.fs_type == "xfs" && !e.read_only() {
+            self.host.set_extent_hint(m.target).await?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts every mount of the volume at `path` (refusing one of another
+    /// device), then removes the path when asked.
+    async fn release(&self, v: &Volume, path: &Path, remove: bool) -> AgentResult<()> {
+        let rdev = match &v.device {
+            Some(d) => self.host.device_number(Path::new(d)).await?,
+            None => None,
+        };
+        let mut peeled = 0;
+        loop {
+            let mounts = self.host.mounts().await?;
+            let Some(e) = top_mount(&mounts, path) else {
+                break;
+            };
+            if peeled == MAX_STACKED {
+                return Err(AgentError::Internal(format!(
+                    "{} is still mounted after {MAX_STACKED} unmounts",
+                    path.display()
+                )));
+            }
+            if let Some(r) = rdev
+                && !self.holds(e, path, r).await?
+            {
+                return Err(failed(format!(
+                    "{} is a mount of another device ({} from {}), not of volume {}; refusing to unmount it",
+                    path.display(),
+                    e.fs_type,
+                    e.source,
+                    v.id
+                )));
+            }
+            self.host.unmount(path).await?;
+            tracing::info!(volume = %v.id, path = %path.display(), "unmounted");
+            peeled += 1;
+        }
+        if remove {
+            self.host.remove(path).await?;
+        }
+        Ok(())
+    }
+
+    async fn stage(
+        &self,
+        req: csi::NodeStageVolumeRequest,
+    ) -> AgentResult<csi::NodeStageVolumeResponse> {
+        require("volume_id", &req.volume_id)?;
+        let staging = self.check_path("staging_target_path", &req.staging_target_path)?;
+        let (cap, explicit) = capability(req.volume_capability.as_ref())?;
+        let _busy = self.begin(&req.volume_id)?;
+        let v = self
+            .volume(&req.volume_id)
+            .await?
+            .ok_or_else(|| not_found(format!("volume {} does not exist", req.volume_id)))?;
+        ready(&v)?;
+        let dev = device_of(&v)?;
+        let desc = cap.describe();
+        let pubs = self.publications(&v.id).await?;
+        if let Some(p) = pubs.iter().find(|p| p.kind == PublicationKind::Stage) {
+            if p.path != req.staging_target_path {
+                return Err(exists(format!(
+                    "volume {} is already staged at {}; unstage it before staging it at {}",
+                    v.id, p.path, req.staging_target_path
+                )));
+            }
+            if p.capability != desc {
+                return Err(exists(format!(
+                    "volume {} is already staged at {} as {} but this call asks for {desc}",
+                    v.id, p.path, p.capability
+                )));
+            }
+        }
+        let rdev = self.rdev(&v, &dev).await?;
+        if let Access::Mount { fs, flags } = &cap.access {
+            self.mount_fs(FsMount {
+                v: &v,
+                dev: &dev,
+                rdev,
+                fs: *fs,
+                explicit,
+                flags,
+                target: &staging,
+                read_only: false,
+            })
+            .await?;
+        }
+        self.record(Publication {
+            volume_id: v.id.clone(),
+            kind: PublicationKind::Stage,
+            path: req.staging_target_path.clone(),
+            readonly: false,
+            capability: desc,
+        })
+        .await?;
+        Ok(csi::NodeStageVolumeResponse {})
+    }
+
+    async fn unstage(
+        &self,
+        req: csi::NodeUnstageVolumeRequest,
+    ) -> AgentResult<csi::NodeUnstageVolumeResponse> {
+        require("volume_id", &req.volume_id)?;
+        let staging = self.check_path("staging_target_path", &req.staging_target_path)?;
+        let _busy = self.begin(&req.volume_id)?;
+        let Some(v) = self.volume(&req.volume_id).await? else {
+            return Ok(csi::NodeUnstageVolumeResponse {});
+        };
+        let mounts = self.host.mounts().await?;
+        let mut live = Vec::new();
+        for p in self.publications(&v.id).await? {
+            if p.kind != PublicationKind::Publish {
+                continue;
+            }
+            if top_mount(&mounts, &resolved(&p.path)).is_some() {
+                live.push(p.path);
+            } else {
+                tracing::warn!(volume = %v.id, target = %p.path, "publication is no longer mounted; forgetting it");
+                self.unrecord(&v.id, PublicationKind::Publish, &p.path)
+                    .await?;
+            }
+        }
+        if !live.is_empty() {
+            return Err(failed(format!(
+                "volume {} is still published at {}; unpublish it first",
+                v.id,
+                live.join(", ")
+            )));
+        }
+        self.release(&v, &staging, false).await?;
+        self.unrecord(&v.id, PublicationKind::Stage, &req.staging_target_path)
+            .await?;
+        Ok(csi::NodeUnstageVolumeResponse {})
+    }
+
+    async fn publish(
+        &self,
+        req: csi::NodePublishVolumeRequest,
+    ) -> AgentResult<csi::NodePublishVolumeResponse> {
+        require("volume_id", &req.volume_id)?;
+        let target = self.check_path("target_path", &req.target_path)?;
+        let (cap, explicit) = capability(req.volume_capability.as_ref())?;
+        if is_ephemeral(&req.volume_context)? {
+            return self.publish_ephemeral(&req, &cap, explicit, &target).await;
+        }
+        if req.staging_target_path.is_empty() {
+            return Err(invalid(
+                "staging_target_path is required: pmem-agent stages volumes (STAGE_UNSTAGE_VOLUME)",
+            ));
+        }
+        let staging = self.check_path("staging_target_path", &req.staging_target_path)?;
+        let _busy = self.begin(&req.volume_id)?;
+        let v = self
+            .volume(&req.volume_id)
+            .await?
+            .ok_or_else(|| not_found(format!("volume {} does not exist", req.volume_id)))?;
+        ready(&v)?;
+        let dev = device_of(&v)?;
+        let pubs = self.publications(&v.id).await?;
+        let stage = pubs
+            .iter()
+            .find(|p| p.kind == PublicationKind::Stage)
+            .ok_or_else(|| {
+                failed(format!(
+                    "volume {} is not staged; call NodeStageVolume first",
+                    v.id
+                ))
+            })?;
+        if stage.path != req.staging_target_path {
+            return Err(failed(format!(
+                "volume {} is staged at {}, not at {}",
+                v.id, stage.path, req.staging_target_path
+            )));
+        }
+        let block = cap.access == Access::Block;
+        if is_block(stage) != block {
+            let kind = |b: bool| if b { "block" } else { "mount" };
+            return Err(failed(format!(
+                "volume {} was staged for {} access but volume_capability asks for {} access",
+                v.id,
+                kind(is_block(stage)),
+                kind(block)
+            )));
+        }
+        let readonly = req.readonly || cap.read_only();
+        let desc = cap.describe();
+        if let Some(p) = pubs
+            .iter()
+            .find(|p| p.kind == PublicationKind::Publish && p.path == req.target_path)
+            && (p.capability != desc || p.readonly != readonly)
+        {
+            return Err(exists(format!(
+                "volume {} is already published at {} as {} readonly={} but this call asks for {desc} readonly={readonly}",
+                v.id, p.path, p.capability, p.readonly
+            )));
+        }
+        let single = Mode::SingleNodeSingleWriter.as_str_name();
+        let others: Vec<&Publication> = pubs
+            .iter()
+            .filter(|p| p.kind == PublicationKind::Publish && p.path != req.target_path)
+            .collect();
+        if !others.is_empty()
+            && (cap.mode == Mode::SingleNodeSingleWriter
+                || others.iter().any(|p| p.capability.ends_with(single)))
+        {
+            return Err(failed(format!(
+                "volume {} is used with {single} and is already published at {}",
+                v.id,
+                others
+                    .iter()
+                    .map(|p| p.path.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let rdev = self.rdev(&v, &dev).await?;
+        let mounts = self.host.mounts().await?;
+        let mut flags = match &cap.access {
+            Access::Mount { flags, .. } => parse_options(flags)
+                .map_err(|e| invalid(format!("volume_capability.mount.mount_flags: {e}")))?
+                .per_mount(),
+            Access::Block => MsFlags::empty(),
+        };
+        if readonly {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        let (source, source_ro) = if block {
+            (dev.clone(), false)
+        } else {
+            match top_mount(&mounts, &staging) {
+                Some(e) if e.dev == rdev => (staging.clone(), e.read_only()),
+                _ => {
+                    return Err(failed(format!(
+                        "volume {} is recorded as staged at {} but it is not mounted there; stage it again",
+                        v.id, req.staging_target_path
+                    )));
+                }
+            }
+        };
+        match top_mount(&mounts, &target) {
+            Some(e) => {
+                if !self.holds(e, &target, rdev).await? {
+                    return Err(failed(format!(
+                        "{} already has a mount of another device ({} from {}); refusing to publish volume {} there",
+                        req.target_path, e.fs_type, e.source, v.id
+                    )));
+                }
+                let ro_now = e.mount_options.iter().any(|o| o == "ro");
+                if ro_now != readonly && !(ro_now && source_ro) {
+                    return Err(exists(format!(
+                        "volume {} is already mounted at {} with read-only={ro_now} but this call asks for read-only={readonly}",
+                        v.id, req.target_path
+                    )));
+                }
+            }
+            None => {
+                if block {
+                    self.host.make_file(&target).await?;
+                } else {
+                    self.host.make_dir(&target).await?;
+                }
+                self.host.bind(&source, &target, flags).await?;
+                tracing::info!(volume = %v.id, source = %source.display(), target = %target.display(), readonly, "published");
+            }
+        }
+        self.record(Publication {
+            volume_id: v.id.clone(),
+            kind: PublicationKind::Publish,
+            path: req.target_path.clone(),
+            readonly,
+            capability: desc,
+        })
+        .await?;
+        Ok(csi::NodePublishVolumeResponse {})
+    }
+
+    /// A CSI ephemeral inline volume: created on first publish (named after
+    /// the kubelet's volume id), formatted and mounted at the target.
+    async fn publish_ephemeral(
+        &self,
+        req: &csi::NodePublishVolumeRequest,
+        cap: &Capability,
+        explicit: bool,
+        target: &Path,
+    ) -> AgentResult<csi::NodePublishVolumeResponse> {
+        let Access::Mount { fs, .. } = &cap.access else {
+            return Err(invalid(
+                "volume_capability must be a mount for a CSI ephemeral inline volume (block is not supported)",
+            ));
+        };
+        let creq = ephemeral_request(&req.volume_id, &req.volume_context, *fs)?;
+        let _busy = self.begin(&req.volume_id)?;
+        let v = blocking(&self.driver.alloc, move |a| a.create_volume(&creq)).await?;
+        match self.finish_ephemeral(req, cap, explicit, target, &v).await {
+            Ok(()) => Ok(csi::NodePublishVolumeResponse {}),
+            Err(e) => {
+                self.discard_unused_ephemeral(&v, target).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn finish_ephemeral(
+        &self,
+        req: &csi::NodePublishVolumeRequest,
+        cap: &Capability,
+        explicit: bool,
+        target: &Path,
+        v: &Volume,
+    ) -> AgentResult<()> {
+        let Access::Mount { fs, flags } = &cap.access else {
+            return Err(invalid("volume_capability must be a mount"));
+        };
+        ready(v)?;
+        let dev = device_of(v)?;
+        let readonly = req.readonly || cap.read_only();
+        let desc = cap.describe();
+        let pubs = self.publications(&v.id).await?;
+        if let Some(p) = pubs.iter().find(|p| p.kind == PublicationKind::Publish) {
+            if p.path != req.target_path {
+                return Err(exists(format!(
+                    "ephemeral volume {} ({}) is already published at {}",
+                    v.name, v.id, p.path
+                )));
+            }
+            if p.capability != desc || p.readonly != readonly {
+                return Err(exists(format!(
+                    "ephemeral volume {} ({}) is already published at {} as {} readonly={} but this call asks for {desc} readonly={readonly}",
+                    v.name, v.id, p.path, p.capability, p.readonly
+                )));
+            }
+        }
+        let rdev = self.rdev(v, &dev).await?;
+        self.mount_fs(FsMount {
+            v,
+            dev: &dev,
+            rdev,
+            fs: *fs,
+            explicit,
+            flags,
+            target,
+            read_only: readonly,
+        })
+        .await?;
+        self.record(Publication {
+            volume_id: v.id.clone(),
+            kind: PublicationKind::Publish,
+            path: req.target_path.clone(),
+            readonly,
+            capability: desc,
+        })
+        .await
+    }
+
+    /// After a failed ephemeral publish: a volume nobody uses must not leak.
+    async fn discard_unused_ephemeral(&self, v: &Volume, target: &Path) {
+        match self.publications(&v.id).await {
+            Ok(p) if p.is_empty() => {}
+            _ => return,
+        }
+        if let Err(e) = self.release(v, target, false).await {
+            tracing::warn!(volume = %v.id, error = %e, "cannot unmount the target of a failed ephemeral publish; start-up will collect the volume");
+            return;
+        }
+        let id = v.id.clone();
+        match blocking(&self.driver.alloc, move |a| a.delete_volume(&id)).await {
+            Ok(()) => {
+                tracing::info!(volume = %v.id, name = %v.name, "deleted ephemeral volume of a failed publish")
+            }
+            Err(e) => {
+                tracing::warn!(volume = %v.id, error = %e, "cannot delete ephemeral volume of a failed publish; start-up will collect it")
+            }
+        }
+    }
+
+    async fn unpublish(
+        &self,
+        req: csi::NodeUnpublishVolumeRequest,
+    ) -> AgentResult<csi::NodeUnpublishVolumeResponse> {
+        require("volume_id", &req.volume_id)?;
+        let target = self.check_path("target_path", &req.target_path)?;
+        let _busy = self.begin(&req.volume_id)?;
+        let Some(v) = self.volume_or_ephemeral(&req.volume_id).await? else {
+            return Ok(csi::NodeUnpublishVolumeResponse {});
+        };
+        self.release(&v, &target, true).await?;
+        self.unrecord(&v.id, PublicationKind::Publish, &req.target_path)
+            .await?;
+        if v.persistency == Persistency::Ephemeral {
+            let left = self.publications(&v.id).await?;
+            if left.is_empty() {
+                let id = v.id.clone();
+                blocking(&self.driver.alloc, move |a| a.delete_volume(&id)).await?;
+                tracing::info!(volume = %v.id, name = %v.name, "deleted ephemeral inline volume");
+            }
+        }
+        Ok(csi::NodeUnpublishVolumeResponse {})
+    }
+
+    async fn stats(
+        &self,
+        req: csi::NodeGetVolumeStatsRequest,
+    ) -> AgentResult<csi::NodeGetVolumeStatsResponse> {
+        require("volume_id", &req.volume_id)?;
+        let path = self.check_path("volume_path", &req.volume_path)?;
+        let v = self
+            .volume_or_ephemeral(&req.volume_id)
+            .await?
+            .ok_or_else(|| not_found(format!("volume {} does not exist", req.volume_id)))?;
+        let pubs = self.publications(&v.id).await?;
+        let record = pubs
+            .iter()
+            .find(|p| p.path == req.volume_path || resolved(&p.path) == path);
+        let dev = v.device.as_deref().map(PathBuf::from);
+        let rdev = match &dev {
+            Some(d) => self.host.device_number(d).await?,
+            None => None,
+        };
+        let mounts = self.host.mounts().await?;
+        let entry = top_mount(&mounts, &path);
+        let ours = match (entry, rdev) {
+            (Some(e), Some(r)) => self.holds(e, &path, r).await?,
+            _ => false,
+        };
+        if !ours && record.is_none() {
+            return Err(not_found(format!(
+                "volume_path {} is not a staging or publish path of volume {}",
+                req.volume_path, v.id
+            )));
+        }
+        let block = match record {
+            Some(p) => is_block(p),
+            None => entry.is_some_and(|e| Some(e.dev) != rdev),
+        };
+        let dev_name = dev
+            .as_ref()
+            .map_or_else(|| "(none)".to_owned(), |d| d.display().to_string());
+        let mut usage = Vec::new();
+        let mut problems = Vec::new();
+        if rdev.is_none() {
+            problems.push(format!("device {dev_name} of volume {} is missing", v.id));
+        }
+        if block {
+            if let (Some(d), Some(_)) = (&dev, rdev) {
+                usage.push(csi::VolumeUsage {
+                    available: 0,
+                    total: to_i64(self.host.device_size(d).await?),
+                    used: 0,
+                    unit: Unit::Bytes as i32,
+                });
+            }
+            let staged_only = record.is_some_and(|p| p.kind == PublicationKind::Stage);
+            if !ours && !staged_only && rdev.is_some() {
+                problems.push(format!(
+                    "device of volume {} is not mounted at {}",
+                    v.id, req.volume_path
+                ));
+            }
+        } else if let (true, Some(e)) = (ours, entry) {
+            let s = self.host.statvfs(&path).await?;
+            let bs = s.block_size;
+            usage.push(csi::VolumeUsage {
+                available: to_i64(s.blocks_avail.saturating_mul(bs)),
+                total: to_i64(s.blocks.saturating_mul(bs)),
+                used: to_i64(s.blocks.saturating_sub(s.blocks_free).saturating_mul(bs)),
+                unit: Unit::Bytes as i32,
+            });
+            usage.push(csi::VolumeUsage {
+                available: to_i64(s.files_free),
+                total: to_i64(s.files),
+                used: to_i64(s.files.saturating_sub(s.files_free)),
+                unit: Unit::Inodes as i32,
+            });
+            if v.usage == Usage::AppDirect && !e.dax() {
+                let d = Path::new(&dev_name);
+                problems.push(if self.host.dax_supported(d).await {
+                    format!(
+                        "AppDirect requested and device {dev_name} has DAX, but the filesystem is mounted without dax; unstage and stage it again"
+                    )
+                } else {
+                    no_dax(d)
+                });
+            }
+        } else if rdev.is_some() {
+            problems.push(match entry {
+                Some(e) => format!(
+                    "{} has a mount of another device ({} from {}) instead of volume {}",
+                    req.volume_path, e.fs_type, e.source, v.id
+                ),
+                None => format!(
+                    "volume {} is not mounted at {} although it is recorded as {}d there",
+                    v.id,
+                    req.volume_path,
+                    record.map_or("publish", |p| p.kind.as_str())
+                ),
+            });
+        }
+        let condition = if problems.is_empty() {
+            csi::VolumeCondition {
+                abnormal: false,
+                message: "volume is healthy".into(),
+            }
+        } else {
+            csi::VolumeCondition {
+                abnormal: true,
+                message: problems.join("; "),
+            }
+        };
+        Ok(csi::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(condition),
+        })
+    }
+
+    async fn expand(
+        &self,
+        req: csi::NodeExpandVolumeRequest,
+    ) -> AgentResult<csi::NodeExpandVolumeResponse> {
+        require("volume_id", &req.volume_id)?;
+        let path = self.check_path("volume_path", &req.volume_path)?;
+        let staging = if req.staging_target_path.is_empty() {
+            None
+        } else {
+            Some(self.check_path("staging_target_path", &req.staging_target_path)?)
+        };
+        let (required, limit) = parse_range("capacity_range", req.capacity_range.as_ref())?;
+        let cap = match &req.volume_capability {
+            Some(c) => Some(capability(Some(c))?.0),
+            None => None,
+        };
+        let _busy = self.begin(&req.volume_id)?;
+        let v = self
+            .volume_or_ephemeral(&req.volume_id)
+            .await?
+            .ok_or_else(|| not_found(format!("volume {} does not exist", req.volume_id)))?;
+        ready(&v)?;
+        let dev = device_of(&v)?;
+        let rdev = self.rdev(&v, &dev).await?;
+        let size = self.host.device_size(&dev).await?;
+        if required.0 > size {
+            return Err(AgentError::OutOfRange(format!(
+                "capacity_range.required_bytes {} is above the {} of volume {}'s device; expand it with ControllerExpandVolume first",
+                required.0,
+                Bytes(size),
+                v.id
+            )));
+        }
+        if let Some(l) = limit
+            && l.0 < size
+        {
+            return Err(AgentError::OutOfRange(format!(
+                "capacity_range.limit_bytes {} is below the {} volume {}'s device already has",
+                l.0,
+                Bytes(size),
+                v.id
+            )));
+        }
+        let pubs = self.publications(&v.id).await?;
+        let record = pubs
+            .iter()
+            .find(|p| p.path == req.volume_path || resolved(&p.path) == path);
+        let mounts = self.host.mounts().await?;
+        let entry = top_mount(&mounts, &path);
+        let ours = match entry {
+            Some(e) => self.holds(e, &path, rdev).await?,
+            None => false,
+        };
+        if !ours && record.is_none() {
+            return Err(not_found(format!(
+                "volume_path {} is not a staging or publish path of volume {}",
+                req.volume_path, v.id
+            )));
+        }
+        let block = cap.as_ref().is_some_and(|c| c.access == Access::Block)
+            || record.is_some_and(is_block)
+            || entry.is_some_and(|e| ours && e.dev != rdev);
+        if block {
+            return Ok(csi::NodeExpandVolumeResponse {
+                capacity_bytes: to_i64(size),
+            });
+        }
+        // Grow through a writable mount of the device: the staging mount
+        // when given, else any read-write one (a read-only publish cannot
+        // grow), else the path itself.
+        let mountpoint = staging
+            .filter(|s| top_mount(&mounts, s).is_some_and(|e| e.dev == rdev))
+            .or_else(|| {
+                mounts
+                    .iter()
+                    .rev()
+                    .find(|e| e.dev == rdev && !e.read_only())
+                    .map(|e| e.mount_point.clone())
+            })
+            .or_else(|| ours.then(|| path.clone()));
+        match mountpoint {
+            Some(mp) => {
+                let fs = top_mount(&mounts, &mp)
+                    .map(|e| e.fs_type.clone())
+                    .unwrap_or_default();
+                self.grow_mounted(&v, &dev, &mp, &fs, size).await?;
+            }
+            None => match self.host.probe(&dev).await? {
+                Probe::Filesystem(t) if t == "ext4" => self.grow_ext4_offline(&v, &dev).await?,
+                Probe::Filesystem(t) if t == "xfs" => {
+                    return Err(failed(format!(
+                        "volume {} is not mounted at {} and xfs grows only while mounted; stage it and retry",
+                        v.id, req.volume_path
+                    )));
+                }
+                // Formatted to the full size when staged.
+                Probe::Empty => {}
+                Probe::Filesystem(t) | Probe::Other(t) => {
+                    return Err(failed(format!(
+                        "device {} of volume {} holds {t}, which pmem-agent cannot grow",
+                        dev.display(),
+                        v.id
+                    )));
+                }
+            },
+        }
+        Ok(csi::NodeExpandVolumeResponse {
+            capacity_bytes: to_i64(size),
+        })
+    }
+
+    async fn grow_mounted(
+        &self,
+        v: &Volume,
+        dev: &Path,
+        mountpoint: &Path,
+        fs: &str,
+        size: u64,
+    ) -> AgentResult<()> {
+        match fs {
+            "xfs" => {
+                tracing::info!(volume = %v.id, mountpoint = %mountpoint.display(), "growing xfs filesystem");
+                self.host.grow_online(FsType::Xfs, dev, mountpoint).await?;
+            }
+            "ext4" => {
+                let fs_size = self.host.ext4_size(dev).await?;
+                if fs_size.saturating_add(GROW_SLACK) <= size {
+                    tracing::info!(volume = %v.id, device = %dev.display(), "growing ext4 filesystem online");
+                    self.host
+                        .grow_online(FsType::Ext4, dev, mountpoint)
+                        .await
+                        .map_err(|e| {
+                            failed(format!(
+                                "cannot grow the ext4 filesystem of volume {} online ({e}); unpublish and unstage the volume: NodeStageVolume grows ext4 offline before mounting it",
+                                v.id
+                            ))
+                        })?;
+                }
+            }
+            other => {
+                return Err(failed(format!(
+                    "volume {} is mounted at {} as {other:?}, which pmem-agent cannot grow",
+                    v.id,
+                    mountpoint.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn info(&self) -> AgentResult<csi::NodeGetInfoResponse> {
+        let d = &self.driver;
+        let max = blocking(&d.alloc, |a| a.max_volumes()).await?;
+        Ok(csi::NodeGetInfoResponse {
+            node_id: d.cfg.node_id.clone(),
+            max_volumes_per_node: to_i64(max),
+            accessible_topology: Some(node_topology(&d.cfg.node_id)),
+        })
     }
 }
 
-/// Node start-up work after reconciliation.
-pub async fn startup(_driver: &Arc<Driver>) {}
+/// Deletes ephemeral inline volumes none of whose publish targets is still
+/// a mount of the volume (the pod went away while the daemon was down, or
+/// the mount was removed behind its back), with their ledger rows. Returns
+/// how many it deleted.
+pub async fn collect_ephemeral(driver: &Arc<Driver>, host: &dyn Host) -> usize {
+    let vols = match blocking(&driver.alloc, |a| a.volumes()).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list volumes to collect ephemeral volumes");
+            return 0;
+        }
+    };
+    let eph: Vec<Volume> = vols
+        .into_iter()
+        .filter(|v| v.persistency == Persistency::Ephemeral)
+        .collect();
+    if eph.is_empty() {
+        return 0;
+    }
+    let mounts = match host.mounts().await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the mount table; not collecting ephemeral volumes");
+            return 0;
+        }
+    };
+    let mut deleted = 0;
+    for v in eph {
+        let id = v.id.clone();
+        let pubs = match blocking(&driver.alloc, move |a| a.publications(Some(&id))).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(volume = %v.id, error = %e, "cannot read publications");
+                continue;
+            }
+        };
+        let rdev = match &v.device {
+            Some(d) => host.device_number(Path::new(d)).await.ok().flatten(),
+            None => None,
+        };
+        let live = pubs.iter().any(|p| {
+            p.kind == PublicationKind::Publish
+                && top_mount(&mounts, &resolved(&p.path))
+                    .is_some_and(|e| rdev.is_none_or(|r| e.dev == r))
+        });
+        if live {
+            continue;
+        }
+        let targets: Vec<&str> = pubs.iter().map(|p| p.path.as_str()).collect();
+        tracing::info!(
+            volume = %v.id,
+            name = %v.name,
+            pod = v.context.get(POD_INFO_KEYS[0]).map_or("", String::as_str),
+            targets = %targets.join(", "),
+            "deleting ephemeral inline volume whose target is no longer mounted"
+        );
+        let (id, rows) = (v.id.clone(), pubs.clone());
+        let res = blocking(&driver.alloc, move |a| {
+            for p in &rows {
+                a.delete_publication(&p.volume_id, p.kind, &p.path)?;
+            }
+            a.delete_volume(&id)
+        })
+        .await;
+        match res {
+            Ok(()) => deleted += 1,
+            Err(e) => {
+                tracing::warn!(volume = %v.id, error = %e, "cannot delete ephemeral inline volume")
+            }
+        }
+    }
+    deleted
+}
 
 #[tonic::async_trait]
 impl Node for NodeService {
     async fn node_stage_volume(
         &self,
-        _r: Request<csi::NodeStageVolumeRequest>,
+        request: Request<csi::NodeStageVolumeRequest>,
     ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
-        Err(Status::unimplemented("NodeStageVolume"))
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        call(
+            &self.driver.metrics,
+            "NodeStageVolume",
+            &id,
+            self.stage(req),
+        )
+        .await
     }
+
     async fn node_unstage_volume(
         &self,
-        _r: Request<csi::NodeUnstageVolumeRequest>,
+        request: Request<csi::NodeUnstageVolumeRequest>,
     ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
-        Err(Status::unimplemented("NodeUnstageVolume"))
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        call(
+            &self.driver.metrics,
+            "NodeUnstageVolume",
+            &id,
+            self.unstage(req),
+        )
+        .await
     }
+
     async fn node_publish_volume(
         &self,
-        _r: Request<csi::NodePublishVolumeRequest>,
+        request: Request<csi::NodePublishVolumeRequest>,
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
-        Err(Status::unimplemented("NodePublishVolume"))
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        call(
+            &self.driver.metrics,
+            "NodePublishVolume",
+            &id,
+            self.publish(req),
+        )
+        .await
     }
+
     async fn node_unpublish_volume(
         &self,
-        _r: Request<csi::NodeUnpublishVolumeRequest>,
+        request: Request<csi::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
-        Err(Status::unimplemented("NodeUnpublishVolume"))
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        call(
+            &self.driver.metrics,
+            "NodeUnpublishVolume",
+            &id,
+            self.unpublish(req),
+        )
+        .await
     }
+
     async fn node_get_volume_stats(
         &self,
-        _r: Request<csi::NodeGetVolumeStatsRequest>,
+        request: Request<csi::NodeGetVolumeStatsRequest>,
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
-        Err(Status::unimplemented("NodeGetVolumeStats"))
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        call(
+            &self.driver.metrics,
+            "NodeGetVolumeStats",
+            &id,
+            self.stats(req),
+        )
+        .await
     }
+
     async fn node_expand_volume(
         &self,
-        _r: Request<csi::NodeExpandVolumeRequest>,
+        request: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented("NodeExpandVolume"))
+        let req = request.into_inner();
+        let id = req.volume_id.clone();
+        call(
+            &self.driver.metrics,
+            "NodeExpandVolume",
+            &id,
+            self.expand(req),
+        )
+        .await
     }
+
     async fn node_get_capabilities(
         &self,
-        _r: Request<csi::NodeGetCapabilitiesRequest>,
+        _request: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
-        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
-            capabilities: vec![],
-        }))
+        call(&self.driver.metrics, "NodeGetCapabilities", "", async {
+            Ok(csi::NodeGetCapabilitiesResponse {
+                capabilities: CAPABILITIES
+                    .iter()
+                    .map(|t| csi::NodeServiceCapability {
+                        r#type: Some(node_service_capability::Type::Rpc(
+                            node_service_capability::Rpc { r#type: *t as i32 },
+                        )),
+                    })
+                    .collect(),
+            })
+        })
+        .await
     }
+
     async fn node_get_info(
         &self,
-        _r: Request<csi::NodeGetInfoRequest>,
+        _request: Request<csi::NodeGetInfoRequest>,
     ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
-        let d = &self.driver;
-        let max = crate::rpc::blocking(&d.alloc, |a| a.max_volumes())
-            .await
-            .map_err(Status::from)?;
-        Ok(Response::new(csi::NodeGetInfoResponse {
-            node_id: d.cfg.node_id.clone(),
-            max_volumes_per_node: i64::try_from(max).unwrap_or(i64::MAX),
-            accessible_topology: Some(crate::csi::params::node_topology(&d.cfg.node_id)),
-        }))
+        call(&self.driver.metrics, "NodeGetInfo", "", self.info()).await
     }
 }

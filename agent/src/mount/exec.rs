@@ -120,16 +120,22 @@ mod tests {
 
     #[tokio::test]
     async fn captures_output_and_status() {
-        let out = run(&["sh", "-c", "echo out; echo err >&2; exit 3"], Duration::from_secs(10))
-            .await
-            .unwrap();
+        let out = run(
+            &["sh", "-c", "echo out; echo err >&2; exit 3"],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
         assert_eq!(out.code, Some(3));
         assert_eq!(out.stdout, "out\n");
         assert_eq!(out.stderr, "err\n");
-        let e = run_ok(&["sh", "-c", "echo bad thing >&2; exit 1"], Duration::from_secs(10))
-            .await
-            .unwrap_err()
-            .to_string();
+        let e = run_ok(
+            &["sh", "-c", "echo bad thing >&2; exit 1"],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("exit status 1"), "{e}");
         assert!(e.contains("bad thing"), "{e}");
         assert!(e.contains("sh -c"), "{e}");
@@ -164,7 +170,10 @@ mod tests {
 
     #[test]
     fn renders_and_trims() {
-        assert_eq!(render(&["xfs_io", "-c", "extsize 2m", "/m"]), "xfs_io -c \"extsize 2m\" /m");
+        assert_eq!(
+            render(&["xfs_io", "-c", "extsize 2m", "/m"]),
+            "xfs_io -c \"extsize 2m\" /m"
+        );
         let long = "é".repeat(STDERR_KEEP);
         assert!(trimmed(&long).ends_with("..."));
     }

@@ -22,6 +22,8 @@ pub struct FakeDevice {
     /// Bytes the filesystem spans (grows with resize).
     pub fs_size: u64,
     pub dax: bool,
+    /// The "kernel" silently mounts without DAX although asked.
+    pub ignore_dax: bool,
     /// Anything blkid would see that is not a filesystem.
     pub other_signature: Option<String>,
 }
@@ -140,6 +142,7 @@ impl FakeState {
             fs: None,
             fs_size: 0,
             dax: st.default_dax,
+            ignore_dax: false,
             other_signature: None,
         };
         st.devices.insert(dev.to_owned(), d);
@@ -172,7 +175,10 @@ impl FakeState {
 }
 
 fn opts(ro: bool) -> Vec<String> {
-    vec![if ro { "ro" } else { "rw" }.to_owned(), "relatime".to_owned()]
+    vec![
+        if ro { "ro" } else { "rw" }.to_owned(),
+        "relatime".to_owned(),
+    ]
 }
 
 #[tonic::async_trait]
@@ -198,7 +204,7 @@ impl Host for FakeHost {
             return Err(MountError::sys("mount with dax", nix::errno::Errno::EINVAL));
         }
         let mut sup = vec!["rw".to_owned()];
-        if dax_asked && d.dax {
+        if dax_asked && d.dax && !d.ignore_dax {
             sup.push("dax=always".into());
         } else if spec.fs_type == "xfs" {
             sup.push("dax=never".into());
@@ -381,7 +387,8 @@ impl Host for FakeHost {
     async fn grow_offline_ext4(&self, dev: &Path) -> Result<(), MountError> {
         let mut st = self.state();
         st.check("grow_offline_ext4")?;
-        st.calls.push(format!("grow_offline_ext4 {}", dev.display()));
+        st.calls
+            .push(format!("grow_offline_ext4 {}", dev.display()));
         let d = st.device(dev)?;
         d.fs_size = d.size;
         Ok(())

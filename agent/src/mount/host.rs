@@ -86,7 +86,15 @@ pub fn mkfs_argv(fs: FsType, dev: &str, size: u64) -> Vec<String> {
                 "su=2m,sw=1"
             };
             vec![
-                "mkfs.xfs", "-q", "-b", "size=4096", "-m", "reflink=0", "-d", data, dev,
+                "mkfs.xfs",
+                "-q",
+                "-b",
+                "size=4096",
+                "-m",
+                "reflink=0",
+                "-d",
+                data,
+                dev,
             ]
         }
         FsType::Ext4 => vec![
@@ -253,9 +261,12 @@ impl Host for RealHost {
     }
 
     async fn set_extent_hint(&self, dir: &Path) -> Result<(), MountError> {
-        run_ok(&["xfs_io", "-c", "extsize 2m", path_str(dir)?], TOOL_DEADLINE)
-            .await
-            .map(|_| ())
+        run_ok(
+            &["xfs_io", "-c", "extsize 2m", path_str(dir)?],
+            TOOL_DEADLINE,
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn statvfs(&self, path: &Path) -> Result<FsStats, MountError> {
@@ -363,13 +374,12 @@ mod tests {
     #[test]
     fn blkid_output() {
         assert_eq!(
-            parse_blkid("DEVNAME=/dev/loop0\nUUID=x\nBLOCK_SIZE=4096\nTYPE=ext4\nUSAGE=filesystem\n"),
+            parse_blkid(
+                "DEVNAME=/dev/loop0\nUUID=x\nBLOCK_SIZE=4096\nTYPE=ext4\nUSAGE=filesystem\n"
+            ),
             Probe::Filesystem("ext4".into())
         );
-        assert_eq!(
-            parse_blkid("TYPE=xfs\n"),
-            Probe::Filesystem("xfs".into())
-        );
+        assert_eq!(parse_blkid("TYPE=xfs\n"), Probe::Filesystem("xfs".into()));
         assert_eq!(
             parse_blkid("PTUUID=abc\nPTTYPE=gpt\n"),
             Probe::Other("a gpt partition table".into())

@@ -152,8 +152,12 @@ pub trait Host: Send + Sync + Debug {
     /// Size of the ext4 filesystem on `dev` in bytes (from its superblock).
     async fn ext4_size(&self, dev: &Path) -> Result<u64, MountError>;
     /// Grows a mounted filesystem to the device size.
-    async fn grow_online(&self, fs: FsType, dev: &Path, mountpoint: &Path)
-    -> Result<(), MountError>;
+    async fn grow_online(
+        &self,
+        fs: FsType,
+        dev: &Path,
+        mountpoint: &Path,
+    ) -> Result<(), MountError>;
     /// Checks and grows an unmounted ext4 filesystem to the device size.
     async fn grow_offline_ext4(&self, dev: &Path) -> Result<(), MountError>;
     /// Creates a directory and its parents.
@@ -246,7 +250,10 @@ mod tests {
     #[test]
     fn options_split_into_flags_and_data() {
         let o = parse_options(&s(&["noatime,nosuid", "discard", "ro", "defaults"])).unwrap();
-        assert!(o.flags.contains(MsFlags::MS_NOATIME | MsFlags::MS_NOSUID | MsFlags::MS_RDONLY));
+        assert!(
+            o.flags
+                .contains(MsFlags::MS_NOATIME | MsFlags::MS_NOSUID | MsFlags::MS_RDONLY)
+        );
         assert_eq!(o.data, vec!["discard"]);
         assert_eq!(
             o.per_mount(),

@@ -33,8 +33,7 @@ pub struct MountEntry {
 impl MountEntry {
     /// The mount itself is read-only.
     pub fn read_only(&self) -> bool {
-        self.mount_options.iter().any(|o| o == "ro")
-            || self.super_options.iter().any(|o| o == "ro")
+        self.mount_options.iter().any(|o| o == "ro") || self.super_options.iter().any(|o| o == "ro")
     }
 
     /// The filesystem runs with DAX (`dax` or `dax=always`; xfs reports

@@ -81,12 +81,20 @@ mod tests {
 
     #[test]
     fn rejects_relative_parent_and_empty() {
-        assert!(check("target_path", "", None).unwrap_err().contains("required"));
+        assert!(
+            check("target_path", "", None)
+                .unwrap_err()
+                .contains("required")
+        );
         let e = check("target_path", "rel/dir", None).unwrap_err();
         assert!(e.contains("target_path") && e.contains("absolute"), "{e}");
         let e = check("target_path", "/a/../b", None).unwrap_err();
         assert!(e.contains(".."), "{e}");
-        assert!(check("target_path", "/a\0b", None).unwrap_err().contains("NUL"));
+        assert!(
+            check("target_path", "/a\0b", None)
+                .unwrap_err()
+                .contains("NUL")
+        );
     }
 
     #[test]
@@ -123,7 +131,12 @@ mod tests {
         assert!(e.contains("not under"), "{e}");
         // The path itself a symlink: refused even without a root.
         std::os::unix::fs::symlink(&outside, root.join("pods/link")).unwrap();
-        let e = check("target_path", root.join("pods/link").to_str().unwrap(), None).unwrap_err();
+        let e = check(
+            "target_path",
+            root.join("pods/link").to_str().unwrap(),
+            None,
+        )
+        .unwrap_err();
         assert!(e.contains("symbolic link"), "{e}");
         // A dangling ancestor symlink.
         std::os::unix::fs::symlink(base.join("nowhere"), root.join("pods/dangle")).unwrap();

@@ -1,0 +1,1224 @@
+//! Node RPC logic against the fake host and a real ledger (with a fake
+//! device backend): idempotency, conflicts, preconditions, ephemeral
+//! volumes and start-up collection. No root needed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Parser;
+use pmem_allocator::{
+    Allocator, Backend, Device, DeviceRequest, InventoryItem, RegionSpec, Result as AllocResult,
+};
+use pmem_proto::csi::volume_capability::{AccessMode, BlockVolume, MountVolume};
+use tonic::Code;
+
+use super::*;
+use crate::config::{Args, Config};
+use crate::mount::fake::{FAKE_DEV_DIR, FakeHost};
+use crate::store::Store;
+
+const MIB: u64 = 1 << 20;
+
+/// Devices appear as `/dev/fake/<volume id>`.
+#[derive(Debug)]
+struct FakeBackend;
+
+fn fake_device(req: &DeviceRequest) -> Device {
+    Device {
+        path: Some(format!("{FAKE_DEV_DIR}{}", req.volume_id)),
+        size: req.size,
+    }
+}
+
+impl Backend for FakeBackend {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+    fn describe(&self) -> String {
+        "fake backend".into()
+    }
+    fn regions(&self) -> AllocResult<Vec<RegionSpec>> {
+        Ok(vec![RegionSpec {
+            id: "region0".into(),
+            size: Bytes::gib(8),
+            align: Bytes::mib(16),
+            ns_slots: 1024,
+            numa_node: 0,
+            location: "memory".into(),
+        }])
+    }
+    fn wipe_head(&self, _req: &DeviceRequest) -> AllocResult<()> {
+        Ok(())
+    }
+    fn create(&self, req: &DeviceRequest) -> AllocResult<Device> {
+        Ok(fake_device(req))
+    }
+    fn find(&self, req: &DeviceRequest) -> AllocResult<Option<Device>> {
+        Ok(Some(fake_device(req)))
+    }
+    fn destroy(&self, _req: &DeviceRequest) -> AllocResult<()> {
+        Ok(())
+    }
+    fn erase(&self, _req: &DeviceRequest) -> AllocResult<()> {
+        Ok(())
+    }
+    fn resize(&self, req: &DeviceRequest) -> AllocResult<Device> {
+        Ok(fake_device(req))
+    }
+    fn inventory(&self) -> AllocResult<Vec<InventoryItem>> {
+        Ok(Vec::new())
+    }
+    fn remove_orphan(&self, _item: &InventoryItem) -> AllocResult<()> {
+        Ok(())
+    }
+}
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    base: PathBuf,
+    host: Arc<FakeHost>,
+    driver: Arc<Driver>,
+    node: NodeService,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let state = base.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let root = base.join("kubelet");
+        std::fs::create_dir_all(&root).unwrap();
+        let args = Args::parse_from([
+            "pmem-agent",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--node-id",
+            "n1",
+            "--kubelet-root",
+            root.to_str().unwrap(),
+        ]);
+        let cfg = Config::load(args).unwrap();
+        let alloc = Allocator::open(&cfg.ledger_path(), Arc::new(FakeBackend)).unwrap();
+        let store: Store = Arc::new(alloc);
+        let driver = Arc::new(Driver::new(cfg, store, "fake"));
+        let host = Arc::new(FakeHost::new());
+        let node = NodeService::with_host(Arc::clone(&driver), host.clone());
+        Rig {
+            _dir: dir,
+            base,
+            host,
+            driver,
+            node,
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.base.join("kubelet").join(rel)
+    }
+
+    fn create(&self, name: &str, mib: u64) -> Volume {
+        let mut req = CreateRequest::new(name, Bytes::mib(mib));
+        if name.starts_with("fileio") {
+            req.usage = Usage::FileIo;
+        }
+        self.driver.alloc.create_volume(&req).unwrap()
+    }
+
+    fn dev(&self, v: &Volume) -> PathBuf {
+        PathBuf::from(v.device.clone().unwrap())
+    }
+
+    fn pubs(&self, v: &Volume) -> Vec<Publication> {
+        self.driver.alloc.publications(Some(&v.id)).unwrap()
+    }
+}
+
+fn mount_cap(fs: &str, mode: Mode, flags: &[&str]) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            mount_flags: flags.iter().map(|f| (*f).to_owned()).collect(),
+            volume_mount_group: String::new(),
+        })),
+    }
+}
+
+fn xfs() -> csi::VolumeCapability {
+    mount_cap("xfs", Mode::SingleNodeWriter, &[])
+}
+
+fn block_cap() -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    }
+}
+
+fn stage_req(id: &str, path: &Path, cap: csi::VolumeCapability) -> csi::NodeStageVolumeRequest {
+    csi::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: path.display().to_string(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+fn publish_req(
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: csi::VolumeCapability,
+    readonly: bool,
+) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(cap),
+        readonly,
+        ..Default::default()
+    }
+}
+
+fn unpublish_req(id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
+    csi::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.display().to_string(),
+    }
+}
+
+fn unstage_req(id: &str, path: &Path) -> csi::NodeUnstageVolumeRequest {
+    csi::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: path.display().to_string(),
+    }
+}
+
+fn stats_req(id: &str, path: &Path) -> csi::NodeGetVolumeStatsRequest {
+    csi::NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: path.display().to_string(),
+        staging_target_path: String::new(),
+    }
+}
+
+fn expand_req(
+    id: &str,
+    path: &Path,
+    staging: Option<&Path>,
+    required: u64,
+) -> csi::NodeExpandVolumeRequest {
+    csi::NodeExpandVolumeRequest {
+        volume_id: id.into(),
+        volume_path: path.display().to_string(),
+        staging_target_path: staging.map(|s| s.display().to_string()).unwrap_or_default(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: i64::try_from(required).unwrap(),
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Code and message of a failed call; panics on success.
+fn fails<T: std::fmt::Debug>(r: AgentResult<T>) -> (Code, String) {
+    let e = r.expect_err("call should fail");
+    (e.code(), e.to_string())
+}
+
+fn assert_fails<T: std::fmt::Debug>(r: AgentResult<T>, code: Code, needle: &str) {
+    let (c, m) = fails(r);
+    assert_eq!(c, code, "{m}");
+    assert!(m.contains(needle), "{needle:?} not in {m:?}");
+}
+
+#[tokio::test]
+async fn capabilities_and_info() {
+    let r = Rig::new();
+    let caps = r
+        .node
+        .node_get_capabilities(Request::new(csi::NodeGetCapabilitiesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    let got: Vec<i32> = caps
+        .iter()
+        .filter_map(|c| {
+            c.r#type
+                .map(|node_service_capability::Type::Rpc(r)| r.r#type)
+        })
+        .collect();
+    let want: Vec<i32> = CAPABILITIES.iter().map(|t| *t as i32).collect();
+    assert_eq!(got, want);
+    assert_eq!(got.len(), 5);
+    let before = r.node.info().await.unwrap();
+    assert_eq!(before.node_id, "n1");
+    assert_eq!(before.accessible_topology, Some(node_topology("n1")));
+    assert_eq!(before.max_volumes_per_node, 8 * 1024 / 16);
+    // Recomputed on every call.
+    r.create("big", 4096);
+    let after = r.node.info().await.unwrap();
+    assert!(after.max_volumes_per_node < before.max_volumes_per_node);
+}
+
+#[tokio::test]
+async fn stage_formats_once_and_repeats_are_ok() {
+    let r = Rig::new();
+    let v = r.create("pv1", 512);
+    let staging = r.path("staging/pv1");
+    r.node
+        .stage(stage_req(&v.id, &staging, xfs()))
+        .await
+        .unwrap();
+    let dev = r.dev(&v);
+    assert_eq!(
+        r.host.calls("mkfs"),
+        vec![format!("mkfs {} xfs", dev.display())]
+    );
+    assert_eq!(r.host.calls("mount").len(), 1);
+    assert_eq!(
+        r.host.calls("extsize"),
+        vec![format!("extsize {}", staging.display())]
+    );
+    let m = r.host.mount_at(&staging).unwrap();
+    assert_eq!(m.fs_type, "xfs");
+    let pubs = r.pubs(&v);
+    assert_eq!(pubs.len(), 1);
+    assert_eq!(pubs[0].kind, PublicationKind::Stage);
+    assert_eq!(pubs[0].capability, "mount;xfs;;SINGLE_NODE_WRITER");
+
+    // The same call again: nothing new happens.
+    r.node
+        .stage(stage_req(&v.id, &staging, xfs()))
+        .await
+        .unwrap();
+    assert_eq!(r.host.calls("mkfs").len(), 1);
+    assert_eq!(r.host.calls("mount").len(), 1);
+
+    // Another capability, or another path: ALREADY_EXISTS.
+    let ext4 = mount_cap("ext4", Mode::SingleNodeWriter, &[]);
+    assert_fails(
+        r.node.stage(stage_req(&v.id, &staging, ext4)).await,
+        Code::AlreadyExists,
+        "already staged",
+    );
+    let noatime = mount_cap("xfs", Mode::SingleNodeWriter, &["noatime"]);
+    assert_fails(
+        r.node.stage(stage_req(&v.id, &staging, noatime)).await,
+        Code::AlreadyExists,
+        "mount;xfs;;SINGLE_NODE_WRITER",
+    );
+    assert_fails(
+        r.node
+            .stage(stage_req(&v.id, &r.path("staging/other"), xfs()))
+            .await,
+        Code::AlreadyExists,
+        "already staged at",
+    );
+
+    // A mount left by an interrupted call (no ledger row) is adopted.
+    let v2 = r.create("pv2", 512);
+    let s2 = r.path("staging/pv2");
+    r.host
+        .with_device(&r.dev(&v2), |d| d.fs = Some("xfs".into()));
+    r.host
+        .mount(&MountSpec {
+            source: r.dev(&v2),
+            target: s2.clone(),
+            fs_type: "xfs".into(),
+            flags: MsFlags::empty(),
+            data: vec![],
+        })
+        .await
+        .unwrap();
+    r.node.stage(stage_req(&v2.id, &s2, xfs())).await.unwrap();
+    assert_eq!(r.host.calls("mount").len(), 2, "{:?}", r.host.calls(""));
+    assert_eq!(r.pubs(&v2).len(), 1);
+}
+
+#[tokio::test]
+async fn stage_never_reformats() {
+    let r = Rig::new();
+    let v = r.create("pv", 512);
+    let staging = r.path("staging/pv");
+    r.host
+        .with_device(&r.dev(&v), |d| d.fs = Some("ext4".into()));
+    let (code, msg) = fails(r.node.stage(stage_req(&v.id, &staging, xfs())).await);
+    assert_eq!(code, Code::FailedPrecondition, "{msg}");
+    assert!(
+        msg.contains("ext4") && msg.contains("refusing to reformat"),
+        "{msg}"
+    );
+    assert!(r.host.calls("mkfs").is_empty());
+    assert!(r.pubs(&v).is_empty());
+    // No fs_type: the existing filesystem is used.
+    let any = mount_cap("", Mode::SingleNodeWriter, &[]);
+    r.node.stage(stage_req(&v.id, &staging, any)).await.unwrap();
+    assert_eq!(r.host.mount_at(&staging).unwrap().fs_type, "ext4");
+    assert!(r.host.calls("mkfs").is_empty());
+    assert!(r.host.calls("extsize").is_empty(), "no xfs hint on ext4");
+
+    let w = r.create("pw", 512);
+    r.host.with_device(&r.dev(&w), |d| {
+        d.other_signature = Some("a gpt partition table".into())
+    });
+    assert_fails(
+        r.node
+            .stage(stage_req(&w.id, &r.path("staging/pw"), xfs()))
+            .await,
+        Code::FailedPrecondition,
+        "gpt partition table",
+    );
+}
+
+#[tokio::test]
+async fn small_volumes_cannot_hold_xfs() {
+    let r = Rig::new();
+    r.host.state().default_size = 128 * MIB;
+    let v = r.create("small", 128);
+    let staging = r.path("staging/small");
+    assert_fails(
+        r.node.stage(stage_req(&v.id, &staging, xfs())).await,
+        Code::FailedPrecondition,
+        "at least 300MiB",
+    );
+    assert!(r.host.calls("mkfs").is_empty());
+    let ext4 = mount_cap("ext4", Mode::SingleNodeWriter, &[]);
+    r.node
+        .stage(stage_req(&v.id, &staging, ext4))
+        .await
+        .unwrap();
+    assert_eq!(r.host.calls("mkfs").len(), 1);
+}
+
+#[tokio::test]
+async fn dax_when_the_device_has_it_and_a_condition_when_not() {
+    let r = Rig::new();
+    let with = r.create("dax", 512);
+    r.host.with_device(&r.dev(&with), |d| d.dax = true);
+    let s1 = r.path("staging/dax");
+    r.node.stage(stage_req(&with.id, &s1, xfs())).await.unwrap();
+    assert!(
+        r.host.calls("mount")[0].ends_with(" dax"),
+        "{:?}",
+        r.host.calls("mount")
+    );
+    let st = r.node.stats(stats_req(&with.id, &s1)).await.unwrap();
+    let c = st.volume_condition.unwrap();
+    assert!(!c.abnormal, "{}", c.message);
+
+    let without = r.create("nodax", 512);
+    let s2 = r.path("staging/nodax");
+    r.node
+        .stage(stage_req(&without.id, &s2, xfs()))
+        .await
+        .unwrap();
+    assert!(
+        r.host.calls("mount")[1].ends_with(" xfs "),
+        "{:?}",
+        r.host.calls("mount")
+    );
+    let st = r.node.stats(stats_req(&without.id, &s2)).await.unwrap();
+    let c = st.volume_condition.unwrap();
+    assert!(c.abnormal);
+    assert!(
+        c.message.contains("AppDirect requested but device")
+            && c.message.contains("mounted without dax"),
+        "{}",
+        c.message
+    );
+    // Usage is still reported.
+    assert_eq!(st.usage.len(), 2);
+
+    // FileIO never asks for dax.
+    let fio = r.create("fileio", 512);
+    let s3 = r.path("staging/fileio");
+    r.node.stage(stage_req(&fio.id, &s3, xfs())).await.unwrap();
+    let c = r
+        .node
+        .stats(stats_req(&fio.id, &s3))
+        .await
+        .unwrap()
+        .volume_condition
+        .unwrap();
+    assert!(!c.abnormal, "{}", c.message);
+}
+
+#[tokio::test]
+async fn dax_is_confirmed_from_the_mount_table() {
+    let r = Rig::new();
+    let v = r.create("pv", 512);
+    let staging = r.path("staging/pv");
+    r.host.with_device(&r.dev(&v), |d| {
+        d.dax = true;
+        d.ignore_dax = true;
+    });
+    assert_fails(
+        r.node.stage(stage_req(&v.id, &staging, xfs())).await,
+        Code::FailedPrecondition,
+        "did not enable DAX",
+    );
+    assert!(r.host.mount_at(&staging).is_none(), "undone");
+    assert!(r.pubs(&v).is_empty());
+
+    // Found mounted without dax by an earlier call: kept, and reported.
+    r.host
+        .mount(&MountSpec {
+            source: r.dev(&v),
+            target: staging.clone(),
+            fs_type: "xfs".into(),
+            flags: MsFlags::empty(),
+            data: vec![],
+        })
+        .await
+        .unwrap();
+    r.node
+        .stage(stage_req(&v.id, &staging, xfs()))
+        .await
+        .unwrap();
+    assert!(r.host.mount_at(&staging).is_some());
+    let c = r
+        .node
+        .stats(stats_req(&v.id, &staging))
+        .await
+        .unwrap()
+        .volume_condition
+        .unwrap();
+    assert!(c.abnormal);
+    assert!(c.message.contains("has DAX, but"), "{}", c.message);
+}
+
+#[tokio::test]
+async fn publish_lifecycle_with_preconditions_and_conflicts() {
+    let r = Rig::new();
+    let v = r.create("pv", 512);
+    let staging = r.path("staging/pv");
+    let t1 = r.path("pods/a/vol");
+    let t2 = r.path("pods/b/vol");
+
+    assert_fails(
+        r.node
+            .publish(publish_req(&v.id, &staging, &t1, xfs(), false))
+            .await,
+        Code::FailedPrecondition,
+        "not staged",
+    );
+    let mut no_staging = publish_req(&v.id, &staging, &t1, xfs(), false);
+    no_staging.staging_target_path.clear();
+    assert_fails(
+        r.node.publish(no_staging).await,
+        Code::InvalidArgument,
+        "staging_target_path",
+    );
+    r.node
+        .stage(stage_req(&v.id, &staging, xfs()))
+        .await
+        .unwrap();
+    assert_fails(
+        r.node
+            .publish(publish_req(&v.id, &r.path("staging/x"), &t1, xfs(), false))
+            .await,
+        Code::FailedPrecondition,
+        "is staged at",
+    );
+    assert_fails(
+        r.node
+            .publish(publish_req(&v.id, &staging, &t1, block_cap(), false))
+            .await,
+        Code::FailedPrecondition,
+        "block access",
+    );
+
+    r.node
+        .publish(publish_req(&v.id, &staging, &t1, xfs(), false))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.host.calls("bind"),
+        vec![format!("bind {} {}", staging.display(), t1.display())]
+    );
+    assert!(r.host.state().dirs.contains(&t1));
+    // Repeat: OK, nothing new.
+    r.node
+        .publish(publish_req(&v.id, &staging, &t1, xfs(), false))
+        .await
+        .unwrap();
+    assert_eq!(r.host.calls("bind").len(), 1);
+    // Same target, read-only now: conflict.
+    assert_fails(
+        r.node
+            .publish(publish_req(&v.id, &staging, &t1, xfs(), true))
+            .await,
+        Code::AlreadyExists,
+        "readonly=false",
+    );
+    // A second, read-only target.
+    r.node
+        .publish(publish_req(&v.id, &staging, &t2, xfs(), true))
+        .await
+        .unwrap();
+    assert!(r.host.calls("bind")[1].ends_with(" ro"));
+    assert!(r.host.mount_at(&t2).unwrap().read_only());
+    assert_eq!(r.pubs(&v).len(), 3);
+    let st = r.node.stats(stats_req(&v.id, &t2)).await.unwrap();
+    assert_eq!(st.usage.len(), 2);
+
+    // Deleting or unstaging while published is refused.
+    let id = v.id.clone();
+    let e = AgentError::from(r.driver.alloc.delete_volume(&id).unwrap_err());
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert_fails(
+        r.node.unstage(unstage_req(&v.id, &staging)).await,
+        Code::FailedPrecondition,
+        "still published",
+    );
+
+    r.node.unpublish(unpublish_req(&v.id, &t1)).await.unwrap();
+    assert!(r.host.mount_at(&t1).is_none());
+    assert!(!r.host.state().dirs.contains(&t1), "target removed");
+    // Again, and for an unknown volume: OK.
+    r.node.unpublish(unpublish_req(&v.id, &t1)).await.unwrap();
+    r.node
+        .unpublish(unpublish_req("pmem-unknown", &t1))
+        .await
+        .unwrap();
+    r.node.unpublish(unpublish_req(&v.id, &t2)).await.unwrap();
+    r.node.unstage(unstage_req(&v.id, &staging)).await.unwrap();
+    assert!(r.host.mount_at(&staging).is_none());
+    assert!(r.pubs(&v).is_empty());
+    r.node.unstage(unstage_req(&v.id, &staging)).await.unwrap();
+    r.driver.alloc.delete_volume(&v.id).unwrap();
+    r.node.unstage(unstage_req(&v.id, &staging)).await.unwrap();
+}
+
+#[tokio::test]
+async fn single_node_single_writer_allows_one_target() {
+    let r = Rig::new();
+    let v = r.create("pv", 512);
+    let staging = r.path("staging/pv");
+    let cap = mount_cap("xfs", Mode::SingleNodeSingleWriter, &[]);
+    r.node
+        .stage(stage_req(&v.id, &staging, cap.clone()))
+        .await
+        .unwrap();
+    r.node
+        .publish(publish_req(
+            &v.id,
+            &staging,
+            &r.path("pods/a/v"),
+            cap.clone(),
+            false,
+        ))
+        .await
+        .unwrap();
+    assert_fails(
+        r.node
+            .publish(publish_req(
+                &v.id,
+                &staging,
+                &r.path("pods/b/v"),
+                cap,
+                false,
+            ))
+            .await,
+        Code::FailedPrecondition,
+        "SINGLE_NODE_SINGLE_WRITER",
+    );
+}
+
+#[tokio::test]
+async fn mount_flags_reach_the_mounts() {
+    let r = Rig::new();
+    let v = r.create("pv", 512);
+    let staging = r.path("staging/pv");
+    let cap = mount_cap("xfs", Mode::SingleNodeWriter, &["noatime", "nouuid"]);
+    r.node
+        .stage(stage_req(&v.id, &staging, cap.clone()))
+        .await
+        .unwrap();
+    assert!(r.host.calls("mount")[0].ends_with(" nouuid"));
+    let bad = mount_cap("xfs", Mode::SingleNodeWriter, &["bind"]);
+    assert_fails(
+        r.node.stage(stage_req(&v.id, &staging, bad)).await,
+        Code::InvalidArgument,
+        "mount_flags",
+    );
+}
+
+#[tokio::test]
+async fn block_volumes_are_bound_device_nodes() {
+    let r = Rig::new();
+    let v = r.create("blk", 64);
+    let staging = r.path("staging/blk");
+    let target = r.path("pods/a/dev");
+    r.node
+        .stage(stage_req(&v.id, &staging, block_cap()))
+        .await
+        .unwrap();
+    assert!(r.host.calls("mount").is_empty() && r.host.calls("mkfs").is_empty());
+    r.node
+        .publish(publish_req(&v.id, &staging, &target, block_cap(), false))
+        .await
+        .unwrap();
+    assert!(r.host.state().files.contains(&target));
+    assert_eq!(
+        r.host.calls("bind"),
+        vec![format!("bind {} {}", r.dev(&v).display(), target.display())]
+    );
+    r.node
+        .publish(publish_req(&v.id, &staging, &target, block_cap(), false))
+        .await
+        .unwrap();
+    assert_eq!(r.host.calls("bind").len(), 1);
+    let st = r.node.stats(stats_req(&v.id, &target)).await.unwrap();
+    assert_eq!(st.usage.len(), 1);
+    assert_eq!(st.usage[0].total, 1 << 30);
+    assert_eq!(st.usage[0].unit, Unit::Bytes as i32);
+    assert!(!st.volume_condition.unwrap().abnormal);
+    let st = r.node.stats(stats_req(&v.id, &staging)).await.unwrap();
+    assert!(!st.volume_condition.unwrap().abnormal);
+    let e = r
+        .node
+        .expand(expand_req(&v.id, &target, Some(&staging), 0))
+        .await
+        .unwrap();
+    assert_eq!(e.capacity_bytes, 1 << 30);
+    assert!(r.host.calls("grow").is_empty());
+    r.node
+        .unpublish(unpublish_req(&v.id, &target))
+        .await
+        .unwrap();
+    assert!(!r.host.state().files.contains(&target));
+    r.node.unstage(unstage_req(&v.id, &staging)).await.unwrap();
+    assert!(r.pubs(&v).is_empty());
+}
+
+#[tokio::test]
+async fn validation_codes() {
+    let r = Rig::new();
+    let v = r.create("pv", 512);
+    let staging = r.path("staging/pv");
+    let outside = r.base.join("elsewhere/pv");
+
+    let mut no_id = stage_req(&v.id, &staging, xfs());
+    no_id.volume_id.clear();
+    assert_fails(
+        r.node.stage(no_id).await,
+        Code::InvalidArgument,
+        "volume_id is required",
+    );
+    let mut no_path = stage_req(&v.id, &staging, xfs());
+    no_path.staging_target_path.clear();
+    assert_fails(
+        r.node.stage(no_path).await,
+        Code::InvalidArgument,
+        "staging_target_path is required",
+    );
+    let mut rel = stage_req(&v.id, &staging, xfs());
+    rel.staging_target_path = "var/lib/x".into();
+    assert_fails(r.node.stage(rel).await, Code::InvalidArgument, "absolute");
+    let mut no_cap = stage_req(&v.id, &staging, xfs());
+    no_cap.volume_capability = None;
+    assert_fails(
+        r.node.stage(no_cap).await,
+        Code::InvalidArgument,
+        "volume_capability is required",
+    );
+    let mut group = xfs();
+    if let Some(AccessType::Mount(m)) = &mut group.access_type {
+        m.volume_mount_group = "1000".into();
+    }
+    assert_fails(
+        r.node.stage(stage_req(&v.id, &staging, group)).await,
+        Code::InvalidArgument,
+        "volume_mount_group",
+    );
+    assert_fails(
+        r.node
+            .stage(stage_req(
+                &v.id,
+                &staging,
+                mount_cap("btrfs", Mode::SingleNodeWriter, &[]),
+            ))
+            .await,
+        Code::InvalidArgument,
+        "btrfs",
+    );
+    assert_fails(
+        r.node.stage(stage_req(&v.id, &outside, xfs())).await,
+        Code::InvalidArgument,
+        "kubelet root",
+    );
+    assert_fails(
+        r.node.stage(stage_req("pmem-nope", &staging, xfs())).await,
+        Code::NotFound,
+        "pmem-nope",
+    );
+    let mut ctx_bad = publish_req(&v.id, &staging, &r.path("pods/a/v"), xfs(), false);
+    ctx_bad
+        .volume_context
+        .insert(EPHEMERAL_KEY.into(), "yes".into());
+    assert_fails(
+        r.node.publish(ctx_bad).await,
+        Code::InvalidArgument,
+        EPHEMERAL_KEY,
+    );
+    assert_fails(
+        r.node
+            .publish(publish_req(&v.id, &staging, &outside, xfs(), false))
+            .await,
+        Code::InvalidArgument,
+        "target_path",
+    );
+    assert_fails(
+        r.node
+            .unpublish(unpublish_req(&v.id, Path::new("/a/../b")))
+            .await,
+        Code::InvalidArgument,
+        "..",
+    );
+
+    let mut s = stats_req(&v.id, &staging);
+    s.volume_path.clear();
+    assert_fails(
+        r.node.stats(s).await,
+        Code::InvalidArgument,
+        "volume_path is required",
+    );
+    assert_fails(
+        r.node.stats(stats_req("pmem-nope", &staging)).await,
+        Code::NotFound,
+        "does not exist",
+    );
+    assert_fails(
+        r.node.stats(stats_req(&v.id, &staging)).await,
+        Code::NotFound,
+        "not a staging or publish path",
+    );
+    let mut ex = expand_req(&v.id, &staging, None, 0);
+    ex.volume_id.clear();
+    assert_fails(r.node.expand(ex).await, Code::InvalidArgument, "volume_id");
+    r.node
+        .stage(stage_req(&v.id, &staging, xfs()))
+        .await
+        .unwrap();
+    assert_fails(
+        r.node
+            .expand(expand_req(&v.id, &staging, None, 2 << 30))
+            .await,
+        Code::OutOfRange,
+        "ControllerExpandVolume",
+    );
+    assert_fails(
+        r.node
+            .expand(expand_req(&v.id, &r.path("staging/zzz"), None, 0))
+            .await,
+        Code::NotFound,
+        "not a staging or publish path",
+    );
+}
+
+#[tokio::test]
+async fn volumes_without_a_device_cannot_be_staged() {
+    let r = Rig::new();
+    let v = r.create("pv", 512);
+    let volume = Volume {
+        device: None,
+        ..v.clone()
+    };
+    let e = device_of(&volume).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.to_string().contains("file-only"), "{e}");
+    // A device that vanished.
+    r.host.remove_device(&r.dev(&v));
+    assert_fails(
+        r.node
+            .stage(stage_req(&v.id, &r.path("staging/pv"), xfs()))
+            .await,
+        Code::FailedPrecondition,
+        "is missing",
+    );
+}
+
+#[tokio::test]
+async fn calls_on_one_volume_do_not_overlap() {
+    let r = Rig::new();
+    let v = r.create("pv", 512);
+    let staging = r.path("staging/pv");
+    let held = r.node.begin(&v.id).unwrap();
+    assert_fails(
+        r.node.stage(stage_req(&v.id, &staging, xfs())).await,
+        Code::Aborted,
+        "in progress",
+    );
+    drop(held);
+    r.node
+        .stage(stage_req(&v.id, &staging, xfs()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn unpublish_leaves_other_devices_alone() {
+    let r = Rig::new();
+    let v = r.create("pv", 512);
+    let other = r.create("other", 512);
+    let target = r.path("pods/a/vol");
+    r.host
+        .with_device(&r.dev(&other), |d| d.fs = Some("xfs".into()));
+    r.host
+        .mount(&MountSpec {
+            source: r.dev(&other),
+            target: target.clone(),
+            fs_type: "xfs".into(),
+            flags: MsFlags::empty(),
+            data: vec![],
+        })
+        .await
+        .unwrap();
+    assert_fails(
+        r.node.unpublish(unpublish_req(&v.id, &target)).await,
+        Code::FailedPrecondition,
+        "another device",
+    );
+    assert!(r.host.mount_at(&target).is_some());
+}
+
+fn ephemeral_req(id: &str, target: &Path, attrs: &[(&str, &str)]) -> csi::NodePublishVolumeRequest {
+    let mut ctx: HashMap<String, String> = attrs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    ctx.insert(EPHEMERAL_KEY.into(), "true".into());
+    csi::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(xfs()),
+        volume_context: ctx,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn ephemeral_inline_lifecycle() {
+    let r = Rig::new();
+    let target = r.path("pods/p1/volumes/eph");
+    let attrs = [
+        ("size", "512Mi"),
+        ("usage", "FileIO"),
+        ("csi.storage.k8s.io/pod.name", "p1"),
+        ("csi.storage.k8s.io/pod.namespace", "ns"),
+        ("csi.storage.k8s.io/pod.uid", "u-1"),
+        ("csi.storage.k8s.io/serviceAccount.name", "default"),
+    ];
+    r.node
+        .publish(ephemeral_req("csi-abc", &target, &attrs))
+        .await
+        .unwrap();
+    let v = r.driver.alloc.volume_by_name("csi-abc").unwrap().unwrap();
+    assert_eq!(v.persistency, Persistency::Ephemeral);
+    assert_eq!(v.usage, Usage::FileIo);
+    assert_eq!(v.requested, Bytes::mib(512));
+    assert_eq!(v.context.get("csi.storage.k8s.io/pod.name").unwrap(), "p1");
+    assert_eq!(v.context.len(), 4);
+    assert!(!v.parameters.keys().any(|k| k.starts_with(K8S_PREFIX)));
+    // Mounted straight at the target; no staging.
+    assert_eq!(r.host.mount_at(&target).unwrap().dev, {
+        let d = r.dev(&v);
+        r.host.with_device(&d, |d| d.rdev).unwrap()
+    });
+    let pubs = r.pubs(&v);
+    assert_eq!(pubs.len(), 1);
+    assert_eq!(pubs[0].kind, PublicationKind::Publish);
+    // Repeat: OK, one volume, one mount.
+    r.node
+        .publish(ephemeral_req("csi-abc", &target, &attrs))
+        .await
+        .unwrap();
+    assert_eq!(r.host.calls("mount").len(), 1);
+    assert_eq!(r.driver.alloc.volumes().unwrap().len(), 1);
+    // Stats by the kubelet's id.
+    let st = r.node.stats(stats_req("csi-abc", &target)).await.unwrap();
+    assert_eq!(st.usage.len(), 2);
+    // Elsewhere: conflict.
+    assert_fails(
+        r.node
+            .publish(ephemeral_req("csi-abc", &r.path("pods/p2/x"), &attrs))
+            .await,
+        Code::AlreadyExists,
+        "already published",
+    );
+    r.node
+        .unpublish(unpublish_req("csi-abc", &target))
+        .await
+        .unwrap();
+    assert!(r.host.mount_at(&target).is_none());
+    assert!(r.driver.alloc.volume_by_name("csi-abc").unwrap().is_none());
+    r.node
+        .unpublish(unpublish_req("csi-abc", &target))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn ephemeral_inline_errors() {
+    let r = Rig::new();
+    let t = r.path("pods/p/v");
+    assert_fails(
+        r.node.publish(ephemeral_req("e1", &t, &[])).await,
+        Code::InvalidArgument,
+        "\"size\" is required",
+    );
+    assert_fails(
+        r.node
+            .publish(ephemeral_req("e1", &t, &[("size", "lots")]))
+            .await,
+        Code::InvalidArgument,
+        "size=\"lots\"",
+    );
+    assert_fails(
+        r.node
+            .publish(ephemeral_req("e1", &t, &[("size", "0")]))
+            .await,
+        Code::InvalidArgument,
+        "above zero",
+    );
+    assert_fails(
+        r.node
+            .publish(ephemeral_req("e1", &t, &[("size", "100Mi")]))
+            .await,
+        Code::InvalidArgument,
+        "300MiB",
+    );
+    assert_fails(
+        r.node
+            .publish(ephemeral_req(
+                "e1",
+                &t,
+                &[("size", "1Gi"), ("colour", "red")],
+            ))
+            .await,
+        Code::InvalidArgument,
+        "colour",
+    );
+    let mut blk = ephemeral_req("e1", &t, &[("size", "1Gi")]);
+    blk.volume_capability = Some(block_cap());
+    assert_fails(r.node.publish(blk).await, Code::InvalidArgument, "block");
+    assert_fails(
+        r.node
+            .publish(ephemeral_req("e1", &t, &[("size", "100Gi")]))
+            .await,
+        Code::ResourceExhausted,
+        "not enough space",
+    );
+    // A failure after the create does not leak the volume.
+    r.host.fail("mkfs", "mkfs exploded");
+    assert_fails(
+        r.node
+            .publish(ephemeral_req("e1", &t, &[("size", "1Gi")]))
+            .await,
+        Code::Internal,
+        "mkfs exploded",
+    );
+    assert!(r.driver.alloc.volumes().unwrap().is_empty());
+    r.host.unfail("mkfs");
+    r.node
+        .publish(ephemeral_req("e1", &t, &[("size", "1Gi")]))
+        .await
+        .unwrap();
+    // ext4 may be small.
+    let mut small = ephemeral_req("e2", &r.path("pods/q/v"), &[("size", "64Mi")]);
+    small.volume_capability = Some(mount_cap("ext4", Mode::SingleNodeWriter, &[]));
+    r.node.publish(small).await.unwrap();
+}
+
+#[tokio::test]
+async fn startup_collects_ephemeral_volumes_whose_mount_is_gone() {
+    let r = Rig::new();
+    let ta = r.path("pods/a/v");
+    let tb = r.path("pods/b/v");
+    r.node
+        .publish(ephemeral_req("gone", &ta, &[("size", "512Mi")]))
+        .await
+        .unwrap();
+    r.node
+        .publish(ephemeral_req("kept", &tb, &[("size", "512Mi")]))
+        .await
+        .unwrap();
+    // A persistent volume with a stale publication is not touched.
+    let p = r.create("persistent", 512);
+    r.node
+        .stage(stage_req(&p.id, &r.path("staging/p"), xfs()))
+        .await
+        .unwrap();
+    r.host.state().mounts.clear();
+    // Re-mount "kept" behind the service's back, as after a restart.
+    let kept = r.driver.alloc.volume_by_name("kept").unwrap().unwrap();
+    r.host
+        .mount(&MountSpec {
+            source: r.dev(&kept),
+            target: tb.clone(),
+            fs_type: "xfs".into(),
+            flags: MsFlags::empty(),
+            data: vec![],
+        })
+        .await
+        .unwrap();
+    let host: &dyn Host = r.host.as_ref();
+    assert_eq!(collect_ephemeral(&r.driver, host).await, 1);
+    assert!(r.driver.alloc.volume_by_name("gone").unwrap().is_none());
+    assert!(r.driver.alloc.volume_by_name("kept").unwrap().is_some());
+    assert!(r.driver.alloc.volume(&p.id).unwrap().is_some());
+    assert_eq!(r.pubs(&p).len(), 1);
+    assert_eq!(collect_ephemeral(&r.driver, host).await, 0);
+}
+
+#[tokio::test]
+async fn expand_grows_filesystems() {
+    let r = Rig::new();
+    // xfs: online through the staging mount.
+    let v = r.create("x", 512);
+    let staging = r.path("staging/x");
+    let target = r.path("pods/a/x");
+    r.node
+        .stage(stage_req(&v.id, &staging, xfs()))
+        .await
+        .unwrap();
+    r.node
+        .publish(publish_req(&v.id, &staging, &target, xfs(), true))
+        .await
+        .unwrap();
+    r.host.with_device(&r.dev(&v), |d| d.size = 2 << 30);
+    let got = r
+        .node
+        .expand(expand_req(&v.id, &target, Some(&staging), 2 << 30))
+        .await
+        .unwrap();
+    assert_eq!(got.capacity_bytes, 2 << 30);
+    assert_eq!(
+        r.host.calls("grow"),
+        vec![format!(
+            "grow_online xfs {} {}",
+            r.dev(&v).display(),
+            staging.display()
+        )]
+    );
+
+    // Asked through the read-only publish alone: the read-write staging
+    // mount of the device is used.
+    r.host.with_device(&r.dev(&v), |d| d.size = 3 << 30);
+    r.node
+        .expand(expand_req(&v.id, &target, None, 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.host.calls("grow").last().unwrap(),
+        &format!(
+            "grow_online xfs {} {}",
+            r.dev(&v).display(),
+            staging.display()
+        )
+    );
+
+    // ext4: online refused (as without CAP_SYS_RESOURCE) → clear error;
+    // a new stage grows it offline; then expand has nothing left to do.
+    let e = r.create("e", 512);
+    let es = r.path("staging/e");
+    let ext4 = mount_cap("ext4", Mode::SingleNodeWriter, &[]);
+    r.node
+        .stage(stage_req(&e.id, &es, ext4.clone()))
+        .await
+        .unwrap();
+    r.host.with_device(&r.dev(&e), |d| d.size = 2 << 30);
+    r.host
+        .fail("grow_online", "Permission denied to resize filesystem");
+    assert_fails(
+        r.node.expand(expand_req(&e.id, &es, None, 0)).await,
+        Code::FailedPrecondition,
+        "online",
+    );
+    r.node.unstage(unstage_req(&e.id, &es)).await.unwrap();
+    r.node
+        .stage(stage_req(&e.id, &es, ext4.clone()))
+        .await
+        .unwrap();
+    assert_eq!(r.host.calls("grow_offline_ext4").len(), 1);
+    let got = r
+        .node
+        .expand(expand_req(&e.id, &es, None, 2 << 30))
+        .await
+        .unwrap();
+    assert_eq!(got.capacity_bytes, 2 << 30);
+    assert_eq!(r.host.calls("grow_online").len(), 2, "only the xfs ones");
+
+    // Recorded as staged but not mounted: grown offline.
+    r.host.with_device(&r.dev(&e), |d| d.size = 3 << 30);
+    r.host.unmount(&es).await.unwrap();
+    r.node
+        .expand(expand_req(&e.id, &es, None, 0))
+        .await
+        .unwrap();
+    assert_eq!(r.host.calls("grow_offline_ext4").len(), 2);
+    // An unmounted xfs cannot grow.
+    r.host.unmount(&target).await.unwrap();
+    r.host.unmount(&staging).await.unwrap();
+    assert_fails(
+        r.node.expand(expand_req(&v.id, &staging, None, 0)).await,
+        Code::FailedPrecondition,
+        "only while mounted",
+    );
+}
+
+#[tokio::test]
+async fn stats_report_missing_mounts_and_devices() {
+    let r = Rig::new();
+    let v = r.create("pv", 512);
+    let staging = r.path("staging/pv");
+    r.node
+        .stage(stage_req(&v.id, &staging, xfs()))
+        .await
+        .unwrap();
+    r.host.unmount(&staging).await.unwrap();
+    let c = r
+        .node
+        .stats(stats_req(&v.id, &staging))
+        .await
+        .unwrap()
+        .volume_condition
+        .unwrap();
+    assert!(c.abnormal);
+    assert!(c.message.contains("not mounted"), "{}", c.message);
+    r.host.remove_device(&r.dev(&v));
+    let st = r.node.stats(stats_req(&v.id, &staging)).await.unwrap();
+    let c = st.volume_condition.unwrap();
+    assert!(c.abnormal);
+    assert!(c.message.contains("missing"), "{}", c.message);
+    assert!(st.usage.is_empty());
+}
+
+#[test]
+fn ephemeral_request_maps_attributes() {
+    let ctx: HashMap<String, String> = [
+        ("size", "2Gi"),
+        ("eraseAfter", "false"),
+        (EPHEMERAL_KEY, "true"),
+        ("csi.storage.k8s.io/pod.name", "p"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    let c = ephemeral_request("csi-1", &ctx, FsType::Xfs).unwrap();
+    assert_eq!(c.name, "csi-1");
+    assert_eq!(c.required, Bytes::gib(2));
+    assert!(!c.erase_after);
+    assert_eq!(c.usage, Usage::AppDirect);
+    assert_eq!(c.persistency, Persistency::Ephemeral);
+    assert_eq!(c.context.len(), 1);
+    assert_eq!(c.parameters.get("eraseAfter").unwrap(), "false");
+}

@@ -132,7 +132,11 @@ impl Metrics {
                 m.ledger_commit.clone(),
             );
             p.register("build_info", "Build information", m.build.clone());
-            p.register("calls_in_flight", "RPCs being served now", m.in_flight.clone());
+            p.register(
+                "calls_in_flight",
+                "RPCs being served now",
+                m.in_flight.clone(),
+            );
         }
         m.build
             .get_or_create(&BuildLabels {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use pmem_allocator::direct::{DirectBackend, DirectConfig};
 use pmem_allocator::sim::{SimBackend, SimConfig, SimMode};
 use pmem_allocator::{Allocator, Backend};
 use pmem_proto::admin::admin_server::AdminServer;
@@ -76,7 +77,15 @@ pub fn open_backend(cfg: &Config) -> anyhow::Result<Arc<dyn Backend>> {
             })?;
             Ok(Arc::new(sim))
         }
-        BackendKind::Direct | BackendKind::Lvm => bail!(
+        BackendKind::Direct => {
+            let direct = DirectBackend::open(DirectConfig {
+                sysfs_root: cfg.sysfs_root.clone(),
+                dev_dir: cfg.direct_dev_dir.clone(),
+                ..DirectConfig::default()
+            })?;
+            Ok(Arc::new(direct))
+        }
+        BackendKind::Lvm => bail!(
             "backend {:?} is not available in this build yet; use --backend sim",
             cfg.backend
         ),

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::{Backend, DeviceRequest};
+use crate::backend::{Backend, DeviceRequest, Placement};
 use crate::error::{Error, Result};
 use crate::ledger::Ledger;
 use crate::region::{Extent, ExtentMap, RegionSpec};
@@ -83,6 +83,18 @@ impl RegionState {
 struct State {
     ledger: Ledger,
     regions: BTreeMap<String, RegionState>,
+    /// Extents the backend reported as allocated that no volume covers
+    /// (foreign devices, orphans), per region; reserved at open.
+    reserved: BTreeMap<String, Vec<Extent>>,
+}
+
+impl State {
+    /// Extents in use by volumes (not the reserved ones) in a region.
+    fn volume_count(&self, id: &str, r: &RegionState) -> usize {
+        r.map
+            .used_count()
+            .saturating_sub(self.reserved.get(id).map_or(0, Vec::len))
+    }
 }
 
 #[derive(Debug)]
@@ -140,8 +152,24 @@ impl Allocator {
                     message: format!("volume {} in region {}: {e}", v.id, v.region),
                 })?;
         }
+        let mut reserved: BTreeMap<String, Vec<Extent>> = BTreeMap::new();
+        for (region, offset, len) in backend.reserved()? {
+            let Some(r) = regions.get_mut(&region) else {
+                tracing::warn!(%region, "backend reports allocated space in a region it does not serve");
+                continue;
+            };
+            let got = reserve_uncovered(&mut r.map, offset, len);
+            if !got.is_empty() {
+                tracing::info!(%region, offset = offset.0, len = len.0, "space allocated outside the ledger (foreign or orphan device) is reserved");
+            }
+            reserved.entry(region).or_default().extend(got);
+        }
         Ok(Allocator {
-            state: Mutex::new(State { ledger, regions }),
+            state: Mutex::new(State {
+                ledger,
+                regions,
+                reserved,
+            }),
             backend,
             names: Mutex::new(HashMap::new()),
         })
@@ -386,13 +414,22 @@ impl Allocator {
         self.place(&st, req)
     }
 
-    /// Placement: the region whose best-fitting free extent is smallest
-    /// (ties: most free bytes, then id), and that extent.
+    /// Placement: the region whose chosen free extent is smallest (ties:
+    /// most free bytes, then id), and that extent. Inside a region the
+    /// extent is the best fit, or the first fit (lowest offset) when the
+    /// backend's device layer allocates that way.
     fn place(&self, st: &State, req: &CreateRequest) -> Result<(String, Bytes, Bytes)> {
         let mut best: Option<(Bytes, std::cmp::Reverse<Bytes>, String, Bytes, Bytes)> = None;
         let mut too_big_for_limit = None;
+        let placement = self.backend.placement();
+        let (mut considered, mut refused) = (0usize, Vec::new());
         for (id, r) in &st.regions {
             if req.region.as_ref().is_some_and(|want| want != id) {
+                continue;
+            }
+            considered += 1;
+            if let Some(why) = self.backend.unusable_reason(id) {
+                refused.push(why);
                 continue;
             }
             let Some(size) = self.extent_for(&r.spec, req.required, req.usage) else {
@@ -408,8 +445,11 @@ impl Allocator {
             if r.free_slots() == 0 {
                 continue;
             }
-            let (Some(offset), Some(hole)) = (r.map.best_fit(size), r.map.best_fit_len(size))
-            else {
+            let fit = match placement {
+                Placement::BestFit => r.map.best_fit(size).zip(r.map.best_fit_len(size)),
+                Placement::FirstFit => first_fit(&r.map, size),
+            };
+            let Some((offset, hole)) = fit else {
                 continue;
             };
             let key = (
@@ -433,6 +473,9 @@ impl Allocator {
             && !st.regions.contains_key(region)
         {
             return Err(Error::NotFound(format!("region {region} does not exist")));
+        }
+        if considered > 0 && refused.len() == considered {
+            return Err(Error::FailedPrecondition(refused.join("; ")));
         }
         if let Some((usable, limit, align)) = too_big_for_limit {
             return Err(Error::OutOfRange(format!(
@@ -467,8 +510,8 @@ impl Allocator {
 
     fn capacity_of(&self, st: &State, usage: Usage) -> Vec<RegionCapacity> {
         st.regions
-            .values()
-            .map(|r| {
+            .iter()
+            .map(|(id, r)| {
                 let free_slots = r.free_slots();
                 let largest_extent = r.map.largest_free();
                 let largest = if free_slots == 0 || largest_extent < r.spec.align {
@@ -486,7 +529,7 @@ impl Allocator {
                     largest,
                     minimum: self.usable_for(&r.spec, r.spec.align, usage),
                     free_slots,
-                    volumes: u32::try_from(r.map.used_count()).unwrap_or(u32::MAX),
+                    volumes: u32::try_from(st.volume_count(id, r)).unwrap_or(u32::MAX),
                     extents: Vec::new(),
                 }
             })
@@ -525,9 +568,9 @@ impl Allocator {
     pub fn max_volumes(&self) -> u64 {
         let st = self.state();
         st.regions
-            .values()
-            .map(|r| {
-                let present = r.map.used_count() as u64;
+            .iter()
+            .map(|(id, r)| {
+                let present = st.volume_count(id, r) as u64;
                 let by_space = r.map.free_total().0 / r.spec.align.0;
                 present + by_space.min(u64::from(r.free_slots()))
             })
@@ -576,6 +619,9 @@ impl Allocator {
     pub(crate) fn finish_delete(&self, mut v: Volume) -> Result<()> {
         let req = device_request(&v);
         if v.state == VolumeState::Deleting {
+            if v.erase_after && self.backend.erase_before_destroy() {
+                self.backend.erase(&req)?;
+            }
             self.backend.destroy(&req)?;
             fail::fail_point!("delete:after-destroy");
             if v.erase_after {
@@ -642,6 +688,7 @@ impl Allocator {
                     new - old
                 )));
             }
+            self.backend.check_resize(&device_request(&v), new)?;
             st.ledger.begin_expand(id, old, new)?;
             let r = st
                 .regions
@@ -711,6 +758,11 @@ impl Allocator {
                     .reserve(v.offset, v.size)
                     .map_err(|e| format!("region {id}: volume {}: {e}", v.id))?;
             }
+            for e in st.reserved.get(id).into_iter().flatten() {
+                expect
+                    .reserve(e.offset, e.len)
+                    .map_err(|err| format!("region {id}: reserved extent: {err}"))?;
+            }
             if expect != r.map {
                 return Err(format!("region {id}: extent map differs from the ledger"));
             }
@@ -728,5 +780,306 @@ impl Allocator {
 
     pub(crate) fn intents(&self) -> Result<Vec<crate::ledger::Intent>> {
         self.state().ledger.intents()
+    }
+}
+
+/// The free extent with the lowest offset that holds `len`: (offset, its length).
+fn first_fit(map: &ExtentMap, len: Bytes) -> Option<(Bytes, Bytes)> {
+    map.extents()
+        .into_iter()
+        .find(|(e, used)| !used && e.len >= len)
+        .map(|(e, _)| (e.offset, e.len))
+}
+
+/// Reserves the free parts of `[offset, offset+len)`, widened to the map's
+/// alignment and clipped to its size; returns what it reserved.
+fn reserve_uncovered(map: &mut ExtentMap, offset: Bytes, len: Bytes) -> Vec<Extent> {
+    let a = map.align();
+    let start = offset.align_down(a);
+    let end = offset
+        .checked_add(len)
+        .and_then(|e| e.align_up(a))
+        .map_or(map.size(), |e| e.min(map.size()));
+    let mut got = Vec::new();
+    for (e, used) in map.extents() {
+        let (s, t) = (e.offset.max(start), e.end().min(end));
+        if used || s >= t {
+            continue;
+        }
+        if map.reserve(s, t - s).is_ok() {
+            got.push(Extent {
+                offset: s,
+                len: t - s,
+            });
+        }
+    }
+    got
+}
+
+#[cfg(test)]
+mod hook_tests {
+    //! The backend hooks the direct backend relies on: placement, reserved
+    //! extents, unusable regions, erase before destroy, resize refusal.
+
+    use super::*;
+    use crate::backend::{Device, InventoryItem};
+
+    const A: u64 = 16 << 20;
+
+    #[derive(Debug, Default)]
+    struct Fake {
+        placement: Placement,
+        reserved: Vec<(String, Bytes, Bytes)>,
+        unusable: Vec<String>,
+        erase_first: bool,
+        refuse_resize: bool,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl Fake {
+        fn log(&self, what: &str, req: &DeviceRequest) {
+            relock(&self.calls).push(format!("{what} {}", req.offset.0 / A));
+        }
+    }
+
+    impl Backend for Fake {
+        fn kind(&self) -> &'static str {
+            "fake"
+        }
+        fn describe(&self) -> String {
+            "fake".into()
+        }
+        fn regions(&self) -> Result<Vec<RegionSpec>> {
+            Ok(["r0", "r1"]
+                .iter()
+                .map(|id| RegionSpec {
+                    id: (*id).into(),
+                    size: Bytes(8 * A),
+                    align: Bytes(A),
+                    ns_slots: 100,
+                    numa_node: 0,
+                    location: String::new(),
+                })
+                .collect())
+        }
+        fn placement(&self) -> Placement {
+            self.placement
+        }
+        fn reserved(&self) -> Result<Vec<(String, Bytes, Bytes)>> {
+            Ok(self.reserved.clone())
+        }
+        fn unusable_reason(&self, region: &str) -> Option<String> {
+            self.unusable
+                .iter()
+                .any(|r| r == region)
+                .then(|| format!("{region} is label-less"))
+        }
+        fn erase_before_destroy(&self) -> bool {
+            self.erase_first
+        }
+        fn check_resize(&self, _req: &DeviceRequest, _new: Bytes) -> Result<()> {
+            if self.refuse_resize {
+                return Err(Error::FailedPrecondition("cannot grow".into()));
+            }
+            Ok(())
+        }
+        fn wipe_head(&self, _req: &DeviceRequest) -> Result<()> {
+            Ok(())
+        }
+        fn create(&self, req: &DeviceRequest) -> Result<Device> {
+            self.log("create", req);
+            Ok(Device {
+                path: None,
+                size: req.size,
+            })
+        }
+        fn find(&self, req: &DeviceRequest) -> Result<Option<Device>> {
+            Ok(Some(Device {
+                path: None,
+                size: req.size,
+            }))
+        }
+        fn destroy(&self, req: &DeviceRequest) -> Result<()> {
+            self.log("destroy", req);
+            Ok(())
+        }
+        fn erase(&self, req: &DeviceRequest) -> Result<()> {
+            self.log("erase", req);
+            Ok(())
+        }
+        fn resize(&self, req: &DeviceRequest) -> Result<Device> {
+            self.create(req)
+        }
+        fn inventory(&self) -> Result<Vec<InventoryItem>> {
+            Ok(Vec::new())
+        }
+        fn remove_orphan(&self, _item: &InventoryItem) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn open(dir: &tempfile::TempDir, fake: Fake) -> (Allocator, Arc<Fake>) {
+        let fake = Arc::new(fake);
+        let a = Allocator::open(&dir.path().join("ledger.db"), fake.clone()).unwrap();
+        (a, fake)
+    }
+
+    fn req(name: &str, units: u64, region: &str) -> CreateRequest {
+        CreateRequest {
+            region: Some(region.into()),
+            ..CreateRequest::new(name, Bytes(units * A))
+        }
+    }
+
+    /// Holes of 1 unit at 1 and of 3 units at 4 (units 0, 2, 3 in use).
+    fn with_holes(a: &Allocator) {
+        for (i, n) in [1u64, 1, 1, 1, 3, 1].iter().enumerate() {
+            a.create_volume(&req(&format!("v{i}"), *n, "r0")).unwrap();
+        }
+        a.delete_volume(&a.volume_by_name("v1").unwrap().unwrap().id)
+            .unwrap();
+        a.delete_volume(&a.volume_by_name("v4").unwrap().unwrap().id)
+            .unwrap();
+    }
+
+    #[test]
+    fn first_fit_takes_the_lowest_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = open(&dir, Fake::default());
+        with_holes(&a);
+        assert_eq!(a.plan(&req("x", 1, "r0")).unwrap().1, Bytes(A));
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = open(
+            &dir,
+            Fake {
+                placement: Placement::FirstFit,
+                ..Fake::default()
+            },
+        );
+        with_holes(&a);
+        // Best fit would also say 1; a 2-unit volume shows the difference:
+        // first fit takes the 3-unit hole at 4, not the trailing space at 7.
+        assert_eq!(a.plan(&req("x", 1, "r0")).unwrap().1, Bytes(A));
+        assert_eq!(a.plan(&req("y", 2, "r0")).unwrap().1, Bytes(4 * A));
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn reserved_extents_are_never_offered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = open(&dir, Fake::default());
+        let v = a.create_volume(&req("v", 2, "r0")).unwrap();
+        assert_eq!(v.offset, Bytes(0));
+        drop(a);
+        // A foreign device over units 1..4 (overlapping the volume) and an
+        // unaligned one in r1 that widens to whole units.
+        let (a, _) = open(
+            &dir,
+            Fake {
+                reserved: vec![
+                    ("r0".into(), Bytes(A), Bytes(3 * A)),
+                    ("r1".into(), Bytes(A / 2), Bytes(A)),
+                    ("nowhere".into(), Bytes(0), Bytes(A)),
+                ],
+                ..Fake::default()
+            },
+        );
+        a.check_invariants().unwrap();
+        let caps = a.capacity(Usage::AppDirect).unwrap();
+        assert_eq!(caps[0].available, Bytes(4 * A));
+        assert_eq!(caps[1].available, Bytes(6 * A));
+        // Reserved extents are not volumes.
+        assert_eq!((caps[0].volumes, caps[1].volumes), (1, 0));
+        assert_eq!(a.max_volumes(), 1 + 4 + 6);
+        assert_eq!(a.plan(&req("x", 1, "r0")).unwrap().1, Bytes(4 * A));
+        // The volume's own extent is still its own: deleting it frees only it.
+        a.delete_volume(&v.id).unwrap();
+        a.check_invariants().unwrap();
+        assert_eq!(
+            a.capacity(Usage::AppDirect).unwrap()[0].available,
+            Bytes(6 * A)
+        );
+    }
+
+    #[test]
+    fn unusable_regions_fail_with_their_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = open(
+            &dir,
+            Fake {
+                unusable: vec!["r0".into()],
+                ..Fake::default()
+            },
+        );
+        let e = a.create_volume(&req("x", 1, "r0")).unwrap_err();
+        assert!(
+            matches!(&e, Error::FailedPrecondition(m) if m.contains("r0 is label-less")),
+            "{e}"
+        );
+        // Without a region constraint the usable region serves it.
+        let v = a.create_volume(&CreateRequest::new("y", Bytes(A))).unwrap();
+        assert_eq!(v.region, "r1");
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = open(
+            &dir,
+            Fake {
+                unusable: vec!["r0".into(), "r1".into()],
+                ..Fake::default()
+            },
+        );
+        let e = a
+            .create_volume(&CreateRequest::new("z", Bytes(A)))
+            .unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+    }
+
+    #[test]
+    fn erase_runs_before_destroy_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, fake) = open(
+            &dir,
+            Fake {
+                erase_first: true,
+                ..Fake::default()
+            },
+        );
+        let v = a.create_volume(&req("v", 1, "r0")).unwrap();
+        a.delete_volume(&v.id).unwrap();
+        let keep = a
+            .create_volume(&CreateRequest {
+                erase_after: false,
+                ..req("w", 1, "r0")
+            })
+            .unwrap();
+        a.delete_volume(&keep.id).unwrap();
+        assert_eq!(
+            *relock(&fake.calls),
+            [
+                "create 0",
+                "erase 0",
+                "destroy 0",
+                "erase 0",
+                "create 0",
+                "destroy 0"
+            ]
+        );
+    }
+
+    #[test]
+    fn refused_resize_records_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = open(
+            &dir,
+            Fake {
+                refuse_resize: true,
+                ..Fake::default()
+            },
+        );
+        let v = a.create_volume(&req("v", 1, "r0")).unwrap();
+        let e = a.expand_volume(&v.id, Bytes(2 * A), None).unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+        assert_eq!(a.volume(&v.id).unwrap().unwrap().size, Bytes(A));
+        assert!(a.intents().unwrap().is_empty());
+        a.check_invariants().unwrap();
     }
 }

@@ -47,6 +47,17 @@ pub struct InventoryItem {
     pub owner: Owner,
 }
 
+/// How a region's device layer chooses where a new extent goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// The allocator chooses: the smallest free extent that fits.
+    #[default]
+    BestFit,
+    /// The device layer allocates by itself, lowest offset first (libnvdimm
+    /// namespaces); the ledger must pick that same extent.
+    FirstFit,
+}
+
 /// A device backend. Implementations must be safe to call from several
 /// threads; the allocator serialises operations on the same volume.
 pub trait Backend: Send + Sync + Debug {
@@ -68,6 +79,39 @@ pub trait Backend: Send + Sync + Debug {
     /// Usable device bytes on an extent of `extent` bytes; inverse of `extent_for`.
     fn usable_for(&self, _region: &RegionSpec, extent: Bytes, _usage: Usage) -> Bytes {
         extent
+    }
+
+    /// Where the device layer puts new extents; the allocator places alike.
+    fn placement(&self) -> Placement {
+        Placement::BestFit
+    }
+
+    /// Extents the device layer has allocated, `(region, offset, length)`,
+    /// ours or not. Read once at open: the allocator reserves the parts that
+    /// no ledger volume covers (foreign devices, orphans), so that space is
+    /// never offered.
+    fn reserved(&self) -> Result<Vec<(String, Bytes, Bytes)>> {
+        Ok(Vec::new())
+    }
+
+    /// Why a region can hold no new volumes at all (e.g. a label-less
+    /// libnvdimm region), or `None`. A create that only such regions could
+    /// serve fails with `Error::FailedPrecondition` and this text.
+    fn unusable_reason(&self, _region: &str) -> Option<String> {
+        None
+    }
+
+    /// True when the device is the only way to reach its extent (direct: the
+    /// namespace), so `erase` must run before `destroy`; an `erase` after
+    /// `destroy` then has nothing left to do.
+    fn erase_before_destroy(&self) -> bool {
+        false
+    }
+
+    /// Refuses an expansion before anything is recorded. Called with the
+    /// allocator's state lock held: must not do device work.
+    fn check_resize(&self, _req: &DeviceRequest, _new_size: Bytes) -> Result<()> {
+        Ok(())
     }
 
     /// Zeroes the head of a fresh volume's extent so signatures of an earlier

@@ -4,6 +4,7 @@
 
 pub mod allocator;
 pub mod backend;
+pub mod direct;
 pub mod error;
 pub mod ledger;
 pub mod loopdev;

@@ -1,0 +1,675 @@
+//! The direct backend against the in-memory libnvdimm model, alone and
+//! under the allocator: sysfs sequences, undo, placement agreement,
+//! capacity exactness, foreign and label-less regions, crash states.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::model::Model;
+use super::*;
+use crate::allocator::{Allocator, CreateRequest};
+
+const M: u64 = 1 << 20;
+const G: u64 = 1 << 30;
+const DEV: &str = "bus/nd/devices/";
+
+fn cfg() -> DirectConfig {
+    DirectConfig {
+        device_timeout: Duration::from_millis(200),
+        placement_timeout: Duration::from_secs(3),
+        ..DirectConfig::default()
+    }
+}
+
+fn model(regions: &[u64]) -> Arc<Model> {
+    let m = Arc::new(Model::new());
+    for &r in regions {
+        m.labeled_region(r);
+    }
+    m
+}
+
+fn backend(m: &Arc<Model>) -> Arc<DirectBackend> {
+    Arc::new(DirectBackend::with(m.clone(), m.clone(), cfg()).unwrap())
+}
+
+fn alloc(dir: &tempfile::TempDir, b: &Arc<DirectBackend>) -> Allocator {
+    let a = Allocator::open(&dir.path().join("ledger.db"), b.clone()).unwrap();
+    a.reconcile(false, false).unwrap();
+    a
+}
+
+fn create(a: &Allocator, name: &str, size: u64, usage: Usage) -> Result<crate::Volume> {
+    a.create_volume(&CreateRequest {
+        usage,
+        erase_after: false,
+        ..CreateRequest::new(name, Bytes(size))
+    })
+}
+
+fn req(id: &str, region: &str, offset: u64, size: u64) -> DeviceRequest {
+    DeviceRequest {
+        volume_id: id.into(),
+        region: region.into(),
+        offset: Bytes(offset),
+        size: Bytes(size),
+        usage: Usage::AppDirect,
+    }
+}
+
+fn vid(n: u8) -> String {
+    format!("pmem-{:032x}", n)
+}
+
+/// Writes from `from` on, as (attribute path without the prefix, value).
+fn writes_since(m: &Model, from: usize) -> Vec<(String, String)> {
+    m.writes()[from..]
+        .iter()
+        .map(|(p, v)| (p.trim_start_matches(DEV).to_owned(), v.clone()))
+        .collect()
+}
+
+#[test]
+fn discovers_regions() {
+    let m = model(&[2 * G, 2 * G]);
+    m.set_numa(1, 1);
+    let b = backend(&m);
+    let specs = b.regions().unwrap();
+    assert_eq!(specs.len(), 2);
+    assert_eq!(specs[0].id, "region0");
+    assert_eq!(specs[0].size, Bytes(2 * G));
+    assert_eq!(specs[0].align, Bytes(16 * M));
+    assert_eq!(specs[0].ns_slots, 1019);
+    assert_eq!(specs[1].numa_node, 1);
+    assert!(
+        specs[0].location.contains("region0 (nmem0)"),
+        "{}",
+        specs[0].location
+    );
+    assert!(
+        b.describe().contains("region0 (2GiB, labeled"),
+        "{}",
+        b.describe()
+    );
+    assert_eq!(b.placement(), Placement::FirstFit);
+}
+
+#[test]
+fn refuses_read_only_sysfs_and_missing_bus() {
+    let m = model(&[G]);
+    m.set_read_only(true);
+    let e = DirectBackend::with(m.clone(), m.clone(), cfg()).unwrap_err();
+    assert!(
+        matches!(&e, Error::FailedPrecondition(s) if s.contains("read-only") && s.contains("rw")),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let e = DirectBackend::open(DirectConfig {
+        sysfs_root: dir.path().into(),
+        ..cfg()
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::FailedPrecondition(s) if s.contains("no libnvdimm bus") && s.contains("modprobe")),
+        "{e}"
+    );
+}
+
+#[test]
+fn fsdax_create_and_delete_write_what_ndctl_writes() {
+    let m = model(&[2 * G]);
+    let b = backend(&m);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &b);
+    let w0 = m.writes().len();
+    let v = create(&a, "v", G, Usage::AppDirect).unwrap();
+    // 1 GiB usable needs a 1 GiB + 32 MiB namespace (memmap on the device).
+    assert_eq!(v.size, Bytes(G + 32 * M));
+    assert!(a.usable_of(&v) >= Bytes(G));
+    assert_eq!(v.device.as_deref(), Some("/dev/pmem0"));
+    let u = namespace_uuid(&v.id);
+    let w = writes_since(&m, w0);
+    let names: Vec<&str> = w.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "namespace0.0/uuid",
+            "namespace0.0/alt_name",
+            "namespace0.0/sector_size",
+            "namespace0.0/size",
+            "namespace0.0/holder_class",
+            "pfn0.0/uuid",
+            "pfn0.0/mode",
+            "pfn0.0/align",
+            "pfn0.0/namespace",
+            "bus/nd/drivers/nd_pmem/bind",
+        ]
+    );
+    assert_eq!(w[0].1, u);
+    assert_eq!(w[1].1, format!("pmem-agent:{}", v.id));
+    assert_eq!(w[3].1, (G + 32 * M).to_string());
+    assert_eq!(w[6].1, "pmem");
+    assert_eq!(w[7].1, "2097152");
+    assert_eq!(w[9].1, "pfn0.0");
+    assert_eq!(m.zeroed(), [("pmem0".to_owned(), 0, 4 * M, false)]);
+    let ns = m.namespaces();
+    assert_eq!(ns.len(), 1);
+    assert_eq!(ns[0].4, "memory");
+    assert_eq!(
+        m.read(&format!("{DEV}region0/namespace_seed")).unwrap(),
+        "namespace0.1"
+    );
+
+    let w0 = m.writes().len();
+    a.delete_volume(&v.id).unwrap();
+    let w = writes_since(&m, w0);
+    let expect = [
+        ("pfn0.0/driver/unbind", "pfn0.0"),
+        ("pfn0.0/namespace", ""),
+        ("namespace0.0/holder_class", ""),
+        ("namespace0.0/force_raw", "1"),
+        ("bus/nd/drivers/nd_pmem/bind", "namespace0.0"),
+        ("namespace0.0/force_raw", "0"),
+        ("namespace0.0/driver/unbind", "namespace0.0"),
+        ("namespace0.0/size", "0"),
+    ];
+    let got: Vec<(&str, &str)> = w.iter().map(|(p, v)| (p.as_str(), v.as_str())).collect();
+    assert_eq!(got, expect);
+    assert_eq!(m.zeroed()[1], ("pmem0".to_owned(), 0, 8192, false));
+    assert!(m.namespaces().is_empty());
+    assert!(!m.info_block_at(0, 0));
+    assert_eq!(
+        m.read(&format!("{DEV}region0/available_size")).unwrap(),
+        (2 * G).to_string()
+    );
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn fileio_is_sector_mode() {
+    let m = model(&[2 * G]);
+    let b = backend(&m);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &b);
+    let v = create(&a, "s", 100 * M, Usage::FileIo).unwrap();
+    assert_eq!(v.device.as_deref(), Some("/dev/pmem0s"));
+    assert_eq!(m.namespaces()[0].4, "safe");
+    let usable = a.usable_of(&v);
+    assert!(usable >= Bytes(100 * M));
+    assert_eq!(usable, Bytes(layout::sector_usable(v.size.0)));
+    assert!(
+        m.writes()
+            .iter()
+            .any(|(p, v)| p.ends_with("btt0.0/sector_size") && v == "4096")
+    );
+    a.delete_volume(&v.id).unwrap();
+    assert!(m.namespaces().is_empty());
+}
+
+#[test]
+fn capacity_is_exact() {
+    for usage in [Usage::AppDirect, Usage::FileIo] {
+        let m = model(&[2 * G]);
+        let b = backend(&m);
+        let dir = tempfile::tempdir().unwrap();
+        let a = alloc(&dir, &b);
+        let max = a.capacity(usage).unwrap()[0].largest;
+        assert_eq!(max, Bytes(layout::usable(2 * G, usage)));
+        for too_big in [max.0 + 1, max.0 + 16 * M] {
+            let e = create(&a, "big", too_big, usage).unwrap_err();
+            assert!(matches!(e, Error::Exhausted { .. }), "{usage}: {e}");
+        }
+        let v = create(&a, "max", max.0, usage).unwrap();
+        assert_eq!(v.size, Bytes(2 * G));
+        assert_eq!(a.usable_of(&v), max);
+        assert_eq!(a.capacity(usage).unwrap()[0].largest, Bytes(0));
+        a.delete_volume(&v.id).unwrap();
+        // After a 16 MiB foreign namespace at the start the maximum shrinks.
+        m.ndctl_create(0, 16 * M, "foreign", None).unwrap();
+        drop(a);
+        let a = alloc(&dir, &backend(&m));
+        let max = a.capacity(usage).unwrap()[0].largest;
+        assert_eq!(max, Bytes(layout::usable(2 * G - 16 * M, usage)));
+        let v = create(&a, "max", max.0, usage).unwrap();
+        assert_eq!(v.offset, Bytes(16 * M));
+        assert!(create(&a, "more", 1, usage).is_err());
+    }
+}
+
+#[test]
+fn erase_zeroes_the_whole_namespace_before_destroying_it() {
+    let m = model(&[G]);
+    let b = backend(&m);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &b);
+    let v = a
+        .create_volume(&CreateRequest::new("e", Bytes(64 * M)))
+        .unwrap();
+    assert!(v.erase_after);
+    a.delete_volume(&v.id).unwrap();
+    let z = m.zeroed();
+    assert!(
+        z.contains(&("pmem0".to_owned(), 0, v.size.0, true)),
+        "{z:?}"
+    );
+    assert!(m.namespaces().is_empty());
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn busy_devices_are_not_deleted() {
+    let m = model(&[G]);
+    let b = backend(&m);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &b);
+    let v = create(&a, "b", 64 * M, Usage::AppDirect).unwrap();
+    m.set_busy("pmem0", true);
+    let e = a.delete_volume(&v.id).unwrap_err();
+    assert!(
+        matches!(&e, Error::FailedPrecondition(s) if s.contains("/dev/pmem0") && s.contains("in use")),
+        "{e}"
+    );
+    assert_eq!(m.namespaces()[0].4, "memory");
+    assert_eq!(
+        a.volume(&v.id).unwrap().unwrap().state,
+        crate::VolumeState::Ready
+    );
+    m.set_busy("pmem0", false);
+    a.delete_volume(&v.id).unwrap();
+}
+
+#[test]
+fn label_less_regions_are_reported_and_refused() {
+    let m = Arc::new(Model::new());
+    m.labelless_region(G);
+    m.labeled_region(G);
+    let b = backend(&m);
+    let specs = b.regions().unwrap();
+    assert_eq!(specs[0].ns_slots, 0);
+    assert!(b.describe().contains("label-less"), "{}", b.describe());
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &b);
+    let caps = a.capacity(Usage::AppDirect).unwrap();
+    assert_eq!((caps[0].available, caps[0].largest), (Bytes(0), Bytes(0)));
+    let e = a
+        .create_volume(&CreateRequest {
+            region: Some("region0".into()),
+            ..CreateRequest::new("x", Bytes(16 * M))
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::FailedPrecondition(s) if s.contains("label-less") && s.contains("ndctl init-labels all")),
+        "{e}"
+    );
+    // The labeled region still serves; the raw namespace is foreign, untouched.
+    let v = create(&a, "y", 16 * M, Usage::AppDirect).unwrap();
+    assert_eq!(v.region, "region1");
+    let rep = a.reconcile(false, true).unwrap();
+    assert_eq!(rep.foreign.len(), 1);
+    assert!(matches!(&rep.foreign[0].owner, Owner::Foreign(s) if s.contains("label-less")));
+    assert_eq!(m.read(&format!("{DEV}namespace0.0/mode")).unwrap(), "raw");
+    // The backend itself refuses too.
+    let e = b.create(&req(&vid(9), "region0", 0, 16 * M)).unwrap_err();
+    assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+}
+
+#[test]
+fn foreign_namespaces_are_reserved_and_never_touched() {
+    let m = model(&[G]);
+    let foreign = m
+        .ndctl_create(0, 64 * M, "database", Some(ClaimKind::Pfn))
+        .unwrap();
+    let b = backend(&m);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &b);
+    let caps = a.capacity(Usage::AppDirect).unwrap();
+    assert_eq!(caps[0].available, Bytes(G - 64 * M));
+    let v = create(&a, "v", 16 * M, Usage::AppDirect).unwrap();
+    assert_eq!(v.offset, Bytes(64 * M));
+    let rep = a.reconcile(false, true).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(rep.foreign.len(), 1);
+    assert_eq!(rep.foreign[0].path, foreign);
+    a.delete_volume(&v.id).unwrap();
+    let left = m.namespaces();
+    assert_eq!(left.len(), 1);
+    assert_eq!(
+        (left[0].3.as_str(), left[0].4.as_str()),
+        ("database", "memory")
+    );
+    // A foreign namespace is never removed as an orphan.
+    let item = &rep.foreign[0];
+    assert!(b.remove_orphan(item).is_err());
+}
+
+#[test]
+fn a_namespace_made_behind_our_back_fails_the_create_cleanly() {
+    let m = model(&[G]);
+    let b = backend(&m);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &b);
+    m.ndctl_create(0, 32 * M, "sneaky", None).unwrap();
+    let before = m.snapshot();
+    let e = create(&a, "v", 16 * M, Usage::AppDirect).unwrap_err();
+    assert!(
+        matches!(&e, Error::Device(s) if s.contains("not free in the kernel") && s.contains("sneaky")),
+        "{e}"
+    );
+    assert_eq!(m.snapshot(), before);
+    assert!(a.volumes().unwrap().is_empty());
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn failed_steps_are_undone_exactly() {
+    let m = model(&[G]);
+    let b = backend(&m);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &b);
+    let before = m.snapshot();
+    for (path, errno) in [
+        ("namespace0.0/size", libc::EINVAL),
+        ("namespace0.0/holder_class", libc::EBUSY),
+        ("pfn0.0/mode", libc::EINVAL),
+        ("pfn0.0/namespace", libc::EBUSY),
+        ("drivers/nd_pmem/bind", libc::ENXIO),
+    ] {
+        m.fail_next_write(path, errno);
+        let e = create(&a, "v", 16 * M, Usage::AppDirect).unwrap_err();
+        assert!(matches!(e, Error::Device(_)), "{path}: {e}");
+        assert!(!e.to_string().contains("undo incomplete"), "{path}: {e}");
+        assert_eq!(m.snapshot(), before, "after a failed write to {path}");
+        assert!(a.volumes().unwrap().is_empty());
+    }
+    m.fail_next_write("namespace0.0/size", libc::EINVAL);
+    let e = create(&a, "v", 16 * M, Usage::AppDirect).unwrap_err();
+    assert!(e.to_string().contains("region alignment"), "{e}");
+    // After the bind: the info block is wiped and the namespace deleted.
+    m.fail_next_zero();
+    let e = create(&a, "v", 16 * M, Usage::AppDirect).unwrap_err();
+    assert!(e.to_string().contains("zero the head"), "{e}");
+    assert!(m.namespaces().is_empty());
+    assert!(!m.info_block_at(0, 0));
+    a.check_invariants().unwrap();
+    // And the next create works.
+    create(&a, "v", 16 * M, Usage::AppDirect).unwrap();
+}
+
+#[test]
+fn concurrent_creates_wait_for_earlier_extents() {
+    let m = model(&[G]);
+    let b = backend(&m);
+    let (ra, rb) = (
+        req(&vid(1), "region0", 0, 16 * M),
+        req(&vid(2), "region0", 16 * M, 16 * M),
+    );
+    // B first: the kernel would put it at 0, so it waits for A.
+    let later = {
+        let b = b.clone();
+        let rb = rb.clone();
+        std::thread::spawn(move || {
+            b.wipe_head(&rb).unwrap();
+            b.create(&rb)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    b.wipe_head(&ra).unwrap();
+    b.create(&ra).unwrap();
+    later.join().unwrap().unwrap();
+    let ns = m.namespaces();
+    assert_eq!((ns[0].1, ns[1].1), (0, 16 * M));
+    assert_eq!(ns[1].3, format!("pmem-agent:{}", vid(2)));
+    // Alone, B gives up after the placement timeout without writing.
+    let m = model(&[G]);
+    let b = Arc::new(
+        DirectBackend::with(
+            m.clone(),
+            m.clone(),
+            DirectConfig {
+                placement_timeout: Duration::from_millis(50),
+                ..cfg()
+            },
+        )
+        .unwrap(),
+    );
+    b.wipe_head(&rb).unwrap();
+    let e = b.create(&rb).unwrap_err();
+    assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+    assert!(m.writes().is_empty());
+    // With A under way (wipe_head called) but stuck, B waits and gives up.
+    b.wipe_head(&ra).unwrap();
+    b.wipe_head(&rb).unwrap();
+    let e = b.create(&rb).unwrap_err();
+    assert!(matches!(e, Error::Busy(_)), "{e}");
+    assert!(m.writes().is_empty());
+}
+
+#[test]
+fn a_missing_namespace_in_the_way_fails_fast() {
+    let m = model(&[G]);
+    let dir = tempfile::tempdir().unwrap();
+    let b = backend(&m);
+    let a = alloc(&dir, &b);
+    let v = create(&a, "v", 16 * M, Usage::AppDirect).unwrap();
+    let ns = m.namespaces()[0].0.clone();
+    m.write(&format!("{DEV}pfn0.0/driver/unbind"), "pfn0.0")
+        .unwrap();
+    m.write(&format!("{DEV}pfn0.0/namespace"), "").unwrap();
+    m.write(&format!("{DEV}{ns}/size"), "0").unwrap();
+    let t0 = std::time::Instant::now();
+    let e = create(&a, "w", 16 * M, Usage::AppDirect).unwrap_err();
+    assert!(
+        matches!(&e, Error::FailedPrecondition(s) if s.contains("ledger holds that space")),
+        "{e}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    // Deleting the broken volume clears the way.
+    a.delete_volume(&v.id).unwrap();
+    create(&a, "w", 16 * M, Usage::AppDirect).unwrap();
+}
+
+#[test]
+fn regions_proceed_in_parallel() {
+    let m = model(&[G, G]);
+    let b = backend(&m);
+    let dir = tempfile::tempdir().unwrap();
+    let a = Arc::new(alloc(&dir, &b));
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let a = a.clone();
+            std::thread::spawn(move || create(&a, &format!("v{i}"), 16 * M, Usage::AppDirect))
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap().unwrap();
+    }
+    assert_eq!(m.namespaces().len(), 8);
+    let rep = a.reconcile(false, false).unwrap();
+    assert!(rep.is_clean() && rep.actions.is_empty(), "{rep:?}");
+    a.check_invariants().unwrap();
+}
+
+/// What our create had written before a crash after the `size` write.
+fn half_made(m: &Model, id: &str, size: u64) -> String {
+    let seed = m.read(&format!("{DEV}region0/namespace_seed")).unwrap();
+    m.write(&format!("{DEV}{seed}/uuid"), &namespace_uuid(id))
+        .unwrap();
+    m.write(
+        &format!("{DEV}{seed}/alt_name"),
+        &format!("pmem-agent:{id}"),
+    )
+    .unwrap();
+    m.write(&format!("{DEV}{seed}/size"), &size.to_string())
+        .unwrap();
+    seed
+}
+
+#[test]
+fn interrupted_creates_are_completed() {
+    // Crash after `size`: the namespace is still the seed.
+    let m = model(&[G]);
+    let seed = half_made(&m, &vid(1), 16 * M);
+    let b = backend(&m);
+    let r = req(&vid(1), "region0", 0, 16 * M);
+    assert_eq!(b.find(&r).unwrap(), None);
+    b.wipe_head(&r).unwrap();
+    let d = b.create(&r).unwrap();
+    assert_eq!(d.path.as_deref(), Some("/dev/pmem0"));
+    assert_eq!(m.namespaces()[0].0, seed);
+    assert_eq!(m.namespaces()[0].4, "memory");
+    assert_eq!(m.zeroed().last().unwrap().0, "pmem0");
+
+    // Crash after `size`, then a reboot: the kernel binds it raw.
+    let m = model(&[G]);
+    half_made(&m, &vid(1), 16 * M);
+    m.reboot();
+    assert_eq!(m.namespaces()[0].4, "raw");
+    let b = backend(&m);
+    b.wipe_head(&r).unwrap();
+    b.create(&r).unwrap();
+    assert_eq!(m.namespaces()[0].4, "memory");
+
+    // The same raw namespace for a ready volume is not re-initialised.
+    let m = model(&[G]);
+    half_made(&m, &vid(1), 16 * M);
+    m.reboot();
+    let b = backend(&m);
+    let e = b.create(&r).unwrap_err();
+    assert!(e.to_string().contains("refusing to re-initialise"), "{e}");
+    assert_eq!(m.namespaces()[0].4, "raw");
+
+    // Crash after the bind, before the head wipe: wipe_head finishes it.
+    let m = model(&[G]);
+    let b = backend(&m);
+    b.wipe_head(&r).unwrap();
+    b.create(&r).unwrap();
+    let n = m.zeroed().len();
+    b.wipe_head(&r).unwrap();
+    assert_eq!(m.zeroed().len(), n + 1);
+    b.create(&r).unwrap();
+    assert_eq!(m.namespaces().len(), 1);
+}
+
+#[test]
+fn a_vanished_namespace_of_a_ready_volume_is_not_made_again() {
+    let m = model(&[G]);
+    let dir = tempfile::tempdir().unwrap();
+    let b = backend(&m);
+    let a = alloc(&dir, &b);
+    let v = create(&a, "v", 16 * M, Usage::AppDirect).unwrap();
+    // ndctl destroy-namespace behind our back.
+    let ns = m.namespaces()[0].0.clone();
+    m.write(&format!("{DEV}pfn0.0/driver/unbind"), "pfn0.0")
+        .unwrap();
+    m.write(&format!("{DEV}pfn0.0/namespace"), "").unwrap();
+    m.write(&format!("{DEV}{ns}/size"), "0").unwrap();
+    let before = m.snapshot();
+    let rep = a.reconcile(false, false).unwrap();
+    assert_eq!(rep.missing, std::slice::from_ref(&v.id), "{rep:?}");
+    assert!(rep.errors[0].contains("is gone"), "{rep:?}");
+    assert_eq!(m.snapshot(), before);
+}
+
+#[test]
+fn a_disabled_namespace_is_enabled_again() {
+    let m = model(&[G]);
+    let b = backend(&m);
+    let r = req(&vid(1), "region0", 0, 16 * M);
+    b.wipe_head(&r).unwrap();
+    b.create(&r).unwrap();
+    // ndctl disable-namespace: only the pfn is unbound.
+    m.write(&format!("{DEV}pfn0.0/driver/unbind"), "pfn0.0")
+        .unwrap();
+    assert_eq!(b.find(&r).unwrap(), None);
+    let z = m.zeroed().len();
+    let d = b.create(&r).unwrap();
+    assert_eq!(d.path.as_deref(), Some("/dev/pmem0"));
+    assert_eq!(m.zeroed().len(), z, "a ready volume's data is not touched");
+}
+
+#[test]
+fn volumes_survive_a_reboot_and_reconcile_clean() {
+    let m = model(&[G, G]);
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<String> = {
+        let a = alloc(&dir, &backend(&m));
+        let v1 = create(&a, "a", 100 * M, Usage::AppDirect).unwrap();
+        let v2 = create(&a, "b", 100 * M, Usage::FileIo).unwrap();
+        let v3 = create(&a, "c", 16 * M, Usage::AppDirect).unwrap();
+        a.delete_volume(&v1.id).unwrap();
+        vec![v2.id, v3.id]
+    };
+    m.reboot();
+    let b = backend(&m);
+    let a = alloc(&dir, &b);
+    let rep = a.reconcile(false, false).unwrap();
+    assert!(rep.is_clean() && rep.actions.is_empty(), "{rep:?}");
+    for id in &ids {
+        let v = a.volume(id).unwrap().unwrap();
+        let d = b
+            .find(&crate::allocator::device_request(&v))
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.path, v.device);
+    }
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn orphans_are_reported_reserved_and_removed_on_request() {
+    let m = model(&[G]);
+    let orphan_id = vid(7);
+    m.ndctl_create(
+        0,
+        32 * M,
+        &format!("pmem-agent:{orphan_id}"),
+        Some(ClaimKind::Pfn),
+    )
+    .unwrap();
+    let b = backend(&m);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &b);
+    assert_eq!(
+        a.capacity(Usage::AppDirect).unwrap()[0].available,
+        Bytes(G - 32 * M)
+    );
+    let rep = a.reconcile(true, false).unwrap();
+    assert_eq!(rep.orphans.len(), 1);
+    assert_eq!(rep.orphans[0].owner, Owner::Ours(orphan_id));
+    let rep = a.reconcile(false, true).unwrap();
+    assert!(
+        rep.actions.iter().any(|s| s.contains("removed orphan")),
+        "{rep:?}"
+    );
+    assert!(m.namespaces().is_empty());
+}
+
+#[test]
+fn expansion_is_refused_before_anything_is_recorded() {
+    let m = model(&[G]);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &backend(&m));
+    let v = create(&a, "v", 16 * M, Usage::AppDirect).unwrap();
+    let e = a.expand_volume(&v.id, Bytes(64 * M), None).unwrap_err();
+    assert!(
+        matches!(&e, Error::FailedPrecondition(s) if s.contains("cannot grow")),
+        "{e}"
+    );
+    assert_eq!(a.volume(&v.id).unwrap().unwrap().size, v.size);
+}
+
+#[test]
+fn a_mismatched_namespace_is_an_error_not_a_guess() {
+    let m = model(&[G]);
+    let b = backend(&m);
+    let r = req(&vid(1), "region0", 0, 16 * M);
+    b.wipe_head(&r).unwrap();
+    b.create(&r).unwrap();
+    let moved = req(&vid(1), "region0", 32 * M, 16 * M);
+    let e = b.find(&moved).unwrap_err();
+    assert!(e.to_string().contains("but the ledger has"), "{e}");
+    // destroy still removes it: the marker says it is ours.
+    b.destroy(&moved).unwrap();
+    assert!(m.namespaces().is_empty());
+    assert!(marker(&"x".repeat(60)).is_err());
+}

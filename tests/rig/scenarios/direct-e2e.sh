@@ -1,0 +1,301 @@
+# rig: agent=required boots=2 dimms=2 dimm-size=2G labels=1 timeout=900
+# direct-e2e: pmem-agent --backend direct on two labeled emulated regions,
+# driven with pmemctl; one libnvdimm namespace per volume.
+#  boot 1: a foreign namespace (ndctl) carries the agent's state directory;
+#          identity, regions, capacity; fsdax volume -> stage/publish with
+#          DAX (or a manual dax mount when the Node service is missing);
+#          FileIO -> sector mode; eraseAfter zeroes the extent; busy delete
+#          refused; delete gives the space back; capacity exactness (maximum succeeds, one alignment step
+#          more fails); kill -9 at two points of a create and restart: no
+#          orphan, no lost volume; read-only /sys refused; sysfs vs ndctl
+#          timings
+#  boot 2: same DIMMs: the state comes back, reconcile is clean, the data
+#          written in boot 1 is intact, everything is deleted
+
+# shellcheck disable=SC2034 # read by agent_start (guest/e2e.sh)
+E2E_BACKEND=direct
+MIB=$((1024 * 1024))
+STATE_NS=rig-state
+
+# holds WHAT CMD...: a check on a condition, without an output to show.
+holds() {
+    local what=$1
+    shift
+    if "$@"; then ok "$what"; else fail "$what"; fi
+}
+
+ms_since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%d", (b - a) * 1000 }'; }
+
+# ndctl's JSON for the namespace of volume ID (empty when there is none).
+ns_of() { ns_json "pmem-agent:$1"; }
+
+vol() { pmemctl_admin --json volume "$1"; }
+
+region_avail() { cat "/sys/bus/nd/devices/$1/available_size"; }
+
+# create NAME SIZE [ARGS...]: CreateVolume (eraseAfter false unless ARGS
+# say otherwise); prints the JSON answer.
+create() {
+    local name=$1 size=$2
+    shift 2
+    [[ " $* " == *" --erase-after "* ]] || set -- --erase-after false "$@"
+    pmemctl_csi --json csi create "$name" --size "$size" "$@"
+}
+
+mount_state() {
+    local dev
+    dev=/dev/$(ns_blockdev "$STATE_NS")
+    [[ -b $dev ]] || fail "state namespace $STATE_NS has no block device"
+    mkdir -p "$E2E_STATE_DIR"
+    mount "$dev" "$E2E_STATE_DIR"
+    on_exit umount_if_mounted "$E2E_STATE_DIR"
+}
+
+# Backend timings from the agent log (lines "namespace ready" / "destroyed namespace").
+agent_ms() { grep "$1" "$E2E_LOG" | sed -n 's/.*ms=\([0-9]*\).*/\1/p' | tail -n "${2:-1}"; }
+
+case $RIG_BOOT in
+1)
+    # ---- the agent's state lives on a foreign namespace, so it survives the reboot
+    log "a foreign namespace for the agent's state (ndctl, region1)"
+    t0=$EPOCHREALTIME
+    ns_create region1 64M "$STATE_NS" >/dev/null
+    ndctl_create_ms=$(ms_since "$t0")
+    check "mkfs.ext4 on $STATE_NS" mkfs.ext4 -q -F "/dev/$(ns_blockdev "$STATE_NS")"
+    mount_state
+
+    # ---- read-only sysfs is refused with a hint
+    log "read-only /sys"
+    mkdir -p /mnt/rosys
+    mount --bind /sys /mnt/rosys && mount -o remount,bind,ro /mnt/rosys
+    out=$(timeout 20 pmem-agent --backend direct --sysfs-root /mnt/rosys --state-dir /tmp/ro-state \
+        --endpoint unix:///tmp/ro-csi.sock --admin-endpoint unix:///tmp/ro-admin.sock 2>&1) && fail "pmem-agent started on a read-only /sys"
+    grep -q "mounted read-only" <<<"$out" || { indent <<<"$out"; fail "no read-only hint"; }
+    ok "read-only sysfs refused: $(grep -o 'mounted read-only[^;]*' <<<"$out" | head -n 1)"
+    umount /mnt/rosys
+
+    # ---- start
+    agent_start
+    check "describe says direct" grep -q "direct backend: one libnvdimm namespace per volume" "$E2E_LOG"
+    regions=$(pmemctl_admin --json regions)
+    pmemctl_admin regions | indent
+    expect_eq "two regions, backend direct" "$(jq -r '[.[] | .backend] | join(",")' <<<"$regions")" "direct,direct"
+    expect_eq "region1 available excludes the foreign namespace" \
+        "$(jq -r '.[] | select(.id == "region1") | .available_bytes' <<<"$regions")" $((2048 * MIB - 64 * MIB))
+    cap=$(pmemctl_csi --json csi capacity)
+    indent <<<"$cap"
+    # fsdax on 2 GiB: 2 GiB minus the memmap (64 bytes per 4 KiB page, 2 MiB aligned).
+    expect_eq "maximum_volume_size is the usable size of the empty region0" "$(jq -r .maximum_volume_size <<<"$cap")" 2111832064
+
+    # ---- an fsdax volume
+    log "AppDirect volume -> fsdax namespace"
+    t0=$EPOCHREALTIME
+    out=$(create vol-a 512MiB) || fail "create vol-a"
+    create_ms=$(ms_since "$t0")
+    indent <<<"$out"
+    va=$(jq -r .volume_id <<<"$out")
+    cap_a=$(jq -r .capacity_bytes <<<"$out")
+    ns=$(ns_of "$va")
+    [[ -n $ns ]] || { ndctl list -N | indent; fail "no namespace named pmem-agent:$va"; }
+    indent <<<"$ns"
+    expect_eq "vol-a namespace mode" "$(jq -r .mode <<<"$ns")" fsdax
+    expect_eq "vol-a namespace align" "$(jq -r .align <<<"$ns")" 2097152
+    dev_a=$(vol "$va" | jq -r .device)
+    expect_eq "vol-a device is the namespace's block device" "$dev_a" "/dev/$(jq -r .blockdev <<<"$ns")"
+    expect_eq "vol-a capacity_bytes is exactly the block device size" "$(blockdev --getsize64 "$dev_a")" "$cap_a"
+    holds "vol-a holds at least 512MiB ($cap_a)" test "$cap_a" -ge $((512 * MIB))
+    expect_eq "ndctl size is the usable size" "$(jq -r .size <<<"$ns")" "$cap_a"
+
+    # ---- stage / publish with DAX through the Node service (or by hand)
+    log "stage and publish vol-a"
+    mkdir -p /mnt/stage-a /mnt/pub-a
+    if out=$(csi stage "$va" /mnt/stage-a --fs xfs 2>&1); then
+        ok "NodeStageVolume vol-a"
+        check "staged with dax (/proc/mounts)" dax_mounted /mnt/stage-a
+        check "NodePublishVolume vol-a" csi publish "$va" /mnt/stage-a /mnt/pub-a --fs xfs
+        check "published with dax (/proc/mounts)" dax_mounted /mnt/pub-a
+        grep -E " /mnt/(stage|pub)-a " /proc/mounts | indent
+        dd if=/dev/urandom of=/mnt/pub-a/data bs=1M count=4 status=none
+        sha256sum </mnt/pub-a/data >/mnt/pub-a/data.sha256
+        e=$(csi delete "$va" 2>&1) && fail "deleting a published volume succeeded"
+        ok "delete of a published volume refused: $e"
+        check "NodeUnpublishVolume" csi unpublish "$va" /mnt/pub-a
+        check "NodeUnstageVolume" csi unstage "$va" /mnt/stage-a
+        node_service=1
+    else
+        ok "# SKIP Node service not usable yet ($out); mounting by hand"
+        check "mkfs.xfs $dev_a" mkfs.xfs -q -f "$dev_a"
+        check "mount -o dax $dev_a: dax in /proc/mounts" mount_dax "$dev_a" /mnt/stage-a xfs
+        dd if=/dev/urandom of=/mnt/stage-a/data bs=1M count=4 status=none
+        sha256sum </mnt/stage-a/data >/mnt/stage-a/data.sha256
+        e=$(pmemctl_csi csi delete "$va" 2>&1) && fail "deleting a mounted volume succeeded"
+        grep -q "in use" <<<"$e" || fail "unexpected error deleting a mounted volume: $e"
+        ok "delete of a mounted volume refused: $e"
+        check "umount" umount /mnt/stage-a
+        node_service=0
+    fi
+    echo "$node_service" >"$E2E_STATE_DIR/rig-node-service"
+    echo "$va" >"$E2E_STATE_DIR/rig-vol-a"
+
+    # ---- FileIO -> sector mode
+    log "FileIO volume -> sector namespace"
+    out=$(create vol-s 64MiB --usage FileIO) || fail "create vol-s"
+    vs=$(jq -r .volume_id <<<"$out")
+    ns=$(ns_of "$vs")
+    indent <<<"$ns"
+    expect_eq "vol-s namespace mode" "$(jq -r .mode <<<"$ns")" sector
+    expect_eq "vol-s sector size" "$(jq -r .sector_size <<<"$ns")" 4096
+    dev_s=$(vol "$vs" | jq -r .device)
+    holds "vol-s device $dev_s is a BTT (pmemX.Ys)" grep -Eq '^/dev/pmem[0-9]+(\.[0-9]+)?s$' <<<"$dev_s"
+    expect_eq "vol-s capacity_bytes is exactly the block device size" "$(blockdev --getsize64 "$dev_s")" "$(jq -r .capacity_bytes <<<"$out")"
+
+    # ---- eraseAfter: the namespace is zeroed before it is destroyed
+    log "eraseAfter"
+    out=$(create vol-e 64MiB --erase-after true) || fail "create vol-e"
+    ve=$(jq -r .volume_id <<<"$out")
+    v=$(vol "$ve")
+    re=$(jq -r .region <<<"$v")
+    ns_size=$(jq -r .size_bytes <<<"$v")
+    ns_off=$(jq -r .offset_bytes <<<"$v")
+    dev_e=$(jq -r .device <<<"$v")
+    dd if=/dev/urandom of="$dev_e" bs=1M count=4 oflag=direct status=none
+    dd if=/dev/urandom of="$dev_e" bs=1M count=1 seek=$(($(blockdev --getsize64 "$dev_e") / MIB - 1)) oflag=direct status=none
+    t0=$EPOCHREALTIME
+    check "delete vol-e (eraseAfter)" csi delete "$ve"
+    erase_ms=$(ms_since "$t0")
+    # A raw namespace of the same size lands on the same extent (first fit).
+    raw=$(ndctl create-namespace -r "$re" -s "$ns_size" -m raw -n erase-check) || fail "ndctl create raw erase-check"
+    raw_dev=$(jq -r .dev <<<"$raw")
+    raw_off=$(($(cat "/sys/bus/nd/devices/$raw_dev/resource") - $(cat "/sys/bus/nd/devices/$re/resource")))
+    expect_eq "the raw namespace covers vol-e's extent" "$raw_off" "$ns_off"
+    check "vol-e's whole extent reads back as zeros" cmp -n "$ns_size" /dev/zero "/dev/$(jq -r .blockdev <<<"$raw")"
+    check "ndctl destroy-namespace erase-check" ndctl destroy-namespace -f "$raw_dev"
+
+    # ---- delete gives the space back
+    log "delete"
+    out=$(create vol-tmp 128MiB) || fail "create vol-tmp"
+    vt=$(jq -r .volume_id <<<"$out")
+    rt=$(vol "$vt" | jq -r .region)
+    before=$(region_avail "$rt")
+    t0=$EPOCHREALTIME
+    check "delete vol-tmp" csi delete "$vt"
+    delete_ms=$(ms_since "$t0")
+    holds "vol-tmp's namespace is gone" test -z "$(ns_of "$vt")"
+    after=$(region_avail "$rt")
+    holds "region $rt space back ($before -> $after)" test "$after" -gt "$before"
+
+    # ---- capacity exactness
+    log "capacity exactness"
+    cap=$(pmemctl_csi --json csi capacity)
+    max=$(jq -r .maximum_volume_size <<<"$cap")
+    for more in $((max + 1)) $((max + 16 * MIB)); do
+        if e=$(create vol-more "$more" 2>&1); then
+            fail "a volume of $more (maximum $max) was created"
+        fi
+        ok "maximum + $((more - max)) bytes refused: $e"
+    done
+    out=$(create vol-max "$max") || fail "create vol-max of exactly the maximum $max"
+    vm=$(jq -r .volume_id <<<"$out")
+    expect_eq "vol-max capacity_bytes is the maximum" "$(jq -r .capacity_bytes <<<"$out")" "$max"
+    expect_eq "vol-max block device is the maximum" "$(blockdev --getsize64 "$(vol "$vm" | jq -r .device)")" "$max"
+    check "delete vol-max" csi delete "$vm"
+
+    # ---- kill -9 in the middle of creates, restart
+    for step in after-size after-bind; do
+        log "crash: kill -9 $step"
+        agent_stop
+        PMEM_AGENT_TEST_PAUSE_AT=$step agent_start
+        pmemctl_csi --json csi create "crash-$step" --size 96MiB --erase-after false >/dev/null 2>&1 &
+        client=$!
+        wait_for 30 grep -q "PMEM_AGENT_TEST_PAUSE_AT: pausing" "$E2E_LOG" || fail "the create never reached $step"
+        sed -i 's/PMEM_AGENT_TEST_PAUSE_AT: pausing/PMEM_AGENT_TEST_PAUSE_AT: paused/' "$E2E_LOG"
+        kill -9 "$AGENT_PID"
+        wait "$AGENT_PID" 2>/dev/null || true
+        AGENT_PID=
+        wait "$client" 2>/dev/null || true
+        ok "agent killed with SIGKILL $step"
+        ndctl list -N | jq -c '.[] | {dev, mode, size, name}' | indent
+        agent_start
+        out=$(pmemctl_admin --json volumes)
+        v=$(jq -c --arg n "crash-$step" '.[] | select(.name == $n)' <<<"$out")
+        [[ -n $v ]] || fail "volume crash-$step lost"
+        expect_eq "crash-$step finished by reconciliation" "$(jq -r .state <<<"$v")" ready
+        id=$(jq -r .id <<<"$v")
+        expect_eq "crash-$step namespace mode" "$(ns_of "$id" | jq -r .mode)" fsdax
+        expect_eq "no orphan namespaces" "$(pmemctl_admin --json orphans | jq length)" 0
+        again=$(create "crash-$step" 96MiB) || fail "retry of crash-$step"
+        expect_eq "the retried CreateVolume returns the same volume" "$(jq -r .volume_id <<<"$again")" "$id"
+    done
+    expect_eq "namespaces: state + vol-a + vol-s + 2 crash volumes" "$(ndctl list -N | jq length)" 5
+
+    # ---- sysfs vs ndctl timings (same size, same guest)
+    log "timings: our sysfs path vs ndctl (256MiB fsdax, TCG guest)"
+    ours_c=() ours_d=() nd_c=() nd_d=() agent_c=() agent_d=()
+    for i in 1 2 3; do
+        t0=$EPOCHREALTIME
+        out=$(create "timing-$i" 256MiB) || fail "create timing-$i"
+        ours_c+=("$(ms_since "$t0")")
+        agent_c+=("$(agent_ms 'namespace ready')")
+        t0=$EPOCHREALTIME
+        csi delete "$(jq -r .volume_id <<<"$out")" >/dev/null
+        ours_d+=("$(ms_since "$t0")")
+        agent_d+=("$(agent_ms 'destroyed namespace')")
+        t0=$EPOCHREALTIME
+        ndctl create-namespace -r region0 -s 256M -m fsdax -n "nd-timing-$i" >/dev/null
+        nd_c+=("$(ms_since "$t0")")
+        t0=$EPOCHREALTIME
+        ndctl destroy-namespace -f "$(ns_json "nd-timing-$i" | jq -r .dev)" >/dev/null
+        nd_d+=("$(ms_since "$t0")")
+    done
+    {
+        echo "create fsdax 256MiB: pmemctl->agent (gRPC, ledger, sysfs) ${ours_c[*]} ms; backend alone ${agent_c[*]} ms; ndctl create-namespace ${nd_c[*]} ms"
+        echo "delete:              pmemctl->agent ${ours_d[*]} ms; backend alone ${agent_d[*]} ms; ndctl destroy-namespace ${nd_d[*]} ms"
+        echo "first volume: create ${create_ms} ms, delete ${delete_ms} ms; delete with eraseAfter of 64MiB ${erase_ms} ms; ndctl create of the state namespace ${ndctl_create_ms} ms"
+    } | tee "$RIG_RESULTS/timings.txt" | indent
+    ok "timings measured"
+
+    pmemctl_admin volumes | indent
+    agent_stop
+    ;;
+2)
+    log "boot 2: the same DIMMs"
+    mount_state
+    ok "state namespace $STATE_NS mounted again"
+    agent_start
+    # The kernel may number the namespaces differently after a boot, so the
+    # start-up reconciliation may record new device names; nothing else.
+    line=$(grep "startup reconciliation done" "$E2E_LOG")
+    indent <<<"$line"
+    holds "startup reconciliation: no orphans, nothing missing, no errors" \
+        grep -q "orphans=0 foreign=1 missing=0 errors=0" <<<"$line"
+    if grep -q "actions=0" <<<"$line"; then
+        ok "startup reconciliation: nothing to do"
+    else
+        grep "reconcile: reconcile: " "$E2E_LOG" | sed "s/.*reconcile: reconcile: //" | indent
+        other=$(grep "reconcile: reconcile: " "$E2E_LOG" | grep -vc "device is now" || true)
+        expect_eq "startup reconciliation only recorded new device names" "$other" 0
+    fi
+    rec=$(pmemctl_admin --json reconcile)
+    indent <<<"$rec"
+    expect_eq "reconcile: no actions" "$(jq '.actions | length' <<<"$rec")" 0
+    expect_eq "reconcile: no orphans" "$(jq '.orphans | length' <<<"$rec")" 0
+    expect_eq "reconcile: nothing missing" "$(jq '.missing | length' <<<"$rec")" 0
+    jq -r '.foreign[0].owner' <<<"$rec" | grep -q "named \"$STATE_NS\"" || fail "the state namespace is not reported foreign"
+    ok "reconcile: the state namespace is foreign"
+    vols=$(pmemctl_admin --json volumes)
+    pmemctl_admin volumes | indent
+    expect_eq "four volumes, all ready" "$(jq -r '[.[] | select(.state == "ready")] | length' <<<"$vols")" 4
+    va=$(cat "$E2E_STATE_DIR/rig-vol-a")
+    dev_a=$(vol "$va" | jq -r .device)
+    check "vol-a device $dev_a exists" test -b "$dev_a"
+    check "mount -o dax vol-a" mount_dax "$dev_a" /mnt/check-a xfs
+    on_exit umount_if_mounted /mnt/check-a
+    expect_eq "data written in boot 1 intact" "$(sha256sum </mnt/check-a/data)" "$(cat /mnt/check-a/data.sha256)"
+    check "umount vol-a" umount /mnt/check-a
+    for id in $(jq -r '.[].id' <<<"$vols"); do
+        check "delete $id" csi delete "$id"
+    done
+    expect_eq "only the foreign namespace is left" "$(ndctl list -N | jq -r '[.[].name] | join(",")')" "$STATE_NS"
+    agent_stop
+    ;;
+esac

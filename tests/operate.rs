@@ -216,6 +216,21 @@ async fn operate_pmemctl_every_subcommand() {
     assert!(ok(&["orphans"]).starts_with("DEVICE"));
     let grown = ok(&["csi", "expand", &id, "128MiB"]);
     assert!(grown.contains(&(128u64 << 20).to_string()), "{grown}");
+    // Node subcommands on the raw block volume (no mkfs needed).
+    let staging = d.dir.path().join("staging");
+    let target = d.dir.path().join("target");
+    let (staging, target) = (staging.to_str().unwrap(), target.to_str().unwrap());
+    assert!(ok(&["csi", "stage", &id, staging, "--block"]).contains("staged"));
+    assert!(ok(&["csi", "publish", &id, staging, target, "--block"]).contains("published"));
+    let stats: serde_json::Value =
+        serde_json::from_str(&ok(&["csi", "stats", &id, target])).unwrap();
+    assert_eq!(stats["usage"][0]["total"], 128u64 << 20, "{stats}");
+    // Still published: delete is refused with the precise code.
+    let (code, _, err) = pmemctl(&d, &["csi", "delete", &id]);
+    assert_eq!(code, 2);
+    assert!(err.contains("FailedPrecondition"), "{err}");
+    assert!(ok(&["csi", "unpublish", &id, target]).contains("unpublished"));
+    assert!(ok(&["csi", "unstage", &id, staging]).contains("unstaged"));
     ok(&["csi", "delete", &id]);
     // Errors: a precise gRPC code, and a clear message when nothing runs.
     let (code, _, err) = pmemctl(&d, &["volume", "pmem-nope"]);

@@ -10,10 +10,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::{Backend, DeviceRequest, Placement};
+use crate::backend::{Allocated, Backend, DeviceRequest};
 use crate::error::{Error, Result};
 use crate::ledger::Ledger;
-use crate::region::{Extent, ExtentMap, RegionSpec};
+use crate::region::{Extent, RegionSpec};
+use crate::space::Space;
 use crate::units::Bytes;
 use crate::volume::{Persistency, Publication, PublicationKind, Usage, Volume, VolumeState};
 
@@ -69,7 +70,7 @@ pub struct RegionCapacity {
 #[derive(Debug)]
 struct RegionState {
     spec: RegionSpec,
-    map: ExtentMap,
+    map: Space,
 }
 
 impl RegionState {
@@ -83,12 +84,55 @@ impl RegionState {
 struct State {
     ledger: Ledger,
     regions: BTreeMap<String, RegionState>,
-    /// Extents the backend reported as allocated that no volume covers
-    /// (foreign devices, orphans), per region; reserved at open.
-    reserved: BTreeMap<String, Vec<Extent>>,
+    /// Space the backend reported as allocated that no volume covers
+    /// (foreign devices, orphans), per region, with its key in the space.
+    reserved: BTreeMap<String, Vec<(String, Extent)>>,
 }
 
 impl State {
+    /// Reserves the parts of `allocated` that no ledger volume covers.
+    /// Extents are covered by offset; a pool's devices by volume id.
+    fn reserve_allocated(&mut self, allocated: &[Allocated]) -> Result<()> {
+        let ids: std::collections::HashSet<String> =
+            self.ledger.volumes()?.into_iter().map(|v| v.id).collect();
+        for a in allocated {
+            let Some(r) = self.regions.get_mut(&a.region) else {
+                tracing::warn!(region = %a.region, device = %a.device, "backend reports allocated space in a region it does not serve");
+                continue;
+            };
+            if matches!(r.map, Space::Pool(_)) && a.volume.as_ref().is_some_and(|v| ids.contains(v))
+            {
+                continue;
+            }
+            let key = format!("reserved:{}", a.device);
+            let got = r.map.reserve_uncovered(&key, a.offset, a.len);
+            if !got.is_empty() {
+                tracing::info!(region = %a.region, device = %a.device, offset = a.offset.0, len = a.len.0, "space allocated outside the ledger (foreign or orphan device) is reserved");
+            }
+            self.reserved
+                .entry(a.region.clone())
+                .or_default()
+                .extend(got.into_iter().map(|e| (key.clone(), e)));
+        }
+        Ok(())
+    }
+
+    fn release_reserved(&mut self) -> Result<()> {
+        for (region, list) in std::mem::take(&mut self.reserved) {
+            let Some(r) = self.regions.get_mut(&region) else {
+                continue;
+            };
+            for (key, e) in list {
+                r.map.release(&key, e.offset, e.len).map_err(|err| {
+                    Error::Device(format!(
+                        "reserved space of region {region} disagrees with the extent map: {err}"
+                    ))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Extents in use by volumes (not the reserved ones) in a region.
     fn volume_count(&self, id: &str, r: &RegionState) -> usize {
         r.map
@@ -131,10 +175,11 @@ impl Allocator {
         let mut ledger = Ledger::open(ledger_path)?;
         let specs = backend.regions()?;
         ledger.sync_regions(backend.kind(), &specs)?;
+        let placement = backend.placement();
         let mut regions: BTreeMap<String, RegionState> = specs
             .into_iter()
             .map(|spec| {
-                let map = ExtentMap::new(spec.size, spec.align);
+                let map = Space::new(&spec, placement);
                 (spec.id.clone(), RegionState { spec, map })
             })
             .collect();
@@ -146,33 +191,40 @@ impl Allocator {
                     message: format!("volume {} is in unknown region {}", v.id, v.region),
                 })?;
             r.map
-                .reserve(v.offset, v.size)
+                .reserve(&v.id, v.offset, v.size)
                 .map_err(|e| Error::LedgerCorrupt {
                     path: ledger_path.to_owned(),
                     message: format!("volume {} in region {}: {e}", v.id, v.region),
                 })?;
         }
-        let mut reserved: BTreeMap<String, Vec<Extent>> = BTreeMap::new();
-        for (region, offset, len) in backend.reserved()? {
-            let Some(r) = regions.get_mut(&region) else {
-                tracing::warn!(%region, "backend reports allocated space in a region it does not serve");
-                continue;
-            };
-            let got = reserve_uncovered(&mut r.map, offset, len);
-            if !got.is_empty() {
-                tracing::info!(%region, offset = offset.0, len = len.0, "space allocated outside the ledger (foreign or orphan device) is reserved");
-            }
-            reserved.entry(region).or_default().extend(got);
-        }
+        let mut st = State {
+            ledger,
+            regions,
+            reserved: BTreeMap::new(),
+        };
+        let allocated = backend.reserved()?;
+        st.reserve_allocated(&allocated)?;
         Ok(Allocator {
-            state: Mutex::new(State {
-                ledger,
-                regions,
-                reserved,
-            }),
+            state: Mutex::new(st),
             backend,
             names: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Re-reads what the device layer has allocated and reserves what no
+    /// volume covers, releasing earlier reservations first: call it after
+    /// orphans are removed or when someone else changed the devices (an
+    /// operator's ndctl or lvremove). Returns the bytes now reserved.
+    pub fn refresh_reserved(&self) -> Result<Bytes> {
+        let allocated = self.backend.reserved()?;
+        let mut st = self.state();
+        st.release_reserved()?;
+        st.reserve_allocated(&allocated)?;
+        Ok(st
+            .reserved
+            .values()
+            .flatten()
+            .fold(Bytes::ZERO, |a, (_, e)| a + e.len))
     }
 
     /// Reports every durable ledger commit's duration to `observer`.
@@ -287,7 +339,7 @@ impl Allocator {
             let r = st.regions.get_mut(&region).ok_or_else(|| {
                 Error::NotFound(format!("region {region} vanished during placement"))
             })?;
-            r.map.reserve(offset, size).map_err(|e| {
+            r.map.reserve(&v.id, offset, size).map_err(|e| {
                 Error::Device(format!(
                     "extent map of region {region} disagrees with the ledger: {e}"
                 ))
@@ -335,7 +387,7 @@ impl Allocator {
         let mut st = self.state();
         st.ledger.remove_volume(&v.id)?;
         if let Some(r) = st.regions.get_mut(&v.region) {
-            r.map.release(v.offset, v.size).map_err(|e| {
+            r.map.release(&v.id, v.offset, v.size).map_err(|e| {
                 Error::Device(format!(
                     "extent map of region {} disagrees with the ledger for volume {}: {e}",
                     v.region, v.id
@@ -445,11 +497,7 @@ impl Allocator {
             if r.free_slots() == 0 {
                 continue;
             }
-            let fit = match placement {
-                Placement::BestFit => r.map.best_fit(size).zip(r.map.best_fit_len(size)),
-                Placement::FirstFit => first_fit(&r.map, size),
-            };
-            let Some((offset, hole)) = fit else {
+            let Some((offset, hole)) = r.map.fit(size, placement) else {
                 continue;
             };
             let key = (
@@ -547,15 +595,22 @@ impl Allocator {
                     .map
                     .extents()
                     .into_iter()
-                    .map(|(e, used)| {
-                        let owner = used
+                    .map(|slot| {
+                        let owner = slot
+                            .used
                             .then(|| {
                                 vols.iter()
-                                    .find(|v| v.region == c.spec.id && v.offset == e.offset)
+                                    .find(|v| {
+                                        v.region == c.spec.id
+                                            && match &slot.key {
+                                                Some(k) => &v.id == k,
+                                                None => v.offset == slot.extent.offset,
+                                            }
+                                    })
                                     .map(|v| (v.id.clone(), v.state))
                             })
                             .flatten();
-                        (e, owner)
+                        (slot.extent, owner)
                     })
                     .collect();
             }
@@ -679,7 +734,7 @@ impl Allocator {
             if new <= old {
                 return Ok(v);
             }
-            let after = r.map.free_after(v.offset);
+            let after = r.map.room_to_grow(v.offset);
             if after < new - old {
                 return Err(Error::OutOfRange(format!(
                     "volume {id} in region {} can grow in place by at most {after} to {}; {} more is needed and the extent after it is in use",
@@ -694,7 +749,7 @@ impl Allocator {
                 .regions
                 .get_mut(&v.region)
                 .ok_or_else(|| Error::NotFound(v.region.clone()))?;
-            r.map.grow(v.offset, old, new).map_err(|e| {
+            r.map.grow(&v.id, v.offset, old, new).map_err(|e| {
                 Error::Device(format!(
                     "extent map of region {} disagrees with the ledger: {e}",
                     v.region
@@ -752,15 +807,15 @@ impl Allocator {
         let vols = st.ledger.volumes().map_err(|e| e.to_string())?;
         for (id, r) in &st.regions {
             r.map.check().map_err(|e| format!("region {id}: {e}"))?;
-            let mut expect = ExtentMap::new(r.spec.size, r.spec.align);
+            let mut expect = Space::new(&r.spec, self.backend.placement());
             for v in vols.iter().filter(|v| &v.region == id) {
                 expect
-                    .reserve(v.offset, v.size)
+                    .reserve(&v.id, v.offset, v.size)
                     .map_err(|e| format!("region {id}: volume {}: {e}", v.id))?;
             }
-            for e in st.reserved.get(id).into_iter().flatten() {
+            for (key, e) in st.reserved.get(id).into_iter().flatten() {
                 expect
-                    .reserve(e.offset, e.len)
+                    .reserve(key, e.offset, e.len)
                     .map_err(|err| format!("region {id}: reserved extent: {err}"))?;
             }
             if expect != r.map {
@@ -783,53 +838,20 @@ impl Allocator {
     }
 }
 
-/// The free extent with the lowest offset that holds `len`: (offset, its length).
-fn first_fit(map: &ExtentMap, len: Bytes) -> Option<(Bytes, Bytes)> {
-    map.extents()
-        .into_iter()
-        .find(|(e, used)| !used && e.len >= len)
-        .map(|(e, _)| (e.offset, e.len))
-}
-
-/// Reserves the free parts of `[offset, offset+len)`, widened to the map's
-/// alignment and clipped to its size; returns what it reserved.
-fn reserve_uncovered(map: &mut ExtentMap, offset: Bytes, len: Bytes) -> Vec<Extent> {
-    let a = map.align();
-    let start = offset.align_down(a);
-    let end = offset
-        .checked_add(len)
-        .and_then(|e| e.align_up(a))
-        .map_or(map.size(), |e| e.min(map.size()));
-    let mut got = Vec::new();
-    for (e, used) in map.extents() {
-        let (s, t) = (e.offset.max(start), e.end().min(end));
-        if used || s >= t {
-            continue;
-        }
-        if map.reserve(s, t - s).is_ok() {
-            got.push(Extent {
-                offset: s,
-                len: t - s,
-            });
-        }
-    }
-    got
-}
-
 #[cfg(test)]
 mod hook_tests {
     //! The backend hooks the direct backend relies on: placement, reserved
     //! extents, unusable regions, erase before destroy, resize refusal.
 
     use super::*;
-    use crate::backend::{Device, InventoryItem};
+    use crate::backend::{Device, InventoryItem, Placement};
 
     const A: u64 = 16 << 20;
 
     #[derive(Debug, Default)]
     struct Fake {
         placement: Placement,
-        reserved: Vec<(String, Bytes, Bytes)>,
+        reserved: Mutex<Vec<Allocated>>,
         unusable: Vec<String>,
         erase_first: bool,
         refuse_resize: bool,
@@ -865,8 +887,8 @@ mod hook_tests {
         fn placement(&self) -> Placement {
             self.placement
         }
-        fn reserved(&self) -> Result<Vec<(String, Bytes, Bytes)>> {
-            Ok(self.reserved.clone())
+        fn reserved(&self) -> Result<Vec<Allocated>> {
+            Ok(relock(&self.reserved).clone())
         }
         fn unusable_reason(&self, region: &str) -> Option<String> {
             self.unusable
@@ -916,6 +938,99 @@ mod hook_tests {
         fn remove_orphan(&self, _item: &InventoryItem) -> Result<()> {
             Ok(())
         }
+    }
+
+    fn allocated(region: &str, offset: u64, len: u64, volume: Option<&str>) -> Allocated {
+        Allocated {
+            region: region.into(),
+            offset: Bytes(offset),
+            len: Bytes(len),
+            volume: volume.map(str::to_owned),
+            device: format!("dev-{region}-{offset}-{len}"),
+        }
+    }
+
+    #[test]
+    fn refresh_reserved_follows_the_device_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, fake) = open(&dir, Fake::default());
+        let v = a.create_volume(&req("v", 1, "r0")).unwrap();
+        // An operator makes a foreign device, then removes it again.
+        relock(&fake.reserved).push(allocated("r0", 2 * A, 2 * A, None));
+        relock(&fake.reserved).push(allocated("r0", 0, A, Some(&v.id)));
+        assert_eq!(a.refresh_reserved().unwrap(), Bytes(2 * A));
+        a.check_invariants().unwrap();
+        assert_eq!(
+            a.capacity(Usage::AppDirect).unwrap()[0].available,
+            Bytes(5 * A)
+        );
+        relock(&fake.reserved).remove(0);
+        assert_eq!(a.refresh_reserved().unwrap(), Bytes::ZERO);
+        a.check_invariants().unwrap();
+        assert_eq!(
+            a.capacity(Usage::AppDirect).unwrap()[0].available,
+            Bytes(7 * A)
+        );
+    }
+
+    #[test]
+    fn pooled_regions_use_scattered_free_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, fake) = open(
+            &dir,
+            Fake {
+                placement: Placement::Pooled,
+                ..Fake::default()
+            },
+        );
+        // A, B, C, D fill r0; deleting A and C leaves two separate holes.
+        let ids: Vec<String> = [3u64, 1, 3, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                a.create_volume(&req(&format!("v{i}"), *n, "r0"))
+                    .unwrap()
+                    .id
+            })
+            .collect();
+        a.delete_volume(&ids[0]).unwrap();
+        a.delete_volume(&ids[2]).unwrap();
+        let caps = a.capacity(Usage::AppDirect).unwrap();
+        assert_eq!(caps[0].largest, Bytes(6 * A));
+        let big = a.create_volume(&req("ac", 6, "r0")).unwrap();
+        assert_eq!(big.offset, Bytes::ZERO);
+        a.check_invariants().unwrap();
+        // Growth needs free bytes anywhere, not the extent after the volume.
+        a.delete_volume(&ids[1]).unwrap();
+        a.expand_volume(&ids[3], Bytes(2 * A), None).unwrap();
+        // Our devices unknown to the ledger (orphans) and foreign ones are
+        // reserved; the ledger's own are not counted twice.
+        relock(&fake.reserved).extend([
+            allocated("r0", 0, 6 * A, Some(&big.id)),
+            allocated("r1", 0, 2 * A, Some("pmem-orphan")),
+            allocated("r1", 0, A + 1, None),
+        ]);
+        assert_eq!(a.refresh_reserved().unwrap(), Bytes(4 * A));
+        a.check_invariants().unwrap();
+        let caps = a.capacity(Usage::AppDirect).unwrap();
+        assert_eq!(
+            (caps[0].available, caps[1].available),
+            (Bytes::ZERO, Bytes(4 * A))
+        );
+        drop(a);
+        let (a, _) = open(
+            &dir,
+            Fake {
+                placement: Placement::Pooled,
+                reserved: Mutex::new(relock(&fake.reserved).clone()),
+                ..Fake::default()
+            },
+        );
+        a.check_invariants().unwrap();
+        assert_eq!(
+            a.capacity(Usage::AppDirect).unwrap()[1].available,
+            Bytes(4 * A)
+        );
     }
 
     fn open(dir: &tempfile::TempDir, fake: Fake) -> (Allocator, Arc<Fake>) {
@@ -976,11 +1091,11 @@ mod hook_tests {
         let (a, _) = open(
             &dir,
             Fake {
-                reserved: vec![
-                    ("r0".into(), Bytes(A), Bytes(3 * A)),
-                    ("r1".into(), Bytes(A / 2), Bytes(A)),
-                    ("nowhere".into(), Bytes(0), Bytes(A)),
-                ],
+                reserved: Mutex::new(vec![
+                    allocated("r0", A, 3 * A, None),
+                    allocated("r1", A / 2, A, None),
+                    allocated("nowhere", 0, A, None),
+                ]),
                 ..Fake::default()
             },
         );

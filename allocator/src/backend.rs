@@ -56,6 +56,21 @@ pub enum Placement {
     /// The device layer allocates by itself, lowest offset first (libnvdimm
     /// namespaces); the ledger must pick that same extent.
     FirstFit,
+    /// Volumes need no contiguous extent, only free bytes (LVM logical
+    /// volumes); the ledger records them at offset 0.
+    Pooled,
+}
+
+/// Space the device layer has allocated in a region, ours or not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocated {
+    pub region: String,
+    pub offset: Bytes,
+    pub len: Bytes,
+    /// The volume id in the device's marker, when it is ours.
+    pub volume: Option<String>,
+    /// The device's name, for logs (and the reservation's key in a pool).
+    pub device: String,
 }
 
 /// A device backend. Implementations must be safe to call from several
@@ -86,11 +101,11 @@ pub trait Backend: Send + Sync + Debug {
         Placement::BestFit
     }
 
-    /// Extents the device layer has allocated, `(region, offset, length)`,
-    /// ours or not. Read once at open: the allocator reserves the parts that
-    /// no ledger volume covers (foreign devices, orphans), so that space is
-    /// never offered.
-    fn reserved(&self) -> Result<Vec<(String, Bytes, Bytes)>> {
+    /// Everything the device layer has allocated, ours or not. Read at open
+    /// and on [`crate::Allocator::refresh_reserved`]: the allocator reserves
+    /// what no ledger volume covers (foreign devices, orphans), so that
+    /// space is never offered.
+    fn reserved(&self) -> Result<Vec<Allocated>> {
         Ok(Vec::new())
     }
 

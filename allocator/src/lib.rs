@@ -11,6 +11,7 @@ pub mod loopdev;
 pub mod reconcile;
 pub mod region;
 pub mod sim;
+pub mod space;
 pub mod units;
 pub mod volume;
 

@@ -89,6 +89,13 @@ impl Allocator {
                 }
             }
         }
+        if !dry_run {
+            // Removed orphans and finished deletes free space; devices
+            // changed by others take or free some too.
+            if let Err(e) = self.refresh_reserved() {
+                rep.errors.push(format!("refresh reserved space: {e}"));
+            }
+        }
         for a in &rep.actions {
             tracing::info!(dry_run, "reconcile: {a}");
         }

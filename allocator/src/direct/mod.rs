@@ -45,7 +45,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, Device, DeviceRequest, InventoryItem, Owner, Placement};
+use crate::backend::{Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, Placement};
 use crate::error::{Error, Result};
 use crate::region::RegionSpec;
 use crate::units::{Bytes, MIB};
@@ -949,7 +949,7 @@ impl Backend for DirectBackend {
         Placement::FirstFit
     }
 
-    fn reserved(&self) -> Result<Vec<(String, Bytes, Bytes)>> {
+    fn reserved(&self) -> Result<Vec<Allocated>> {
         let mut out = Vec::new();
         for s in &self.regions {
             let info = self.region_info(&s.name)?;
@@ -959,7 +959,16 @@ impl Backend for DirectBackend {
                 }
                 let off = if ns.io { Some(0) } else { ns.offset(&info) };
                 if let Some(off) = off {
-                    out.push((s.name.clone(), Bytes(off), Bytes(ns.size)));
+                    out.push(Allocated {
+                        region: s.name.clone(),
+                        offset: Bytes(off),
+                        len: Bytes(ns.size),
+                        volume: ns
+                            .alt_name
+                            .strip_prefix(&format!("{MARKER}:"))
+                            .map(str::to_owned),
+                        device: ns.name.clone(),
+                    });
                 }
             }
         }

@@ -642,6 +642,9 @@ fn orphans_are_reported_reserved_and_removed_on_request() {
         "{rep:?}"
     );
     assert!(m.namespaces().is_empty());
+    // The orphan's space is offered again without a restart.
+    assert_eq!(a.capacity(Usage::AppDirect).unwrap()[0].available, Bytes(G));
+    a.check_invariants().unwrap();
 }
 
 #[test]

@@ -110,6 +110,25 @@ pub struct Args {
     /// neither devtmpfs nor udev made them (default /dev).
     #[arg(long, env = "PMEM_AGENT_DIRECT_DEV_DIR")]
     pub direct_dev_dir: Option<PathBuf>,
+    /// lvm backend: percent of each region our namespaces take (default 100).
+    #[arg(long, env = "PMEM_AGENT_LVM_PERCENTAGE")]
+    pub lvm_percentage: Option<u8>,
+    /// lvm backend: use these block devices as physical volumes instead of
+    /// namespaces of our own: `region0=/dev/pmem0,/dev/pmem1;region1=/dev/pmem2`.
+    #[arg(long, env = "PMEM_AGENT_LVM_DEVICES")]
+    pub lvm_devices: Option<String>,
+    /// lvm backend: words run before `lvm`, e.g. `nsenter --target 1 --mount --`.
+    #[arg(long, env = "PMEM_AGENT_LVM_COMMAND_PREFIX")]
+    pub lvm_command_prefix: Option<String>,
+    /// lvm backend: lvm.conf overrides passed as --config.
+    #[arg(long, env = "PMEM_AGENT_LVM_CONFIG")]
+    pub lvm_config: Option<String>,
+    /// lvm backend: no device-mapper; write metadata only, never activate.
+    #[arg(long, env = "PMEM_AGENT_LVM_METADATA_ONLY")]
+    pub lvm_metadata_only: Option<bool>,
+    /// lvm backend: volume group name prefix (default `pmem-`).
+    #[arg(long, env = "PMEM_AGENT_LVM_VG_PREFIX")]
+    pub lvm_vg_prefix: Option<String>,
 }
 
 /// The TOML file; every key optional, unknown keys rejected.
@@ -130,6 +149,19 @@ pub struct FileConfig {
     pub allocator: Option<String>,
     pub allocator_wait: Option<u64>,
     pub sim: Option<SimFileConfig>,
+    pub lvm: Option<LvmFileConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LvmFileConfig {
+    pub percentage: Option<u8>,
+    /// region -> block devices
+    pub devices: Option<std::collections::BTreeMap<String, Vec<String>>>,
+    pub command_prefix: Option<Vec<String>>,
+    pub config: Option<String>,
+    pub metadata_only: Option<bool>,
+    pub vg_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +198,42 @@ pub struct Config {
     pub allocator_wait: std::time::Duration,
     pub sysfs_root: PathBuf,
     pub direct_dev_dir: PathBuf,
+    pub lvm: LvmSettings,
+}
+
+/// The lvm backend's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LvmSettings {
+    pub percentage: u8,
+    /// Configured physical volumes per region; `None`: our own namespaces.
+    pub devices: Option<Vec<(String, Vec<String>)>>,
+    pub command_prefix: Vec<String>,
+    pub config: String,
+    pub metadata_only: bool,
+    pub vg_prefix: String,
+}
+
+/// `region0=/dev/a,/dev/b;region1=/dev/c`
+fn lvm_devices(spec: &str) -> Result<Vec<(String, Vec<String>)>, ConfigError> {
+    spec.split(';')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            let (region, devs) = p.split_once('=').ok_or_else(|| {
+                ConfigError::Invalid(format!("lvm-devices {p:?} is not REGION=/dev/a,/dev/b"))
+            })?;
+            let devs: Vec<String> = devs
+                .split(',')
+                .map(|d| d.trim().to_owned())
+                .filter(|d| !d.is_empty())
+                .collect();
+            if region.trim().is_empty() || devs.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "lvm-devices {p:?} needs a region and at least one device"
+                )));
+            }
+            Ok((region.trim().to_owned(), devs))
+        })
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +282,28 @@ impl Config {
             None => FileConfig::default(),
         };
         let sim = file.sim.unwrap_or_default();
+        let lvm = file.lvm.unwrap_or_default();
+        let lvm = LvmSettings {
+            percentage: args.lvm_percentage.or(lvm.percentage).unwrap_or(100),
+            devices: match args.lvm_devices {
+                Some(s) => Some(lvm_devices(&s)?),
+                None => lvm.devices.map(|m| m.into_iter().collect()),
+            },
+            command_prefix: args
+                .lvm_command_prefix
+                .map(|p| p.split_whitespace().map(str::to_owned).collect())
+                .or(lvm.command_prefix)
+                .unwrap_or_default(),
+            config: args.lvm_config.or(lvm.config).unwrap_or_default(),
+            metadata_only: args
+                .lvm_metadata_only
+                .or(lvm.metadata_only)
+                .unwrap_or(false),
+            vg_prefix: args
+                .lvm_vg_prefix
+                .or(lvm.vg_prefix)
+                .unwrap_or_else(|| "pmem-".to_owned()),
+        };
         let endpoint = args
             .endpoint
             .or(file.endpoint)
@@ -294,12 +384,19 @@ impl Config {
             ),
             sysfs_root: args.sysfs_root.unwrap_or_else(|| PathBuf::from("/sys")),
             direct_dev_dir: args.direct_dev_dir.unwrap_or_else(|| PathBuf::from("/dev")),
+            lvm,
         };
         cfg.validate()?;
         Ok(cfg)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=100).contains(&self.lvm.percentage) {
+            return Err(ConfigError::Invalid(format!(
+                "lvm-percentage {} must be 1 to 100",
+                self.lvm.percentage
+            )));
+        }
         if self.node_id.is_empty() || self.node_id.len() > 128 {
             return Err(ConfigError::Invalid(format!(
                 "node-id {:?} must be 1 to 128 bytes",
@@ -405,6 +502,53 @@ mod tests {
         let c = Config::load(args(&["--sysfs-root", "/host/sys", "--backend", "direct"])).unwrap();
         assert_eq!(c.sysfs_root, PathBuf::from("/host/sys"));
         assert_eq!(c.backend, BackendKind::Direct);
+    }
+
+    #[test]
+    fn lvm_settings_from_flags_and_file() {
+        let c = Config::load(args(&[])).unwrap();
+        assert_eq!(c.lvm.percentage, 100);
+        assert_eq!(c.lvm.devices, None);
+        assert_eq!(c.lvm.vg_prefix, "pmem-");
+        let c = Config::load(args(&[
+            "--lvm-devices",
+            "region0=/dev/a, /dev/b;region1=/dev/c",
+            "--lvm-command-prefix",
+            "nsenter --target 1 --mount --",
+            "--lvm-percentage",
+            "50",
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.lvm.devices,
+            Some(vec![
+                ("region0".into(), vec!["/dev/a".into(), "/dev/b".into()]),
+                ("region1".into(), vec!["/dev/c".into()]),
+            ])
+        );
+        assert_eq!(
+            c.lvm.command_prefix,
+            ["nsenter", "--target", "1", "--mount", "--"]
+        );
+        assert_eq!(c.lvm.percentage, 50);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "backend = \"lvm\"\n[lvm]\npercentage = 80\nmetadata-only = true\nconfig = \"global { use_lvmpolld = 0 }\"\n[lvm.devices]\nregion0 = [\"/dev/x\"]\n",
+        )
+        .unwrap();
+        let c = Config::load(args(&["--config", f.to_str().unwrap()])).unwrap();
+        assert_eq!(c.backend, BackendKind::Lvm);
+        assert_eq!(c.lvm.percentage, 80);
+        assert!(c.lvm.metadata_only);
+        assert_eq!(
+            c.lvm.devices,
+            Some(vec![("region0".into(), vec!["/dev/x".into()])])
+        );
+        assert!(Config::load(args(&["--lvm-percentage", "0"])).is_err());
+        assert!(Config::load(args(&["--lvm-devices", "region0"])).is_err());
+        assert!(Config::load(args(&["--lvm-devices", "region0="])).is_err());
     }
 
     #[test]

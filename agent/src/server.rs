@@ -8,6 +8,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use pmem_allocator::direct::{DirectBackend, DirectConfig};
+use pmem_allocator::lvm::command::{LvmCommand, LvmCommandConfig};
+use pmem_allocator::lvm::pvs::{DevicePvs, NamespacePvs, PvRegion, PvSource};
+use pmem_allocator::lvm::{LvmBackend, LvmConfig};
 use pmem_allocator::sim::{SimBackend, SimConfig, SimMode};
 use pmem_allocator::{Allocator, Backend};
 use pmem_proto::admin::admin_server::AdminServer;
@@ -85,12 +88,59 @@ pub fn open_backend(cfg: &Config) -> anyhow::Result<Arc<dyn Backend>> {
             })?;
             Ok(Arc::new(direct))
         }
-        BackendKind::Lvm => bail!(
-            "backend {:?} is not available in this build yet; use --backend sim",
-            cfg.backend
-        ),
+        BackendKind::Lvm => {
+            let l = &cfg.lvm;
+            let mut config = l.config.clone();
+            if config.is_empty() && !Path::new("/run/udev/control").exists() {
+                // Without udevd, LVM must make its device nodes itself
+                // and not wait for udev.
+                config = NO_UDEV_LVM_CONFIG.to_owned();
+                tracing::info!("udevd is not running: lvm runs with {config}");
+            }
+            let runner = Arc::new(LvmCommand::new(LvmCommandConfig {
+                prefix: l.command_prefix.clone(),
+                config,
+                metadata_only: l.metadata_only,
+                ..LvmCommandConfig::default()
+            }));
+            let source: Box<dyn PvSource> = match &l.devices {
+                Some(d) => Box::new(DevicePvs(
+                    d.iter()
+                        .map(|(region, devices)| PvRegion {
+                            region: region.clone(),
+                            numa_node: 0,
+                            devices: devices.clone(),
+                        })
+                        .collect(),
+                )),
+                None => Box::new(NamespacePvs {
+                    direct: Arc::new(DirectBackend::open(DirectConfig {
+                        sysfs_root: cfg.sysfs_root.clone(),
+                        dev_dir: cfg.direct_dev_dir.clone(),
+                        marker: LVM_NAMESPACE_MARKER.to_owned(),
+                        ..DirectConfig::default()
+                    })?),
+                    percentage: l.percentage,
+                }),
+            };
+            let lvm = LvmBackend::open(
+                runner,
+                source.as_ref(),
+                LvmConfig {
+                    vg_prefix: l.vg_prefix.clone(),
+                    metadata_only: l.metadata_only,
+                },
+            )?;
+            Ok(Arc::new(lvm))
+        }
     }
 }
+
+/// `alt_name` prefix of the namespaces that carry our volume groups.
+pub const LVM_NAMESPACE_MARKER: &str = "pmem-agent-lvm:";
+
+/// lvm.conf overrides for hosts and containers without udevd.
+const NO_UDEV_LVM_CONFIG: &str = "activation { udev_sync = 0 udev_rules = 0 verify_udev_operations = 0 } devices { obtain_device_list_from_udev = 0 }";
 
 struct SocketGuard(Vec<PathBuf>);
 

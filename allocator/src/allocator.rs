@@ -537,7 +537,9 @@ impl Allocator {
             .map(|c| c.available)
             .fold(Bytes::ZERO, |a, b| a + b);
         let largest = caps.iter().map(|c| c.largest).max().unwrap_or_default();
-        let slots: u32 = caps.iter().map(|c| c.free_slots).sum();
+        let slots = caps
+            .iter()
+            .fold(0u32, |a, c| a.saturating_add(c.free_slots));
         let message = if slots == 0 {
             format!(
                 "no free namespace slots left on this node ({} volumes exist); delete volumes first",

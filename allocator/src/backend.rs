@@ -129,6 +129,10 @@ pub trait Backend: Send + Sync + Debug {
         Ok(())
     }
 
+    /// Forgets cached device state, so the next calls read the devices
+    /// afresh (reconciliation starts with it: others may have changed them).
+    fn refresh(&self) {}
+
     /// Zeroes the head of a fresh volume's extent so signatures of an earlier
     /// volume never show through (called before the first `create`).
     fn wipe_head(&self, req: &DeviceRequest) -> Result<()>;

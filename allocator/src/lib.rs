@@ -8,6 +8,7 @@ pub mod direct;
 pub mod error;
 pub mod ledger;
 pub mod loopdev;
+pub mod lvm;
 pub mod reconcile;
 pub mod region;
 pub mod sim;

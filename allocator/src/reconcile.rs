@@ -40,6 +40,7 @@ impl Allocator {
             dry_run,
             ..Default::default()
         };
+        self.backend().refresh();
         let expanding: HashSet<String> = self
             .intents()?
             .into_iter()

@@ -82,6 +82,10 @@ pub struct DirectConfig {
     /// How long a create waits for earlier extents of its region to be
     /// created first (the kernel allocates first-fit).
     pub placement_timeout: Duration,
+    /// `alt_name` prefix that marks a namespace as ours ([`MARKER`]; the
+    /// LVM backend's physical volumes use their own, so neither mode takes
+    /// the other's namespaces for orphans).
+    pub marker: String,
 }
 
 impl Default for DirectConfig {
@@ -91,6 +95,7 @@ impl Default for DirectConfig {
             dev_dir: PathBuf::from("/dev"),
             device_timeout: Duration::from_secs(10),
             placement_timeout: Duration::from_secs(10),
+            marker: MARKER.to_owned(),
         }
     }
 }
@@ -127,8 +132,8 @@ fn claim_kind(usage: Usage) -> ClaimKind {
     }
 }
 
-fn marker(volume_id: &str) -> Result<String> {
-    let m = format!("{MARKER}{volume_id}");
+fn marker_with(prefix: &str, volume_id: &str) -> Result<String> {
+    let m = format!("{prefix}{volume_id}");
     if m.len() > NAME_MAX {
         return Err(Error::InvalidArgument(format!(
             "volume id {volume_id:?} is too long for a namespace name ({} > {NAME_MAX} bytes)",
@@ -348,7 +353,7 @@ impl DirectBackend {
 
     /// Our namespace of a volume in a region (by marker), at any offset.
     fn ours(&self, info: &RegionInfo, volume_id: &str) -> Result<Option<NamespaceInfo>> {
-        let m = marker(volume_id)?;
+        let m = marker_with(&self.cfg.marker, volume_id)?;
         let mut found: Vec<NamespaceInfo> = self
             .tree()
             .namespaces(&info.name)?
@@ -567,7 +572,11 @@ impl DirectBackend {
         self.write(&seed, "uuid", &namespace_uuid(&req.volume_id))?;
         // Writing size 0 frees the space and the uuid: one undo for both.
         undo.push(Step::Size(seed.clone()));
-        self.write(&seed, "alt_name", &marker(&req.volume_id)?)?;
+        self.write(
+            &seed,
+            "alt_name",
+            &marker_with(&self.cfg.marker, &req.volume_id)?,
+        )?;
         undo.push(Step::AltName(seed.clone()));
         self.write(&seed, "sector_size", "512")?;
         self.write(&seed, "size", &req.size.0.to_string())
@@ -965,7 +974,7 @@ impl Backend for DirectBackend {
                         len: Bytes(ns.size),
                         volume: ns
                             .alt_name
-                            .strip_prefix(&format!("{MARKER}:"))
+                            .strip_prefix(self.cfg.marker.as_str())
                             .map(str::to_owned),
                         device: ns.name.clone(),
                     });
@@ -1127,7 +1136,7 @@ impl Backend for DirectBackend {
                 if ns.size == 0 {
                     continue;
                 }
-                let owner = match ns.alt_name.strip_prefix(MARKER) {
+                let owner = match ns.alt_name.strip_prefix(self.cfg.marker.as_str()) {
                     Some(id) if !ns.io => Owner::Ours(id.to_owned()),
                     _ if ns.io => Owner::Foreign(format!(
                         "label-less namespace {} covering all of {} (mode {})",
@@ -1166,7 +1175,7 @@ impl Backend for DirectBackend {
             let info = self.region_info(&item.region)?;
             let ns = self.tree().namespace(&item.path)?;
             // The name may have been reused since the inventory.
-            if ns.alt_name != marker(id)? || ns.size == 0 {
+            if ns.alt_name != marker_with(&self.cfg.marker, id)? || ns.size == 0 {
                 return Err(Error::FailedPrecondition(format!(
                     "namespace {} changed since the inventory (now {:?}); not removing it",
                     item.path, ns.alt_name

@@ -674,5 +674,5 @@ fn a_mismatched_namespace_is_an_error_not_a_guess() {
     // destroy still removes it: the marker says it is ours.
     b.destroy(&moved).unwrap();
     assert!(m.namespaces().is_empty());
-    assert!(marker(&"x".repeat(60)).is_err());
+    assert!(marker_with(MARKER, &"x".repeat(60)).is_err());
 }

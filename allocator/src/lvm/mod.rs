@@ -1,0 +1,571 @@
+//! The `lvm` backend: one volume group per region on physical volumes of
+//! our own (fsdax namespaces, see [`pvs`]), one logical volume per volume.
+//!
+//! Design points:
+//! - **Names and tags.** The volume group of region `R` is `<prefix>R`,
+//!   tagged [`TAG`]; a volume's LV is named by its volume id and tagged
+//!   [`TAG`]. An untagged LV in our group is foreign: reported, never
+//!   touched. A group of that name without our tag is refused at start.
+//! - **Sizes.** The region is the group's extents (`vg_extent_count` ×
+//!   `vg_extent_size`, 4 MiB); a volume needs free extents, not a
+//!   contiguous hole ([`Placement::Pooled`]). Physical volumes get a 2 MiB
+//!   data alignment so every extent, and the filesystem on an LV, is
+//!   huge-page aligned; `pe_start` is checked.
+//! - **Reports.** State comes from one `lvm fullreport` in JSON, cached
+//!   until the next change: one report per change, not one per call.
+//! - **Zeroing.** `lvcreate` does not zero (`--zero n`); the head of a new
+//!   LV is zeroed by us so earlier signatures never show through, and an
+//!   erase overwrites the whole LV before `lvremove`. Through the LV when
+//!   it is active, else (metadata-only mode) through the PV ranges the
+//!   report gives.
+//! - **Metadata-only mode** (`--driverloaded n`): no device-mapper, so LVs
+//!   are never active and have no device node. For hosts without
+//!   device-mapper and for tests of command construction, parsing and
+//!   reconciliation on loop devices.
+//! - **Locking.** A mutex per volume group around every change.
+
+pub mod command;
+pub mod pvs;
+pub mod report;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::backend::{Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, Placement};
+use crate::direct::sysfs::{BlockDevices, RealBlockDevices};
+use crate::error::{Error, Result};
+use crate::region::RegionSpec;
+use crate::units::{Bytes, MIB};
+use command::LvmRunner;
+use pvs::PvSource;
+use report::{Lv, REPORT_ARGS, Snapshot, Vg};
+
+/// Tag on our volume groups and logical volumes.
+pub const TAG: &str = "pmem-agent";
+/// Extent size of our volume groups.
+pub const EXTENT: u64 = 4 * MIB;
+/// Data alignment of our physical volumes: huge-page aligned extents.
+pub const DATA_ALIGN: u64 = 2 * MIB;
+/// Bytes zeroed at the head of a new LV.
+const HEAD_WIPE: u64 = 4 * MIB;
+
+#[derive(Debug, Clone)]
+pub struct LvmConfig {
+    /// Volume group name = prefix + region id.
+    pub vg_prefix: String,
+    /// LVs are never activated (no device-mapper): see the module doc.
+    pub metadata_only: bool,
+}
+
+impl Default for LvmConfig {
+    fn default() -> LvmConfig {
+        LvmConfig {
+            vg_prefix: "pmem-".to_owned(),
+            metadata_only: false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct VgSlot {
+    region: String,
+    vg: String,
+    numa_node: i32,
+    lock: Mutex<()>,
+}
+
+#[derive(Debug)]
+pub struct LvmBackend {
+    lvm: Arc<dyn LvmRunner>,
+    devs: Arc<dyn BlockDevices>,
+    cfg: LvmConfig,
+    slots: Vec<VgSlot>,
+    cache: Mutex<Option<Arc<Snapshot>>>,
+    /// Volumes being created (wipe_head was called): only their LVs may
+    /// be made; a ready volume whose LV vanished is not made anew, empty.
+    fresh: Mutex<HashSet<String>>,
+    source: String,
+}
+
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn bytes_arg(b: Bytes) -> String {
+    format!("{}b", b.0)
+}
+
+impl LvmBackend {
+    /// Prepares the physical volumes and volume groups and activates them.
+    pub fn open(
+        lvm: Arc<dyn LvmRunner>,
+        source: &dyn PvSource,
+        cfg: LvmConfig,
+    ) -> Result<LvmBackend> {
+        let regions = source.prepare()?;
+        let b = LvmBackend {
+            lvm,
+            devs: Arc::new(RealBlockDevices::new("/dev")),
+            slots: regions
+                .iter()
+                .map(|r| VgSlot {
+                    region: r.region.clone(),
+                    vg: format!("{}{}", cfg.vg_prefix, r.region),
+                    numa_node: r.numa_node,
+                    lock: Mutex::new(()),
+                })
+                .collect(),
+            cfg,
+            cache: Mutex::new(None),
+            fresh: Mutex::new(HashSet::new()),
+            source: source.describe(),
+        };
+        for (r, slot) in regions.iter().zip(&b.slots) {
+            b.ensure_vg(slot, &r.devices)?;
+        }
+        Ok(b)
+    }
+
+    /// How many lvm commands ran so far.
+    pub fn invocations(&self) -> u64 {
+        self.lvm.invocations()
+    }
+
+    fn snapshot(&self) -> Result<Arc<Snapshot>> {
+        if let Some(s) = relock(&self.cache).as_ref() {
+            return Ok(s.clone());
+        }
+        let out = self.lvm.run("fullreport", REPORT_ARGS)?;
+        let snap = Arc::new(report::parse(&out)?);
+        *relock(&self.cache) = Some(snap.clone());
+        Ok(snap)
+    }
+
+    /// Runs a command that changes LVM state; the cached report is stale
+    /// afterwards, whether it worked or not.
+    fn change(&self, sub: &str, args: &[&str]) -> Result<()> {
+        let r = self.lvm.run(sub, args);
+        *relock(&self.cache) = None;
+        r.map(|_| ())
+    }
+
+    fn slot(&self, region: &str) -> Result<&VgSlot> {
+        self.slots
+            .iter()
+            .find(|s| s.region == region)
+            .ok_or_else(|| Error::NotFound(format!("region {region} has no volume group")))
+    }
+
+    fn vg<'a>(snap: &'a Snapshot, slot: &VgSlot) -> Result<&'a Vg> {
+        snap.vg(&slot.vg).ok_or_else(|| {
+            Error::Device(format!(
+                "volume group {} of region {} is gone; check pvs/vgs",
+                slot.vg, slot.region
+            ))
+        })
+    }
+
+    /// Makes every device a PV of the slot's group and the group exist.
+    fn ensure_vg(&self, slot: &VgSlot, devices: &[String]) -> Result<()> {
+        let _g = relock(&slot.lock);
+        let snap = self.snapshot()?;
+        if let Some(vg) = snap.vg(&slot.vg)
+            && !vg.tags.iter().any(|t| t == TAG)
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "volume group {} of region {} exists but is not ours (no tag {TAG}); rename it or set another volume group prefix",
+                slot.vg, slot.region
+            )));
+        }
+        let mut new = Vec::new();
+        for d in devices {
+            match snap.pv(d) {
+                Some(pv) if pv.vg == slot.vg => {}
+                Some(pv) if !pv.vg.is_empty() => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "physical volume {d} of region {} belongs to volume group {}, not {}; leaving it alone",
+                        slot.region, pv.vg, slot.vg
+                    )));
+                }
+                Some(_) => new.push(d.as_str()),
+                None => {
+                    let align = bytes_arg(Bytes(DATA_ALIGN));
+                    self.change("pvcreate", &["--dataalignment", &align, d])?;
+                    new.push(d.as_str());
+                }
+            }
+        }
+        if !new.is_empty() {
+            if snap.vg(&slot.vg).is_some() {
+                tracing::info!(vg = %slot.vg, devices = ?new, "extending volume group");
+                self.change("vgextend", &[&[slot.vg.as_str()], new.as_slice()].concat())?;
+            } else {
+                tracing::info!(vg = %slot.vg, devices = ?new, "creating volume group");
+                let ext = bytes_arg(Bytes(EXTENT));
+                let args = [
+                    &["--addtag", TAG, "--physicalextentsize", &ext, &slot.vg][..],
+                    &new,
+                ]
+                .concat();
+                self.change("vgcreate", &args)?;
+            }
+        }
+        let snap = self.snapshot()?;
+        let vg = Self::vg(&snap, slot)?;
+        for pv in &vg.pvs {
+            if pv.pe_start % DATA_ALIGN != 0 {
+                return Err(Error::FailedPrecondition(format!(
+                    "physical volume {} of volume group {} starts its data at {} bytes, not a multiple of 2 MiB: extents would not be huge-page aligned; recreate it with pvcreate --dataalignment 2m",
+                    pv.name, vg.name, pv.pe_start
+                )));
+            }
+        }
+        if vg.extent_size != EXTENT {
+            tracing::warn!(vg = %vg.name, extent = vg.extent_size, "volume group extent size is not 4 MiB");
+        }
+        if !self.cfg.metadata_only {
+            self.change("vgchange", &["--activate", "y", &slot.vg])?;
+        }
+        Ok(())
+    }
+
+    fn ours(lv: &Lv) -> bool {
+        lv.tags.iter().any(|t| t == TAG)
+    }
+
+    /// Our LV of a volume, if there is one.
+    fn lv_of(&self, slot: &VgSlot, volume_id: &str) -> Result<Option<Lv>> {
+        let snap = self.snapshot()?;
+        let vg = Self::vg(&snap, slot)?;
+        match vg.lv(volume_id) {
+            Some(lv) if Self::ours(lv) => Ok(Some(lv.clone())),
+            Some(_) => Err(Error::Device(format!(
+                "logical volume {}/{volume_id} exists without our tag {TAG}; not using it",
+                slot.vg
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    fn device_of(&self, slot: &VgSlot, lv: &Lv) -> Result<Device> {
+        if self.cfg.metadata_only {
+            return Ok(Device {
+                path: None,
+                size: Bytes(lv.size),
+            });
+        }
+        let full = format!("{}/{}", slot.vg, lv.name);
+        if !lv.active {
+            self.change("lvchange", &["--activate", "y", &full])?;
+        }
+        if !Path::new(&lv.path).exists() {
+            return Err(Error::Device(format!(
+                "logical volume {full} is active but {} does not exist (udev rules missing? set activation/udev_rules=0 in the lvm config overrides when udevd is absent)",
+                lv.path
+            )));
+        }
+        Ok(Device {
+            path: Some(lv.path.clone()),
+            size: Bytes(lv.size),
+        })
+    }
+
+    /// Zeroes `[0, len)` of an LV: through its device when active, else
+    /// through the PV ranges it maps to.
+    fn zero(&self, slot: &VgSlot, lv: &Lv, len: u64, verify: bool) -> Result<()> {
+        let len = len.min(lv.size);
+        let what = format!("logical volume {}/{}", slot.vg, lv.name);
+        if !self.cfg.metadata_only {
+            return self
+                .devs
+                .zero(Path::new(&lv.path), 0, len, verify)
+                .map_err(|e| Error::io(format!("zero {what} ({})", lv.path), e));
+        }
+        let snap = self.snapshot()?;
+        let vg = Self::vg(&snap, slot)?;
+        let mut left = len;
+        for (dev, first, count) in &lv.ranges {
+            if left == 0 {
+                break;
+            }
+            let pv = vg.pvs.iter().find(|p| &p.name == dev).ok_or_else(|| {
+                Error::Device(format!(
+                    "{what} maps to {dev}, which is not a PV of {}",
+                    vg.name
+                ))
+            })?;
+            let n = (count * vg.extent_size).min(left);
+            self.devs
+                .zero(
+                    Path::new(dev),
+                    pv.pe_start + first * vg.extent_size,
+                    n,
+                    verify,
+                )
+                .map_err(|e| Error::io(format!("zero {what} on {dev}"), e))?;
+            left -= n;
+        }
+        if left > 0 {
+            return Err(Error::Device(format!(
+                "{what} maps fewer bytes than its size {}",
+                lv.size
+            )));
+        }
+        Ok(())
+    }
+
+    fn refuse_busy(&self, lv: &Lv, volume_id: &str) -> Result<()> {
+        if self.cfg.metadata_only || !lv.active {
+            return Ok(());
+        }
+        let busy = self
+            .devs
+            .is_busy(Path::new(&lv.path))
+            .map_err(|e| Error::io(format!("check {} of volume {volume_id}", lv.path), e))?;
+        if busy {
+            return Err(Error::FailedPrecondition(format!(
+                "device {} of volume {volume_id} is in use (mounted or open exclusively)",
+                lv.path
+            )));
+        }
+        Ok(())
+    }
+
+    fn remove(&self, slot: &VgSlot, lv: &Lv, volume_id: &str) -> Result<()> {
+        self.refuse_busy(lv, volume_id)?;
+        self.change("lvremove", &["--yes", &format!("{}/{}", slot.vg, lv.name)])
+    }
+}
+
+impl Backend for LvmBackend {
+    fn kind(&self) -> &'static str {
+        "lvm"
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "lvm backend: volume groups {} on {}{}",
+            self.slots
+                .iter()
+                .map(|s| s.vg.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.source,
+            if self.cfg.metadata_only {
+                "; metadata-only mode (no device-mapper): logical volumes are never activated"
+            } else {
+                ""
+            }
+        )
+    }
+
+    fn regions(&self) -> Result<Vec<RegionSpec>> {
+        let snap = self.snapshot()?;
+        self.slots
+            .iter()
+            .map(|s| {
+                let vg = Self::vg(&snap, s)?;
+                Ok(RegionSpec {
+                    id: s.region.clone(),
+                    size: Bytes(vg.extent_count * vg.extent_size),
+                    align: Bytes(vg.extent_size),
+                    // LVM has no per-group limit worth counting.
+                    ns_slots: u32::MAX,
+                    numa_node: s.numa_node,
+                    location: format!("volume group {}", vg.name),
+                })
+            })
+            .collect()
+    }
+
+    fn placement(&self) -> Placement {
+        Placement::Pooled
+    }
+
+    fn reserved(&self) -> Result<Vec<Allocated>> {
+        let snap = self.snapshot()?;
+        let mut out = Vec::new();
+        for s in &self.slots {
+            for lv in &Self::vg(&snap, s)?.lvs {
+                out.push(Allocated {
+                    region: s.region.clone(),
+                    offset: Bytes::ZERO,
+                    len: Bytes(lv.size),
+                    volume: Self::ours(lv).then(|| lv.name.clone()),
+                    device: format!("{}/{}", s.vg, lv.name),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn refresh(&self) {
+        *relock(&self.cache) = None;
+    }
+
+    fn erase_before_destroy(&self) -> bool {
+        // The LV is the map to its extents; after lvremove they are gone.
+        true
+    }
+
+    fn wipe_head(&self, req: &DeviceRequest) -> Result<()> {
+        relock(&self.fresh).insert(req.volume_id.clone());
+        Ok(())
+    }
+
+    fn check_idle(&self, req: &DeviceRequest) -> Result<()> {
+        let slot = self.slot(&req.region)?;
+        match self.lv_of(slot, &req.volume_id)? {
+            Some(lv) => self.refuse_busy(&lv, &req.volume_id),
+            None => Ok(()),
+        }
+    }
+
+    fn create(&self, req: &DeviceRequest) -> Result<Device> {
+        let slot = self.slot(&req.region)?;
+        let _g = relock(&slot.lock);
+        let fresh = relock(&self.fresh).remove(&req.volume_id);
+        let lv = match self.lv_of(slot, &req.volume_id)? {
+            Some(lv) => lv,
+            None if !fresh => {
+                return Err(Error::Device(format!(
+                    "logical volume {}/{} of volume {} is gone; its data cannot be restored (check lvs -a; a vgcfgrestore may bring it back)",
+                    slot.vg, req.volume_id, req.volume_id
+                )));
+            }
+            None => {
+                let mut args = vec![
+                    "--name",
+                    req.volume_id.as_str(),
+                    "--addtag",
+                    TAG,
+                    "--zero",
+                    "n",
+                    "--wipesignatures",
+                    "n",
+                    "--yes",
+                ];
+                if self.cfg.metadata_only {
+                    args.extend(["--activate", "n"]);
+                }
+                let size = bytes_arg(req.size);
+                args.extend(["--size", &size, &slot.vg]);
+                self.change("lvcreate", &args)?;
+                self.lv_of(slot, &req.volume_id)?.ok_or_else(|| {
+                    Error::Device(format!(
+                        "lvcreate of {}/{} succeeded but the report does not show it",
+                        slot.vg, req.volume_id
+                    ))
+                })?
+            }
+        };
+        if lv.size < req.size.0 {
+            return Err(Error::Device(format!(
+                "logical volume {}/{} has {} bytes, the ledger expects {}",
+                slot.vg, lv.name, lv.size, req.size
+            )));
+        }
+        let dev = self.device_of(slot, &lv)?;
+        if fresh {
+            // Also after a crash between lvcreate and here: still no data.
+            let lv = self.lv_of(slot, &req.volume_id)?.unwrap_or(lv);
+            self.zero(slot, &lv, HEAD_WIPE, false)?;
+        }
+        Ok(dev)
+    }
+
+    fn find(&self, req: &DeviceRequest) -> Result<Option<Device>> {
+        let slot = self.slot(&req.region)?;
+        match self.lv_of(slot, &req.volume_id)? {
+            Some(lv) => self.device_of(slot, &lv).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn destroy(&self, req: &DeviceRequest) -> Result<()> {
+        let slot = self.slot(&req.region)?;
+        let _g = relock(&slot.lock);
+        relock(&self.fresh).remove(&req.volume_id);
+        match self.lv_of(slot, &req.volume_id)? {
+            Some(lv) => self.remove(slot, &lv, &req.volume_id),
+            None => Ok(()),
+        }
+    }
+
+    fn erase(&self, req: &DeviceRequest) -> Result<()> {
+        let slot = self.slot(&req.region)?;
+        let _g = relock(&slot.lock);
+        match self.lv_of(slot, &req.volume_id)? {
+            Some(lv) => {
+                if !self.cfg.metadata_only && !lv.active {
+                    self.change(
+                        "lvchange",
+                        &["--activate", "y", &format!("{}/{}", slot.vg, lv.name)],
+                    )?;
+                }
+                self.zero(slot, &lv, lv.size, true)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn resize(&self, req: &DeviceRequest) -> Result<Device> {
+        let slot = self.slot(&req.region)?;
+        let _g = relock(&slot.lock);
+        let Some(lv) = self.lv_of(slot, &req.volume_id)? else {
+            return Err(Error::Device(format!(
+                "logical volume {}/{} of volume {} is gone",
+                slot.vg, req.volume_id, req.volume_id
+            )));
+        };
+        if lv.size < req.size.0 {
+            let size = bytes_arg(req.size);
+            self.change(
+                "lvextend",
+                &["--size", &size, &format!("{}/{}", slot.vg, lv.name)],
+            )?;
+        }
+        let lv = self.lv_of(slot, &req.volume_id)?.unwrap_or(lv);
+        self.device_of(slot, &lv)
+    }
+
+    fn inventory(&self) -> Result<Vec<InventoryItem>> {
+        let snap = self.snapshot()?;
+        let mut out = Vec::new();
+        for s in &self.slots {
+            for lv in &Self::vg(&snap, s)?.lvs {
+                out.push(InventoryItem {
+                    region: s.region.clone(),
+                    path: format!("{}/{}", s.vg, lv.name),
+                    offset: Bytes::ZERO,
+                    size: Bytes(lv.size),
+                    owner: if Self::ours(lv) {
+                        Owner::Ours(lv.name.clone())
+                    } else {
+                        Owner::Foreign(format!(
+                            "logical volume {}/{} ({} bytes, tags {:?})",
+                            s.vg, lv.name, lv.size, lv.tags
+                        ))
+                    },
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove_orphan(&self, item: &InventoryItem) -> Result<()> {
+        let Owner::Ours(id) = &item.owner else {
+            return Err(Error::FailedPrecondition(format!(
+                "refusing to remove foreign logical volume {}",
+                item.path
+            )));
+        };
+        let slot = self.slot(&item.region)?;
+        let _g = relock(&slot.lock);
+        match self.lv_of(slot, id)? {
+            Some(lv) => self.remove(slot, &lv, id),
+            None => Ok(()),
+        }
+    }
+}

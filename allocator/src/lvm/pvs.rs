@@ -1,0 +1,151 @@
+//! Where the LVM backend's physical volumes come from: our own fsdax
+//! namespaces in each libnvdimm region (the real thing), or block devices
+//! named in the configuration (tests on loop devices; hosts whose PMEM is
+//! already carved up).
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use crate::backend::{Backend, DeviceRequest, Placement};
+use crate::error::{Error, Result};
+use crate::space::Space;
+use crate::units::{Bytes, MIB};
+use crate::volume::Usage;
+
+/// The physical volumes of one region, which become one volume group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PvRegion {
+    pub region: String,
+    pub numa_node: i32,
+    /// Block devices, e.g. `/dev/pmem0`.
+    pub devices: Vec<String>,
+}
+
+pub trait PvSource: Send + Sync + Debug {
+    /// The regions with their physical volumes, making or growing our share
+    /// of each region first where the source can.
+    fn prepare(&self) -> Result<Vec<PvRegion>>;
+    fn describe(&self) -> String;
+}
+
+/// Block devices given by the operator, per region.
+#[derive(Debug, Clone)]
+pub struct DevicePvs(pub Vec<PvRegion>);
+
+impl PvSource for DevicePvs {
+    fn prepare(&self) -> Result<Vec<PvRegion>> {
+        for r in &self.0 {
+            for d in &r.devices {
+                let m = std::fs::metadata(d).map_err(|e| {
+                    Error::io(format!("physical volume {d} of region {}", r.region), e)
+                })?;
+                if !std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) {
+                    return Err(Error::InvalidArgument(format!(
+                        "physical volume {d} of region {} is not a block device",
+                        r.region
+                    )));
+                }
+            }
+        }
+        Ok(self.0.clone())
+    }
+
+    fn describe(&self) -> String {
+        format!("configured block devices ({} regions)", self.0.len())
+    }
+}
+
+/// Smallest namespace worth adding to a volume group.
+const MIN_SHARE: u64 = 64 * MIB;
+
+/// Our fsdax namespaces in libnvdimm regions, made through the direct
+/// backend (with its own `alt_name` marker, so the direct mode never takes
+/// them for its orphans). `percentage` of each region is ours; a higher
+/// percentage or space freed by others later adds a namespace.
+#[derive(Debug)]
+pub struct NamespacePvs {
+    pub direct: Arc<dyn Backend>,
+    pub percentage: u8,
+}
+
+impl NamespacePvs {
+    fn region(&self, spec: &crate::RegionSpec) -> Result<PvRegion> {
+        let allocated: Vec<_> = self
+            .direct
+            .reserved()?
+            .into_iter()
+            .filter(|a| a.region == spec.id)
+            .collect();
+        let mut devices = Vec::new();
+        let mut have = 0u64;
+        let mut names = Vec::new();
+        for a in allocated.iter() {
+            let Some(id) = &a.volume else { continue };
+            let req = DeviceRequest {
+                volume_id: id.clone(),
+                region: spec.id.clone(),
+                offset: a.offset,
+                size: a.len,
+                usage: Usage::AppDirect,
+            };
+            // After a reboot the claim may need enabling again.
+            let dev = match self.direct.find(&req)? {
+                Some(d) => d,
+                None => self.direct.create(&req)?,
+            };
+            devices.extend(dev.path);
+            have += a.len.0;
+            names.push(id.clone());
+        }
+        let target = Bytes(spec.size.0 / 100 * u64::from(self.percentage)).align_down(spec.align);
+        if target.0 > have {
+            let mut space = Space::new(spec, Placement::FirstFit);
+            for a in &allocated {
+                space.reserve_uncovered(&a.device, a.offset, a.len);
+            }
+            let want = Bytes(target.0 - have).min(space.largest_free());
+            if want.0 >= MIN_SHARE.max(spec.align.0)
+                && let Some((offset, _)) = space.fit(want, Placement::FirstFit)
+            {
+                let id = (0..)
+                    .map(|n| format!("{}.{n}", spec.id))
+                    .find(|n| !names.contains(n))
+                    .unwrap_or_default();
+                let req = DeviceRequest {
+                    volume_id: id,
+                    region: spec.id.clone(),
+                    offset,
+                    size: want,
+                    usage: Usage::AppDirect,
+                };
+                tracing::info!(region = %spec.id, size = want.0, percentage = self.percentage, "creating a namespace for the volume group");
+                self.direct.wipe_head(&req)?;
+                let dev = self.direct.create(&req)?;
+                devices.extend(dev.path);
+            }
+        }
+        Ok(PvRegion {
+            region: spec.id.clone(),
+            numa_node: spec.numa_node,
+            devices,
+        })
+    }
+}
+
+impl PvSource for NamespacePvs {
+    fn prepare(&self) -> Result<Vec<PvRegion>> {
+        let mut out = Vec::new();
+        for spec in self.direct.regions()? {
+            if let Some(why) = self.direct.unusable_reason(&spec.id) {
+                tracing::warn!(region = %spec.id, "region not used for LVM: {why}");
+                continue;
+            }
+            out.push(self.region(&spec)?);
+        }
+        Ok(out)
+    }
+
+    fn describe(&self) -> String {
+        format!("our fsdax namespaces ({}% of each region)", self.percentage)
+    }
+}

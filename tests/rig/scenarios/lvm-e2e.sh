@@ -69,23 +69,30 @@ case $RIG_BOOT in
     check "mkfs.ext4 on $STATE_NS" mkfs.ext4 -q -F "/dev/$(ns_blockdev "$STATE_NS")"
     mount_state
 
-    # ---- start: namespaces, PVs and VGs are made
+    # ---- start with half of each region: namespaces, PVs and VGs are made
     t0=$EPOCHREALTIME
-    agent_start
+    agent_start --lvm-percentage 50
     setup_ms=$(ms_since "$t0")
     check "describe says lvm" grep -q "lvm backend: volume groups pmem-region0, pmem-region1" "$E2E_LOG"
+    half=$(vgs --noheadings --units b --nosuffix -o vg_size pmem-region0 | xargs)
+    holds "region0's volume group holds about half the region ($half bytes)" test "$half" -gt $((900 * MIB)) -a "$half" -lt $((1024 * MIB))
+    agent_stop
+    # ---- the whole region: a second namespace extends each volume group
+    agent_start
     ndctl list -N | jq -c '.[] | {dev, mode, size, name}' | indent
     for r in region0 region1; do
         ns=$(ndctl list -N -r "$r" | jq -c '[.[] | select(.name | startswith("pmem-agent-lvm:"))]')
-        expect_eq "$r: one namespace of ours" "$(jq length <<<"$ns")" 1
-        expect_eq "$r: it is fsdax" "$(jq -r '.[0].mode' <<<"$ns")" fsdax
+        expect_eq "$r: two namespaces of ours" "$(jq length <<<"$ns")" 2
+        expect_eq "$r: they are fsdax" "$(jq -r '[.[].mode] | unique | join(",")' <<<"$ns")" fsdax
     done
+    full=$(vgs --noheadings --units b --nosuffix -o vg_size pmem-region0 | xargs)
+    holds "region0's volume group grew to the whole region ($half -> $full bytes)" test "$full" -gt $((1900 * MIB))
     vgs -o vg_name,vg_tags,vg_extent_size,vg_size,vg_free --units b | indent
     pvs -o pv_name,vg_name,pe_start --units b | indent
     expect_eq "our volume groups are tagged" "$(vgs --noheadings -o vg_name -S vg_tags=pmem-agent | awk '{print $1}' | sort | xargs)" "pmem-region0 pmem-region1"
     expect_eq "extent size 4 MiB" "$(vgs --noheadings --units b --nosuffix -o vg_extent_size pmem-region0 | xargs)" $((4 * MIB))
     starts=$(pvs --noheadings --units b --nosuffix -o pe_start -S vg_tags=pmem-agent | xargs)
-    expect_eq "two PVs of ours" "$(wc -w <<<"$starts")" 2
+    expect_eq "four PVs of ours" "$(wc -w <<<"$starts")" 4
     for s in $starts; do
         holds "pe_start $s is a multiple of 2 MiB" test $((s % (2 * MIB))) -eq 0
     done

@@ -25,6 +25,7 @@ holds() {
 }
 
 ms_since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%d", (b - a) * 1000 }'; }
+ext4_without_dax() { grep -q " $1 ext4 " /proc/mounts && ! dax_mounted "$1"; }
 not_in() { ! tr ' ' '\n' <<<"$1" | grep -qx -- "$2"; }
 vol() { pmemctl_admin --json volume "$1"; }
 create() {
@@ -143,6 +144,34 @@ case $RIG_BOOT in
     check "NodeUnpublishVolume" csi unpublish "$va" /mnt/pub-a
     check "NodeUnstageVolume" csi unstage "$va" /mnt/stage-a
     echo "$va" >"$E2E_STATE_DIR/rig-vol-a"
+
+    # ---- raw block: the LV itself at the target path
+    log "raw block volume"
+    out=$(create vol-b 64MiB --block) || fail "create vol-b"
+    vb=$(jq -r .volume_id <<<"$out")
+    mkdir -p /mnt/stage-b
+    check "NodeStageVolume vol-b (block)" csi stage "$vb" /mnt/stage-b --block
+    check "NodePublishVolume vol-b (block)" csi publish "$vb" /mnt/stage-b /mnt/pub-b --block
+    holds "/mnt/pub-b is a block device" test -b /mnt/pub-b
+    expect_eq "/mnt/pub-b is 64MiB" "$(blockdev --getsize64 /mnt/pub-b)" $((64 * MIB))
+    head -c $((4 * MIB)) /dev/urandom >/tmp/blk
+    dd if=/tmp/blk of=/mnt/pub-b bs=1M oflag=direct status=none
+    expect_eq "data read back through the LV" "$(head -c $((4 * MIB)) "$(vol "$vb" | jq -r .device)" | sha256sum)" "$(sha256sum </tmp/blk)"
+    check "NodeUnpublishVolume vol-b" csi unpublish "$vb" /mnt/pub-b
+    check "NodeUnstageVolume vol-b" csi unstage "$vb" /mnt/stage-b
+    check "delete vol-b" csi delete "$vb"
+
+    # ---- FileIO: ext4 without DAX
+    log "FileIO volume: ext4 without dax"
+    out=$(create vol-f 64MiB --usage FileIO --fs ext4) || fail "create vol-f"
+    vfi=$(jq -r .volume_id <<<"$out")
+    mkdir -p /mnt/stage-f /mnt/pub-f
+    check "NodeStageVolume vol-f (ext4)" csi stage "$vfi" /mnt/stage-f --fs ext4
+    check "NodePublishVolume vol-f" csi publish "$vfi" /mnt/stage-f /mnt/pub-f --fs ext4
+    holds "vol-f is ext4 mounted without dax" ext4_without_dax /mnt/pub-f
+    check "NodeUnpublishVolume vol-f" csi unpublish "$vfi" /mnt/pub-f
+    check "NodeUnstageVolume vol-f" csi unstage "$vfi" /mnt/stage-f
+    check "delete vol-f" csi delete "$vfi"
 
     # ---- fragmentation: A+C fits after deleting A and C
     log "fragmentation"

@@ -97,7 +97,8 @@ impl NamespacePvs {
             have += a.len.0;
             names.push(id.clone());
         }
-        let target = Bytes(spec.size.0 / 100 * u64::from(self.percentage)).align_down(spec.align);
+        let share = u128::from(spec.size.0) * u128::from(self.percentage) / 100;
+        let target = Bytes(u64::try_from(share).unwrap_or(spec.size.0)).align_down(spec.align);
         if target.0 > have {
             let mut space = Space::new(spec, Placement::FirstFit);
             for a in &allocated {
@@ -147,5 +148,67 @@ impl PvSource for NamespacePvs {
 
     fn describe(&self) -> String {
         format!("our fsdax namespaces ({}% of each region)", self.percentage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Owner;
+    use crate::direct::model::Model;
+    use crate::direct::namespace::ClaimKind;
+    use crate::direct::{DirectBackend, DirectConfig};
+
+    const M: u64 = 1 << 20;
+    const G: u64 = 1 << 30;
+
+    fn direct(m: &Arc<Model>, marker: &str) -> Arc<DirectBackend> {
+        let cfg = DirectConfig {
+            device_timeout: std::time::Duration::from_millis(200),
+            marker: marker.to_owned(),
+            ..DirectConfig::default()
+        };
+        Arc::new(DirectBackend::with(m.clone(), m.clone(), cfg).unwrap())
+    }
+
+    fn ours(m: &Model) -> Vec<(u64, u64)> {
+        m.namespaces()
+            .into_iter()
+            .filter(|n| n.3.starts_with("pmem-agent-lvm:"))
+            .map(|n| (n.1, n.2))
+            .collect()
+    }
+
+    #[test]
+    fn namespaces_take_the_share_and_grow_with_it() {
+        let m = Arc::new(Model::new());
+        m.labeled_region(G);
+        m.labeled_region(G);
+        m.ndctl_create(0, 64 * M, "theirs", Some(ClaimKind::Pfn))
+            .unwrap();
+        let half = NamespacePvs {
+            direct: direct(&m, "pmem-agent-lvm:"),
+            percentage: 50,
+        };
+        let got = half.prepare().unwrap();
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|r| r.devices.len() == 1), "{got:?}");
+        assert_eq!(ours(&m), [(64 * M, 512 * M), (0, 512 * M)]);
+        // Idempotent: the share is there.
+        half.prepare().unwrap();
+        assert_eq!(ours(&m).len(), 2);
+        let all = NamespacePvs {
+            direct: direct(&m, "pmem-agent-lvm:"),
+            percentage: 100,
+        };
+        let got = all.prepare().unwrap();
+        assert!(got.iter().all(|r| r.devices.len() == 2), "{got:?}");
+        // region0: what the foreign namespace leaves; region1: all of it.
+        let mut sizes: Vec<u64> = ours(&m).iter().map(|n| n.1).collect();
+        sizes.sort_unstable();
+        assert_eq!(sizes, [448 * M, 512 * M, 512 * M, 512 * M]);
+        // The direct mode sees these namespaces as foreign, never as orphans.
+        let inv = direct(&m, crate::direct::MARKER).inventory().unwrap();
+        assert!(inv.iter().all(|i| matches!(i.owner, Owner::Foreign(_))));
     }
 }

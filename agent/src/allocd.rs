@@ -259,6 +259,7 @@ impl allocator_server::Allocator for AllocatorService {
             Ok(admin::HealthResponse {
                 backend: a.backend().kind().to_owned(),
                 describe: a.backend().describe(),
+                can_expand: a.backend().can_resize(),
             })
         })
         .await

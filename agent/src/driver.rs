@@ -14,16 +14,19 @@ pub struct Driver {
     pub metrics: Metrics,
     /// Device backend kind (`sim`, `direct`, `lvm`).
     pub backend: String,
+    /// Volumes can grow: expansion is advertised and served only then.
+    pub can_expand: bool,
     /// Set once the ledger is open and reconciled; Probe reports it.
     ready: AtomicBool,
 }
 
 impl Driver {
     /// `backend` names the device backend for metrics (`sim`, `direct`, `lvm`).
-    pub fn new(cfg: Config, alloc: Store, backend: &str) -> Driver {
+    pub fn new(cfg: Config, alloc: Store, backend: &str, can_expand: bool) -> Driver {
         Driver {
             metrics: Metrics::new(&cfg.driver_name, backend),
             backend: backend.to_owned(),
+            can_expand,
             cfg,
             alloc,
             ready: AtomicBool::new(false),

@@ -24,6 +24,8 @@ use crate::wire;
 pub trait VolumeStore: Send + Sync + Debug {
     /// `sim`, `direct` or `lvm`.
     fn backend_kind(&self) -> String;
+    /// Whether volumes can grow (the backend resizes devices).
+    fn can_expand(&self) -> bool;
     /// Ledger and backend answer.
     fn health(&self) -> Result<()>;
     fn create_volume(&self, req: &CreateRequest) -> Result<Volume>;
@@ -57,6 +59,10 @@ fn device_request(v: &Volume) -> DeviceRequest {
 impl VolumeStore for Allocator {
     fn backend_kind(&self) -> String {
         self.backend().kind().to_owned()
+    }
+
+    fn can_expand(&self) -> bool {
+        self.backend().can_resize()
     }
 
     fn health(&self) -> Result<()> {
@@ -177,6 +183,11 @@ impl VolumeStore for RemoteStore {
         self.call(|mut c| async move { c.health(admin::Empty {}).await })
             .map(|h| h.backend)
             .unwrap_or_else(|_| "remote".to_owned())
+    }
+
+    fn can_expand(&self) -> bool {
+        self.call(|mut c| async move { c.health(admin::Empty {}).await })
+            .is_ok_and(|h| h.can_expand)
     }
 
     fn health(&self) -> Result<()> {

@@ -123,6 +123,12 @@ pub trait Backend: Send + Sync + Debug {
         false
     }
 
+    /// Whether volumes can grow at all (ControllerExpandVolume and the
+    /// EXPAND_VOLUME capabilities are offered only then).
+    fn can_resize(&self) -> bool {
+        true
+    }
+
     /// Refuses an expansion before anything is recorded. Called with the
     /// allocator's state lock held: must not do device work.
     fn check_resize(&self, _req: &DeviceRequest, _new_size: Bytes) -> Result<()> {

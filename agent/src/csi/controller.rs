@@ -459,6 +459,7 @@ impl Controller for ControllerService {
                 Ok(csi::ControllerGetCapabilitiesResponse {
                     capabilities: CAPABILITIES
                         .iter()
+                        .filter(|t| self.driver.can_expand || **t != rpc::Type::ExpandVolume)
                         .map(|t| csi::ControllerServiceCapability {
                             r#type: Some(controller_service_capability::Type::Rpc(
                                 controller_service_capability::Rpc { r#type: *t as i32 },
@@ -503,6 +504,13 @@ impl Controller for ControllerService {
         &self,
         request: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
+        if !self.driver.can_expand {
+            let what = format!(
+                "ControllerExpandVolume with the {} backend",
+                self.driver.backend
+            );
+            return self.refuse("ControllerExpandVolume", &what).await;
+        }
         let req = request.into_inner();
         let id = req.volume_id.clone();
         call(

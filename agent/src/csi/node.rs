@@ -1319,12 +1319,16 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        call(
-            &self.driver.metrics,
-            "NodeExpandVolume",
-            &id,
-            self.expand(req),
-        )
+        let backend = self.driver.backend.clone();
+        let can_expand = self.driver.can_expand;
+        call(&self.driver.metrics, "NodeExpandVolume", &id, async move {
+            if !can_expand {
+                return Err(AgentError::Unimplemented(format!(
+                    "NodeExpandVolume with the {backend} backend is not supported by pmem-agent"
+                )));
+            }
+            self.expand(req).await
+        })
         .await
     }
 
@@ -1336,6 +1340,7 @@ impl Node for NodeService {
             Ok(csi::NodeGetCapabilitiesResponse {
                 capabilities: CAPABILITIES
                     .iter()
+                    .filter(|t| self.driver.can_expand || **t != rpc::Type::ExpandVolume)
                     .map(|t| csi::NodeServiceCapability {
                         r#type: Some(node_service_capability::Type::Rpc(
                             node_service_capability::Rpc { r#type: *t as i32 },

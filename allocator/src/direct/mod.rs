@@ -995,6 +995,10 @@ impl Backend for DirectBackend {
         true
     }
 
+    fn can_resize(&self) -> bool {
+        false
+    }
+
     fn check_resize(&self, req: &DeviceRequest, new_size: Bytes) -> Result<()> {
         Err(Error::FailedPrecondition(format!(
             "volume {} cannot grow to {new_size}: the direct backend cannot resize a namespace in place (libnvdimm resizes only disabled namespaces, and the fsdax/sector metadata would not follow); create a larger volume and copy the data",

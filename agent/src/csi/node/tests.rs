@@ -84,6 +84,11 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
+        Rig::with(true)
+    }
+
+    /// `can_expand`: what the backend says about growing volumes.
+    fn with(can_expand: bool) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().canonicalize().unwrap();
         let state = base.join("state");
@@ -102,7 +107,7 @@ impl Rig {
         let cfg = Config::load(args).unwrap();
         let alloc = Allocator::open(&cfg.ledger_path(), Arc::new(FakeBackend)).unwrap();
         let store: Store = Arc::new(alloc);
-        let driver = Arc::new(Driver::new(cfg, store, "fake"));
+        let driver = Arc::new(Driver::new(cfg, store, "fake", can_expand));
         let host = Arc::new(FakeHost::new());
         let node = NodeService::with_host(Arc::clone(&driver), host.clone());
         Rig {
@@ -235,6 +240,36 @@ fn assert_fails<T: std::fmt::Debug>(r: AgentResult<T>, code: Code, needle: &str)
     let (c, m) = fails(r);
     assert_eq!(c, code, "{m}");
     assert!(m.contains(needle), "{needle:?} not in {m:?}");
+}
+
+#[tokio::test]
+async fn no_expansion_where_the_backend_cannot_grow_volumes() {
+    let r = Rig::with(false);
+    let caps = r
+        .node
+        .node_get_capabilities(Request::new(csi::NodeGetCapabilitiesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    let expand = rpc::Type::ExpandVolume as i32;
+    assert_eq!(caps.len(), CAPABILITIES.len() - 1);
+    assert!(caps.iter().all(|c| c.r#type
+        != Some(node_service_capability::Type::Rpc(
+            node_service_capability::Rpc { r#type: expand }
+        ))));
+    let v = r.create("v", 64);
+    let e = r
+        .node
+        .node_expand_volume(Request::new(csi::NodeExpandVolumeRequest {
+            volume_id: v.id.clone(),
+            volume_path: r.path("x").display().to_string(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+    assert!(e.message().contains("fake backend"), "{}", e.message());
 }
 
 #[tokio::test]

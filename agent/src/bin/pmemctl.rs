@@ -236,7 +236,12 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     human(g.size_bytes),
                     human(g.available_bytes),
                     human(g.largest_allocatable_bytes),
-                    g.free_namespace_slots,
+                    // LVM volume groups have no slot limit.
+                    if g.namespace_slots == u32::MAX {
+                        "-".to_owned()
+                    } else {
+                        g.free_namespace_slots.to_string()
+                    },
                     g.numa_node,
                     extent_bar(g, 48)
                 );

@@ -676,3 +676,31 @@ fn a_mismatched_namespace_is_an_error_not_a_guess() {
     assert!(m.namespaces().is_empty());
     assert!(marker_with(MARKER, &"x".repeat(60)).is_err());
 }
+
+#[test]
+fn fragmentation_limits_the_largest_volume() {
+    // A, B, C, D fill the region; after A and C go, the largest volume is
+    // one hole, not A+C (the lvm backend's pooled regions differ here).
+    let m = model(&[G]);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &backend(&m));
+    let quarter = a.capacity(Usage::AppDirect).unwrap()[0].largest.0 / 4 / M * M;
+    let ids: Vec<String> = ["A", "B", "C"]
+        .iter()
+        .map(|n| create(&a, n, quarter, Usage::AppDirect).unwrap().id)
+        .collect();
+    let rest = a.capacity(Usage::AppDirect).unwrap()[0].largest;
+    create(&a, "D", rest.0, Usage::AppDirect).unwrap();
+    a.delete_volume(&ids[0]).unwrap();
+    a.delete_volume(&ids[2]).unwrap();
+    let cap = &a.capacity(Usage::AppDirect).unwrap()[0];
+    assert!(
+        cap.largest.0 >= quarter && cap.largest.0 < 2 * quarter,
+        "{cap:?}"
+    );
+    assert!(cap.available.0 >= 2 * quarter);
+    let e = create(&a, "AC", 2 * quarter, Usage::AppDirect).unwrap_err();
+    assert!(matches!(e, Error::Exhausted { .. }), "{e}");
+    create(&a, "fits", cap.largest.0, Usage::AppDirect).unwrap();
+    a.check_invariants().unwrap();
+}

@@ -201,6 +201,8 @@ case $RIG_BOOT in
     check "delete vol-max" csi delete "$vm"
 
     # ---- kill -9 in the middle of creates, restart
+    grep -q PMEM_AGENT_TEST_PAUSE_AT "$(command -v pmem-agent)" ||
+        fail "pmem-agent lacks the crash-test pause points: build with --features pmem-agent/test-hooks"
     for step in after-size after-bind; do
         log "crash: kill -9 $step"
         agent_stop

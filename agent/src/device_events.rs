@@ -312,15 +312,16 @@ pub fn start(alloc: &Arc<Allocator>, counter: Option<DeviceEventCounter>) -> Opt
 
 /// After devices changed: brings the allocator's view of the backend up to
 /// date and reports foreign devices that appeared or went away.
-pub fn refresh_capacity(alloc: &Allocator, watch: &ForeignWatch) {
+pub fn refresh_capacity(alloc: &Allocator, watch: &ForeignWatch) -> ForeignChange {
     // >>> Allocator::refresh_reserved() goes here (re-reads the backend's
     // allocated extents so space an operator took is no longer offered as
     // free): the one call site, to be added when the allocator has it.
     match alloc.backend().inventory() {
-        Ok(items) => {
-            watch.update(&items);
+        Ok(items) => watch.update(&items),
+        Err(e) => {
+            tracing::warn!(error = %e, "read the device inventory after device events");
+            ForeignChange::default()
         }
-        Err(e) => tracing::warn!(error = %e, "read the device inventory after device events"),
     }
 }
 
@@ -648,6 +649,32 @@ mod tests {
             size: Bytes::gib(1),
             owner,
         }
+    }
+
+    #[test]
+    fn refresh_reports_a_namespace_an_operator_made() {
+        use pmem_allocator::direct::model::Model;
+        use pmem_allocator::direct::{DirectBackend, DirectConfig};
+        let m = Arc::new(Model::new());
+        m.labeled_region(1 << 30);
+        let b = DirectBackend::with(m.clone(), m.clone(), DirectConfig::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let a = Allocator::open(&dir.path().join("ledger.db"), Arc::new(b)).unwrap();
+        let w = ForeignWatch::default();
+        assert_eq!(refresh_capacity(&a, &w), ForeignChange::default());
+        // Our own volume: nothing foreign changed.
+        a.create_volume(&pmem_allocator::CreateRequest {
+            erase_after: false,
+            ..pmem_allocator::CreateRequest::new("ours", Bytes(64 << 20))
+        })
+        .unwrap();
+        assert_eq!(refresh_capacity(&a, &w), ForeignChange::default());
+        let ns = m.ndctl_create(0, 32 << 20, "operator", None).unwrap();
+        let c = refresh_capacity(&a, &w);
+        assert_eq!(c.appeared.len(), 1, "{c:?}");
+        assert!(c.appeared[0].0.contains(&ns), "{c:?}");
+        assert_eq!(c.appeared[0].1.size, 32 << 20);
+        assert!(c.gone.is_empty(), "{c:?}");
     }
 
     #[test]

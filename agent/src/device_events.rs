@@ -8,9 +8,10 @@
 //! deletes produce the same events; refreshing on them is harmless, and the
 //! refresh logs at info only when the set of foreign devices changed.
 //!
-//! Without udevd (containers, the QEMU rig) nothing is monitored: the backend
-//! already waits for block devices by polling sysfs, and foreign changes are
-//! seen at the next start-up reconciliation.
+//! Without udevd (containers; the QEMU rig unless a scenario starts it)
+//! nothing is monitored: the backend already waits for block devices by
+//! polling sysfs, and foreign changes are seen at the next start-up
+//! reconciliation.
 
 use std::collections::BTreeMap;
 use std::io;

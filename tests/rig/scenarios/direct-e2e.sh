@@ -11,7 +11,8 @@
 #          published as the namespace's device; ephemeral inline volume
 #          made at publish and destroyed at unpublish; sysfs vs ndctl
 #          timings; both regions filled with maximum-size volumes, then one
-#          more refused (ResourceExhausted)
+#          more refused (ResourceExhausted); with udevd running, a
+#          namespace made and destroyed by ndctl is noticed
 #  boot 2: same DIMMs: the state comes back, reconcile is clean, the data
 #          written in boot 1 is intact, everything is deleted
 
@@ -339,6 +340,29 @@ case $RIG_BOOT in
         csi delete "$id" >/dev/null || fail "delete $id"
     done
     ok "deleted the $((${#fill[@]} - 2)) volumes that filled both regions, and hole-1, hole-3"
+
+    # ---- device events: with udevd running, an operator's ndctl is noticed
+    log "device events through udev"
+    agent_stop
+    /usr/lib/systemd/systemd-udevd --daemon >/dev/null 2>&1 || fail "start systemd-udevd"
+    on_exit udevadm control --exit
+    wait_for 10 test -S /run/udev/control || fail "udevd made no control socket"
+    agent_start
+    check "the agent watches udev" grep -q "watching udev for nd and block device events" "$E2E_LOG"
+    # Our own create and delete are events too, but nothing foreign changed.
+    out=$(create vol-ev 64MiB) || fail "create vol-ev"
+    check "delete vol-ev" csi delete "$(jq -r .volume_id <<<"$out")"
+    sleep 1
+    expect_eq "our own volume is not reported as foreign" "$(grep -Ec "foreign device (appeared|went away)" "$E2E_LOG" || true)" 0
+    ns_create region0 32M operator-ns >/dev/null
+    op=$(ns_json operator-ns | jq -r .dev)
+    wait_for 15 grep -q "foreign device appeared.* device=$op " "$E2E_LOG" ||
+        fail "the agent did not notice namespace $op made by ndctl"
+    ok "the agent noticed $op made by ndctl: $(grep -o "foreign device appeared.*" "$E2E_LOG" | tail -n 1)"
+    ndctl destroy-namespace -f "$op" >/dev/null
+    wait_for 15 grep -q "foreign device went away.* device=$op " "$E2E_LOG" ||
+        fail "the agent did not notice namespace $op destroyed by ndctl"
+    ok "the agent noticed $op destroyed by ndctl"
 
     pmemctl_admin volumes | indent
     agent_stop

@@ -521,6 +521,33 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn relevant_events_are_counted_in_the_metrics() {
+        let metrics = crate::metrics::Metrics::default();
+        let (tx, rx) = mpsc::channel(8);
+        let (refresh, _) = counting();
+        tx.send(ev("add", "nd", "namespace0.1")).await.unwrap();
+        tx.send(ev("add", "nd", "namespace0.2")).await.unwrap();
+        tx.send(ev("remove", "block", "pmem0")).await.unwrap();
+        tx.send(ev("add", "block", "sda")).await.unwrap();
+        drop(tx);
+        consume(rx, quick(), refresh, Some(metrics.device_events())).await;
+        let text = metrics.encode();
+        let has = |line: &str| text.lines().any(|l| l == line);
+        assert!(
+            has(r#"pmem_agent_device_events_total{subsystem="nd",action="add"} 2"#),
+            "{text}"
+        );
+        assert!(
+            has(r#"pmem_agent_device_events_total{subsystem="block",action="remove"} 1"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains("sda") && !text.contains(r#"action="add"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_pending_burst_is_refreshed_when_the_source_ends() {
         let (tx, rx) = mpsc::channel(4);
         let (refresh, n) = counting();

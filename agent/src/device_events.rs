@@ -4,7 +4,9 @@
 //! A udev monitor is read on its own std thread (libudev is blocking and not
 //! meant to be shared between threads) that hands owned [`DeviceEvent`]s to
 //! tokio. The consumer coalesces a burst (ndctl writes many attributes, each
-//! one an event) into one refresh on the blocking pool. Our own creates and
+//! one an event) into one refresh on the blocking pool: the allocator
+//! re-reads the space held outside the ledger, so capacity follows an
+//! operator's ndctl without a restart. Our own creates and
 //! deletes produce the same events; refreshing on them is harmless, and the
 //! refresh logs at info only when the set of foreign devices changed.
 //!
@@ -314,9 +316,12 @@ pub fn start(alloc: &Arc<Allocator>, counter: Option<DeviceEventCounter>) -> Opt
 /// After devices changed: brings the allocator's view of the backend up to
 /// date and reports foreign devices that appeared or went away.
 pub fn refresh_capacity(alloc: &Allocator, watch: &ForeignWatch) -> ForeignChange {
-    // >>> Allocator::refresh_reserved() goes here (re-reads the backend's
-    // allocated extents so space an operator took is no longer offered as
-    // free): the one call site, to be added when the allocator has it.
+    // Space an operator took is no longer offered as free, and space they
+    // gave back is, before the next create asks.
+    match alloc.refresh_reserved() {
+        Ok(reserved) => tracing::debug!(reserved = reserved.0, "reserved space re-read"),
+        Err(e) => tracing::warn!(error = %e, "re-read the space others hold after device events"),
+    }
     match alloc.backend().inventory() {
         Ok(items) => watch.update(&items),
         Err(e) => {
@@ -697,12 +702,17 @@ mod tests {
         })
         .unwrap();
         assert_eq!(refresh_capacity(&a, &w), ForeignChange::default());
+        let free =
+            |a: &Allocator| a.capacity(pmem_allocator::Usage::AppDirect).unwrap()[0].available;
+        let before = free(&a);
         let ns = m.ndctl_create(0, 32 << 20, "operator", None).unwrap();
         let c = refresh_capacity(&a, &w);
         assert_eq!(c.appeared.len(), 1, "{c:?}");
         assert!(c.appeared[0].0.contains(&ns), "{c:?}");
         assert_eq!(c.appeared[0].1.size, 32 << 20);
         assert!(c.gone.is_empty(), "{c:?}");
+        // The operator's space is no longer offered.
+        assert_eq!(before.0 - free(&a).0, 32 << 20);
     }
 
     #[test]

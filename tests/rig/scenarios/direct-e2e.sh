@@ -12,7 +12,8 @@
 #          made at publish and destroyed at unpublish; sysfs vs ndctl
 #          timings; both regions filled with maximum-size volumes, then one
 #          more refused (ResourceExhausted); with udevd running, a
-#          namespace made and destroyed by ndctl is noticed
+#          namespace made and destroyed by ndctl is noticed and capacity
+#          follows it
 #  boot 2: same DIMMs: the state comes back, reconcile is clean, the data
 #          written in boot 1 is intact, everything is deleted
 
@@ -354,15 +355,19 @@ case $RIG_BOOT in
     check "delete vol-ev" csi delete "$(jq -r .volume_id <<<"$out")"
     sleep 1
     expect_eq "our own volume is not reported as foreign" "$(grep -Ec "foreign device (appeared|went away)" "$E2E_LOG" || true)" 0
+    free0() { pmemctl_admin --json regions | jq '.[] | select(.id == "region0") | .available_bytes'; }
+    before=$(free0)
     ns_create region0 32M operator-ns >/dev/null
     op=$(ns_json operator-ns | jq -r .dev)
     wait_for 15 grep -q "foreign device appeared.* device=$op " "$E2E_LOG" ||
         fail "the agent did not notice namespace $op made by ndctl"
     ok "the agent noticed $op made by ndctl: $(grep -o "foreign device appeared.*" "$E2E_LOG" | tail -n 1)"
+    expect_eq "region0 no longer offers the operator's 32MiB" "$(free0)" $((before - 32 * MIB))
     ndctl destroy-namespace -f "$op" >/dev/null
     wait_for 15 grep -q "foreign device went away.* device=$op " "$E2E_LOG" ||
         fail "the agent did not notice namespace $op destroyed by ndctl"
     ok "the agent noticed $op destroyed by ndctl"
+    expect_eq "region0 offers the 32MiB again" "$(free0)" "$before"
 
     pmemctl_admin volumes | indent
     agent_stop

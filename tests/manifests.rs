@@ -1116,8 +1116,13 @@ fn systemd_example_config_loads_and_covers_every_option() {
     assert_eq!(full.driver_name, DEFAULT_DRIVER_NAME);
 
     let source = read(&repo().join("agent/src/config.rs"));
+    let tables = [
+        ("sim", "SimFileConfig"),
+        ("lvm", "LvmFileConfig"),
+        ("direct", "DirectFileConfig"),
+    ];
     for key in struct_keys(&source, "FileConfig") {
-        if key == "sim" || key == "lvm" {
+        if tables.iter().any(|(t, _)| *t == key) {
             continue;
         }
         assert!(
@@ -1125,17 +1130,13 @@ fn systemd_example_config_loads_and_covers_every_option() {
             "systemd/config.toml lacks `{key}`"
         );
     }
-    for key in struct_keys(&source, "SimFileConfig") {
-        assert!(
-            keys.get("sim").is_some_and(|k| k.contains(&key)),
-            "systemd/config.toml lacks [sim] `{key}`"
-        );
-    }
-    for key in struct_keys(&source, "LvmFileConfig") {
-        assert!(
-            keys.get("lvm").is_some_and(|k| k.contains(&key)),
-            "systemd/config.toml lacks [lvm] `{key}`"
-        );
+    for (table, name) in tables {
+        for key in struct_keys(&source, name) {
+            assert!(
+                keys.get(table).is_some_and(|k| k.contains(&key)),
+                "systemd/config.toml lacks [{table}] `{key}`"
+            );
+        }
     }
 }
 

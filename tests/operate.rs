@@ -232,6 +232,36 @@ async fn operate_pmemctl_every_subcommand() {
     assert!(ok(&["csi", "unpublish", &id, target]).contains("unpublished"));
     assert!(ok(&["csi", "unstage", &id, staging]).contains("unstaged"));
     ok(&["csi", "delete", &id]);
+    // An ephemeral inline volume: made at publish, gone at unpublish.
+    let eph = d.dir.path().join("eph");
+    let eph = eph.to_str().unwrap();
+    let ephemeral = |d: &Daemon| -> usize {
+        let (code, out, err) = pmemctl(d, &["--json", "volumes", "--persistency", "ephemeral"]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array().unwrap().len()
+    };
+    let published = ok(&[
+        "csi",
+        "publish",
+        "csi-cli-eph",
+        "",
+        eph,
+        "--fs",
+        "ext4",
+        "--ephemeral",
+        "--context",
+        "size=16MiB",
+        "--context",
+        "eraseAfter=false",
+    ]);
+    assert!(published.contains("published"), "{published}");
+    assert_eq!(ephemeral(&d), 1);
+    assert!(ok(&["csi", "unpublish", "csi-cli-eph", eph]).contains("unpublished"));
+    assert_eq!(ephemeral(&d), 0);
+    let (code, _, err) = pmemctl(&d, &["csi", "publish", "x", "", eph, "--context", "size"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is not KEY=VALUE"), "{err}");
     // Errors: a precise gRPC code, and a clear message when nothing runs.
     let (code, _, err) = pmemctl(&d, &["volume", "pmem-nope"]);
     assert_eq!(code, 2);

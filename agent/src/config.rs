@@ -149,6 +149,7 @@ pub struct FileConfig {
     pub allocator: Option<String>,
     pub allocator_wait: Option<u64>,
     pub sim: Option<SimFileConfig>,
+    pub direct: Option<DirectFileConfig>,
     pub lvm: Option<LvmFileConfig>,
 }
 
@@ -172,6 +173,14 @@ pub struct SimFileConfig {
     pub align: Option<String>,
     pub slots: Option<u32>,
     pub mode: Option<SimModeArg>,
+}
+
+/// `[direct]`: the flags `--sysfs-root` and `--direct-dev-dir`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DirectFileConfig {
+    pub sysfs_root: Option<PathBuf>,
+    pub dev_dir: Option<PathBuf>,
 }
 
 /// The effective configuration.
@@ -304,6 +313,7 @@ impl Config {
                 .or(lvm.vg_prefix)
                 .unwrap_or_else(|| "pmem-".to_owned()),
         };
+        let direct = file.direct.unwrap_or_default();
         let endpoint = args
             .endpoint
             .or(file.endpoint)
@@ -382,8 +392,14 @@ impl Config {
             allocator_wait: std::time::Duration::from_secs(
                 args.allocator_wait.or(file.allocator_wait).unwrap_or(30),
             ),
-            sysfs_root: args.sysfs_root.unwrap_or_else(|| PathBuf::from("/sys")),
-            direct_dev_dir: args.direct_dev_dir.unwrap_or_else(|| PathBuf::from("/dev")),
+            sysfs_root: args
+                .sysfs_root
+                .or(direct.sysfs_root)
+                .unwrap_or_else(|| PathBuf::from("/sys")),
+            direct_dev_dir: args
+                .direct_dev_dir
+                .or(direct.dev_dir)
+                .unwrap_or_else(|| PathBuf::from("/dev")),
             lvm,
         };
         cfg.validate()?;
@@ -549,6 +565,28 @@ mod tests {
         assert!(Config::load(args(&["--lvm-percentage", "0"])).is_err());
         assert!(Config::load(args(&["--lvm-devices", "region0"])).is_err());
         assert!(Config::load(args(&["--lvm-devices", "region0="])).is_err());
+    }
+
+    #[test]
+    fn direct_paths_come_from_the_file_unless_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "backend = \"direct\"\n[direct]\nsysfs-root = \"/host/sys\"\ndev-dir = \"/host/dev\"\n",
+        )
+        .unwrap();
+        let file = p.to_str().unwrap();
+        let c = Config::load(args(&["--config", file])).unwrap();
+        assert_eq!(c.backend, BackendKind::Direct);
+        assert_eq!(c.sysfs_root, PathBuf::from("/host/sys"));
+        assert_eq!(c.direct_dev_dir, PathBuf::from("/host/dev"));
+        let c = Config::load(args(&["--config", file, "--direct-dev-dir", "/dev"])).unwrap();
+        assert_eq!(c.sysfs_root, PathBuf::from("/host/sys"));
+        assert_eq!(c.direct_dev_dir, PathBuf::from("/dev"));
+        std::fs::write(&p, "[direct]\nsysfs = \"/sys\"\n").unwrap();
+        let e = Config::load(args(&["--config", file])).unwrap_err();
+        assert!(e.to_string().contains("sysfs"), "{e}");
     }
 
     #[test]

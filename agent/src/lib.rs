@@ -6,6 +6,7 @@ pub mod allocd;
 pub mod client;
 pub mod config;
 pub mod csi;
+pub mod device_events;
 pub mod driver;
 pub mod error;
 pub mod http;

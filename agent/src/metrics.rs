@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use pmem_allocator::{ReconcileReport, Usage, VolumeState};
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -38,6 +39,28 @@ struct DeviceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    subsystem: String,
+    action: String,
+}
+
+/// Counts device events that can change capacity (a handle that the event
+/// consumer keeps; it shares the registry's counters).
+#[derive(Clone, Debug, Default)]
+pub struct DeviceEventCounter(Family<EventLabels, Counter>);
+
+impl DeviceEventCounter {
+    pub fn inc(&self, subsystem: &str, action: &str) {
+        self.0
+            .get_or_create(&EventLabels {
+                subsystem: subsystem.to_owned(),
+                action: action.to_owned(),
+            })
+            .inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
     backend: String,
@@ -61,6 +84,7 @@ pub struct Metrics {
     ledger_commit: Histogram,
     build: Family<BuildLabels, Gauge>,
     in_flight: Gauge<i64, AtomicI64>,
+    device_events: DeviceEventCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -90,6 +114,7 @@ impl Metrics {
             ledger_commit: histogram(),
             build: Family::default(),
             in_flight: Gauge::default(),
+            device_events: DeviceEventCounter::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -137,6 +162,11 @@ impl Metrics {
                 "RPCs being served now",
                 m.in_flight.clone(),
             );
+            p.register(
+                "device_events",
+                "udev events for libnvdimm regions, namespaces and pmem block devices (direct backend)",
+                m.device_events.0.clone(),
+            );
         }
         m.build
             .get_or_create(&BuildLabels {
@@ -151,6 +181,11 @@ impl Metrics {
     pub fn start_call(&self) -> InFlight<'_> {
         self.in_flight.inc();
         InFlight(&self.in_flight)
+    }
+
+    /// The counter the device event consumer increments.
+    pub fn device_events(&self) -> DeviceEventCounter {
+        self.device_events.clone()
     }
 
     /// RPCs being served now (shutdown waits for 0).

@@ -181,6 +181,17 @@ pub async fn open_allocator(cfg: &Config) -> anyhow::Result<Arc<Allocator>> {
     Ok(Arc::new(alloc))
 }
 
+/// Device events matter to the backend that shares its regions with ndctl:
+/// direct. The process that owns the allocator watches them.
+fn watch_devices(
+    alloc: &Arc<Allocator>,
+    counter: Option<crate::metrics::DeviceEventCounter>,
+) -> Option<crate::device_events::DeviceEvents> {
+    (alloc.backend().kind() == "direct")
+        .then(|| crate::device_events::start(alloc, counter))
+        .flatten()
+}
+
 /// Runs the daemon until a signal.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (store, local): (Store, Option<Arc<Allocator>>) = match &cfg.allocator {
@@ -272,6 +283,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         "startup reconciliation done"
     );
     driver.metrics.record_reconcile(&report);
+    let _device_events = local
+        .as_ref()
+        .and_then(|a| watch_devices(a, Some(driver.metrics.device_events())));
     crate::csi::node::startup(&driver).await;
     driver.set_ready(true);
     crate::notify::notify_logged("READY=1\nSTATUS=serving CSI");
@@ -363,6 +377,7 @@ pub async fn run_allocd(cfg: Config) -> anyhow::Result<()> {
         errors = report.errors.len(),
         "start-up reconciliation done"
     );
+    let _device_events = watch_devices(&alloc, None);
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let server = tonic::transport::Server::builder()
         .add_service(pmem_proto::admin::allocator_server::AllocatorServer::new(

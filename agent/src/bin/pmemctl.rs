@@ -107,7 +107,8 @@ enum CsiCmd {
     },
     /// NodeUnstageVolume.
     Unstage { id: String, staging_path: String },
-    /// NodePublishVolume.
+    /// NodePublishVolume. A CSI ephemeral inline volume: `--ephemeral
+    /// --context size=1Gi` with an empty staging path ('').
     Publish {
         id: String,
         staging_path: String,
@@ -118,11 +119,25 @@ enum CsiCmd {
         fs: String,
         #[arg(long)]
         readonly: bool,
+        /// volume_context entry KEY=VALUE (repeatable).
+        #[arg(long = "context", value_name = "KEY=VALUE", value_parser = key_value)]
+        context: Vec<(String, String)>,
+        /// Sets volume_context csi.storage.k8s.io/ephemeral=true, as the
+        /// kubelet does for an inline volume.
+        #[arg(long)]
+        ephemeral: bool,
     },
     /// NodeUnpublishVolume.
     Unpublish { id: String, target_path: String },
     /// NodeGetVolumeStats.
     Stats { id: String, path: String },
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 fn size(s: &str) -> Result<i64, String> {
@@ -540,13 +555,23 @@ async fn csi_cmd(cli: &Cli, cmd: &CsiCmd) -> Result<ExitCode, String> {
             block,
             fs,
             readonly,
+            context,
+            ephemeral,
         } => {
+            let mut volume_context: HashMap<String, String> = context.iter().cloned().collect();
+            if *ephemeral {
+                volume_context.insert(
+                    pmem_agent::csi::node::EPHEMERAL_KEY.to_owned(),
+                    "true".to_owned(),
+                );
+            }
             node.node_publish_volume(csi::NodePublishVolumeRequest {
                 volume_id: id.clone(),
                 staging_target_path: staging_path.clone(),
                 target_path: target_path.clone(),
                 volume_capability: Some(capability(*block, fs, *readonly)),
                 readonly: *readonly,
+                volume_context,
                 ..Default::default()
             })
             .await

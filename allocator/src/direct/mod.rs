@@ -32,8 +32,11 @@
 //!   device (deadline `device_timeout`) and creates `/dev/<name>` from its
 //!   major:minor when devtmpfs or udev has not.
 //!
-//! For crash tests, `PMEM_AGENT_TEST_PAUSE_AT=after-size|after-bind` makes a
-//! create stop forever at that step (so a test can kill the daemon there).
+//! Crash-test hook, compiled in only with the `test-hooks` feature (the rig
+//! builds `--features pmem-agent/test-hooks`):
+//! `PMEM_AGENT_TEST_PAUSE_AT=after-size|after-bind` makes a create stop
+//! forever at that step, so a test can kill the daemon there. Builds
+//! without the feature ignore the variable.
 
 pub mod layout;
 pub mod model;
@@ -42,7 +45,7 @@ pub mod sysfs;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::backend::{Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, Placement};
@@ -155,8 +158,9 @@ fn namespace_uuid(volume_id: &str) -> String {
 }
 
 /// Stops forever at a named step when the crash-test hook asks for it.
+#[cfg(feature = "test-hooks")]
 fn pause_point(step: &str) {
-    static AT: OnceLock<Option<String>> = OnceLock::new();
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let at = AT.get_or_init(|| std::env::var("PMEM_AGENT_TEST_PAUSE_AT").ok());
     if at.as_deref() == Some(step) {
         tracing::warn!(step, "PMEM_AGENT_TEST_PAUSE_AT: pausing here until killed");
@@ -165,6 +169,9 @@ fn pause_point(step: &str) {
         }
     }
 }
+
+#[cfg(not(feature = "test-hooks"))]
+fn pause_point(_step: &str) {}
 
 /// The state of one of our namespaces, as far as the backend cares.
 #[derive(Debug)]

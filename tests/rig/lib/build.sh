@@ -17,7 +17,7 @@ readonly RIG_INITRAMFS_BUILD=1
 
 # Host packages the rig itself uses, and whose binaries go into the guest.
 readonly RIG_HOST_PKGS=(busybox-static bash ndctl daxctl lvm2 dmsetup xfsprogs e2fsprogs util-linux
-    kmod cpio jq binutils python3 coreutils)
+    kmod cpio jq binutils python3 coreutils udev)
 
 # Modules loaded at every boot (with dependencies). xfs and ext4 load on
 # demand through the kernel's request_module (/sbin/modprobe in the guest).
@@ -202,7 +202,7 @@ build_base_initramfs() {
         /usr/sbin/fstrim /usr/bin/kmod /usr/bin/jq
         /usr/bin/dd /usr/bin/stat /usr/bin/truncate /usr/bin/timeout /usr/bin/sha256sum
         /usr/bin/sort /usr/bin/date /usr/bin/df /usr/bin/du /usr/bin/ls /usr/bin/cp
-        /usr/bin/sync /usr/bin/env /usr/bin/cat /usr/bin/stty
+        /usr/bin/sync /usr/bin/env /usr/bin/cat /usr/bin/stty /usr/bin/udevadm
     )
     for b in "${bins[@]}"; do
         stage_binary "$root" "$b"
@@ -222,6 +222,9 @@ build_base_initramfs() {
         ln -s ../bin/kmod "$root/usr/sbin/$b"
     done
     ln -s bash "$root/usr/bin/sh"
+    # udevadm is udevd when called by this name; scenarios start it themselves.
+    mkdir -p "$root/usr/lib/systemd"
+    ln -s ../../bin/udevadm "$root/usr/lib/systemd/systemd-udevd"
 
     # Configuration.
     install -D -m 0644 "$RIG_LIB_DIR/../guest/lvm.conf" "$root/etc/lvm/lvm.conf"

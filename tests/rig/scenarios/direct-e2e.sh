@@ -7,8 +7,13 @@
 #          FileIO -> sector mode; eraseAfter zeroes the extent; busy delete
 #          refused; delete gives the space back; capacity exactness (maximum succeeds, one alignment step
 #          more fails); kill -9 at two points of a create and restart: no
-#          orphan, no lost volume; read-only /sys refused; sysfs vs ndctl
-#          timings
+#          orphan, no lost volume; read-only /sys refused; raw block volume
+#          published as the namespace's device; ephemeral inline volume
+#          made at publish and destroyed at unpublish; sysfs vs ndctl
+#          timings; both regions filled with maximum-size volumes, then one
+#          more refused (ResourceExhausted); with udevd running, a
+#          namespace made and destroyed by ndctl is noticed and capacity
+#          follows it
 #  boot 2: same DIMMs: the state comes back, reconcile is clean, the data
 #          written in boot 1 is intact, everything is deleted
 
@@ -184,6 +189,51 @@ case $RIG_BOOT in
     after=$(region_avail "$rt")
     holds "region $rt space back ($before -> $after)" test "$after" -gt "$before"
 
+    # ---- raw block: the published path is the namespace's block device
+    log "raw block volume"
+    out=$(create vol-b 128MiB --block) || fail "create vol-b (block)"
+    vb=$(jq -r .volume_id <<<"$out")
+    cap_b=$(jq -r .capacity_bytes <<<"$out")
+    dev_b=$(vol "$vb" | jq -r .device)
+    mkdir -p /mnt/stage-b
+    check "NodeStageVolume vol-b (block)" csi stage "$vb" /mnt/stage-b --block
+    check "NodePublishVolume vol-b (block)" csi publish "$vb" /mnt/stage-b /mnt/pub-b --block
+    holds "/mnt/pub-b is a block device" test -b /mnt/pub-b
+    expect_eq "/mnt/pub-b is the namespace's device" "$(stat -c %t:%T /mnt/pub-b)" "$(stat -c %t:%T "$dev_b")"
+    expect_eq "/mnt/pub-b size is capacity_bytes" "$(blockdev --getsize64 /mnt/pub-b)" "$cap_b"
+    dd if=/dev/urandom of=/tmp/blk.data bs=1M count=2 status=none
+    # Head and tail, through the published path; read back through the namespace.
+    dd if=/tmp/blk.data of=/mnt/pub-b bs=1M oflag=direct conv=fsync status=none
+    dd if=/tmp/blk.data of=/mnt/pub-b bs=1M seek=$((cap_b / MIB - 2)) oflag=direct conv=fsync status=none
+    check "data written through /mnt/pub-b is on $dev_b (head)" cmp -n $((2 * MIB)) /tmp/blk.data "$dev_b"
+    check "data written through /mnt/pub-b is on $dev_b (tail)" cmp -n $((2 * MIB)) /tmp/blk.data "$dev_b" 0 $((cap_b - 2 * MIB))
+    check "NodeUnpublishVolume vol-b" csi unpublish "$vb" /mnt/pub-b
+    holds "/mnt/pub-b is gone" test ! -e /mnt/pub-b
+    check "NodeUnstageVolume vol-b" csi unstage "$vb" /mnt/stage-b
+    check "delete vol-b" csi delete "$vb"
+    holds "vol-b's namespace is gone" test -z "$(ns_of "$vb")"
+
+    # ---- a CSI ephemeral inline volume: made at publish, gone at unpublish
+    log "ephemeral inline volume"
+    eph=csi-rig-$RANDOM$RANDOM
+    mkdir -p /mnt/eph
+    check "NodePublishVolume $eph (ephemeral, 64Mi ext4)" csi publish "$eph" '' /mnt/eph --fs ext4 \
+        --ephemeral --context size=64Mi --context eraseAfter=false \
+        --context csi.storage.k8s.io/pod.name=rig-pod
+    v=$(pmemctl_admin --json volumes | jq -c --arg n "$eph" '.[] | select(.name == $n)')
+    [[ -n $v ]] || fail "no volume named $eph"
+    ve=$(jq -r .id <<<"$v")
+    expect_eq "$eph is ephemeral" "$(jq -r .persistency <<<"$v")" ephemeral
+    expect_eq "$eph namespace mode" "$(ns_of "$ve" | jq -r .mode)" fsdax
+    check "$eph mounted with dax (/proc/mounts)" dax_mounted /mnt/eph
+    grep " /mnt/eph " /proc/mounts | indent
+    echo ephemeral >/mnt/eph/file && sync
+    check "NodeUnpublishVolume $eph" csi unpublish "$eph" /mnt/eph
+    holds "/mnt/eph is no longer a mount point" sh -c '! mountpoint -q /mnt/eph'
+    holds "$eph's namespace is gone" test -z "$(ns_of "$ve")"
+    expect_eq "$eph is gone from the ledger" \
+        "$(pmemctl_admin --json volumes | jq --arg n "$eph" '[.[] | select(.name == $n)] | length')" 0
+
     # ---- capacity exactness
     log "capacity exactness"
     cap=$(pmemctl_csi --json csi capacity)
@@ -201,6 +251,8 @@ case $RIG_BOOT in
     check "delete vol-max" csi delete "$vm"
 
     # ---- kill -9 in the middle of creates, restart
+    grep -q PMEM_AGENT_TEST_PAUSE_AT "$(command -v pmem-agent)" ||
+        fail "pmem-agent lacks the crash-test pause points: build with --features pmem-agent/test-hooks"
     for step in after-size after-bind; do
         log "crash: kill -9 $step"
         agent_stop
@@ -253,6 +305,69 @@ case $RIG_BOOT in
         echo "first volume: create ${create_ms} ms, delete ${delete_ms} ms; delete with eraseAfter of 64MiB ${erase_ms} ms; ndctl create of the state namespace ${ndctl_create_ms} ms"
     } | tee "$RIG_RESULTS/timings.txt" | indent
     ok "timings measured"
+
+    # ---- fill both regions with volumes of exactly the reported maximum
+    log "capacity exactness until both regions are full"
+    # A hole between two volumes, so that one fill volume must go into it.
+    fill=()
+    for h in 1 2 3; do
+        out=$(create "hole-$h" 96MiB) || fail "create hole-$h"
+        fill+=("$(jq -r .volume_id <<<"$out")")
+    done
+    check "delete hole-2 (a hole between hole-1 and hole-3)" csi delete "${fill[1]}"
+    fill=("${fill[0]}" "${fill[2]}")
+    max=0
+    for i in $(seq 1 24); do
+        cap=$(pmemctl_csi --json csi capacity)
+        max=$(jq -r '.maximum_volume_size // 0' <<<"$cap")
+        ((max > 0)) || break
+        largest=$(pmemctl_admin --json regions | jq '[.[].largest_allocatable_bytes] | max')
+        expect_eq "fill-$i: GetCapacity maximum is the largest region's" "$max" "$largest"
+        out=$(create "fill-$i" "$max") || fail "create fill-$i of exactly the maximum $max"
+        expect_eq "fill-$i capacity_bytes is the maximum" "$(jq -r .capacity_bytes <<<"$out")" "$max"
+        fill+=("$(jq -r .volume_id <<<"$out")")
+    done
+    ((max == 0)) || fail "the maximum is still $max after $((${#fill[@]} - 2)) fill volumes"
+    pmemctl_admin regions | indent
+    expect_eq "GetCapacity: nothing available" "$(jq -r .available_capacity <<<"$cap")" 0
+    expect_eq "no region can hold another volume" \
+        "$(pmemctl_admin --json regions | jq -c '[.[].largest_allocatable_bytes]')" "[0,0]"
+    min=$(jq -r '.minimum_volume_size // 0' <<<"$cap")
+    ((min > 0)) || min=1
+    e=$(create fill-more "$min" 2>&1) && fail "a volume of $min was created on full regions"
+    grep -q ResourceExhausted <<<"$e" || fail "the create on full regions failed with something else: $e"
+    ok "one more volume of the minimum size ($min bytes) refused: $e"
+    for id in "${fill[@]}"; do
+        csi delete "$id" >/dev/null || fail "delete $id"
+    done
+    ok "deleted the $((${#fill[@]} - 2)) volumes that filled both regions, and hole-1, hole-3"
+
+    # ---- device events: with udevd running, an operator's ndctl is noticed
+    log "device events through udev"
+    agent_stop
+    /usr/lib/systemd/systemd-udevd --daemon >/dev/null 2>&1 || fail "start systemd-udevd"
+    on_exit udevadm control --exit
+    wait_for 10 test -S /run/udev/control || fail "udevd made no control socket"
+    agent_start
+    check "the agent watches udev" grep -q "watching udev for nd and block device events" "$E2E_LOG"
+    # Our own create and delete are events too, but nothing foreign changed.
+    out=$(create vol-ev 64MiB) || fail "create vol-ev"
+    check "delete vol-ev" csi delete "$(jq -r .volume_id <<<"$out")"
+    sleep 1
+    expect_eq "our own volume is not reported as foreign" "$(grep -Ec "foreign device (appeared|went away)" "$E2E_LOG" || true)" 0
+    free0() { pmemctl_admin --json regions | jq '.[] | select(.id == "region0") | .available_bytes'; }
+    before=$(free0)
+    ns_create region0 32M operator-ns >/dev/null
+    op=$(ns_json operator-ns | jq -r .dev)
+    wait_for 15 grep -q "foreign device appeared.* device=$op " "$E2E_LOG" ||
+        fail "the agent did not notice namespace $op made by ndctl"
+    ok "the agent noticed $op made by ndctl: $(grep -o "foreign device appeared.*" "$E2E_LOG" | tail -n 1)"
+    expect_eq "region0 no longer offers the operator's 32MiB" "$(free0)" $((before - 32 * MIB))
+    ndctl destroy-namespace -f "$op" >/dev/null
+    wait_for 15 grep -q "foreign device went away.* device=$op " "$E2E_LOG" ||
+        fail "the agent did not notice namespace $op destroyed by ndctl"
+    ok "the agent noticed $op destroyed by ndctl"
+    expect_eq "region0 offers the 32MiB again" "$(free0)" "$before"
 
     pmemctl_admin volumes | indent
     agent_stop

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use pmem_allocator::region::Extent;
 use pmem_allocator::{
-    Bytes, Error, InventoryItem, Owner, Persistency, Publication, PublicationKind, ReconcileReport,
-    RegionCapacity, RegionSpec, Usage, Volume, VolumeState,
+    Bytes, Error, Holder, InventoryItem, Owner, Persistency, Publication, PublicationKind,
+    ReconcileReport, RegionCapacity, RegionSpec, Usage, Volume, VolumeState,
 };
 use pmem_proto::admin;
 use tonic::{Code, Status};
@@ -117,11 +117,18 @@ pub fn region_to_wire(c: &RegionCapacity, backend: &str) -> admin::Region {
         extents: c
             .extents
             .iter()
-            .map(|(e, owner)| admin::Extent {
-                offset_bytes: e.offset.0,
-                size_bytes: e.len.0,
-                volume_id: owner.as_ref().map(|o| o.0.clone()).unwrap_or_default(),
-                state: owner.as_ref().map(|o| o.1.to_string()).unwrap_or_default(),
+            .map(|(e, holder)| {
+                let (volume_id, state) = match holder {
+                    Holder::Volume { id, state } => (id.clone(), state.to_string()),
+                    Holder::Free | Holder::Reserved => (String::new(), String::new()),
+                };
+                admin::Extent {
+                    offset_bytes: e.offset.0,
+                    size_bytes: e.len.0,
+                    volume_id,
+                    state,
+                    reserved: *holder == Holder::Reserved,
+                }
             })
             .collect(),
     }
@@ -132,22 +139,25 @@ pub fn region_from_wire(w: &admin::Region) -> Result<RegionCapacity, Error> {
         .extents
         .iter()
         .map(|e| {
-            let owner = if e.volume_id.is_empty() {
-                None
+            let holder = if e.reserved {
+                Holder::Reserved
+            } else if e.volume_id.is_empty() {
+                Holder::Free
             } else {
-                Some((
-                    e.volume_id.clone(),
-                    e.state
+                Holder::Volume {
+                    id: e.volume_id.clone(),
+                    state: e
+                        .state
                         .parse::<VolumeState>()
                         .map_err(|_| bad("state", &e.state))?,
-                ))
+                }
             };
             Ok((
                 Extent {
                     offset: Bytes(e.offset_bytes),
                     len: Bytes(e.size_bytes),
                 },
-                owner,
+                holder,
             ))
         })
         .collect::<Result<Vec<_>, Error>>()?;
@@ -275,5 +285,49 @@ pub fn status_to_error(s: &Status) -> Error {
         Code::Aborted => Error::Busy(m),
         Code::Unavailable => Error::Unavailable(format!("allocator daemon unavailable: {m}")),
         code => Error::Device(format!("allocator daemon: {code:?}: {m}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_round_trip_with_every_holder() {
+        let ext = |o: u64, l: u64| Extent {
+            offset: Bytes(o),
+            len: Bytes(l),
+        };
+        let c = RegionCapacity {
+            spec: RegionSpec {
+                id: "region0".into(),
+                size: Bytes(48),
+                align: Bytes(16),
+                ns_slots: 4,
+                numa_node: 1,
+                location: "here".into(),
+            },
+            available: Bytes(16),
+            largest: Bytes(16),
+            minimum: Bytes(16),
+            free_slots: 2,
+            volumes: 1,
+            extents: vec![
+                (
+                    ext(0, 16),
+                    Holder::Volume {
+                        id: "pmem-1".into(),
+                        state: VolumeState::Ready,
+                    },
+                ),
+                (ext(16, 16), Holder::Reserved),
+                (ext(32, 16), Holder::Free),
+            ],
+        };
+        let w = region_to_wire(&c, "sim");
+        assert!(w.extents[1].reserved && w.extents[1].volume_id.is_empty());
+        let back = region_from_wire(&w).unwrap();
+        assert_eq!(back.extents, c.extents);
+        assert_eq!(back.volumes, 1);
     }
 }

@@ -64,7 +64,19 @@ pub struct RegionCapacity {
     pub minimum: Bytes,
     pub free_slots: u32,
     pub volumes: u32,
-    pub extents: Vec<(Extent, Option<(String, VolumeState)>)>,
+    pub extents: Vec<(Extent, Holder)>,
+}
+
+/// Who holds an extent of [`RegionCapacity::extents`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    Free,
+    Volume {
+        id: String,
+        state: VolumeState,
+    },
+    /// A device outside the ledger (foreign, orphan): reserved, not ours.
+    Reserved,
 }
 
 #[derive(Debug)]
@@ -598,21 +610,21 @@ impl Allocator {
                     .extents()
                     .into_iter()
                     .map(|slot| {
-                        let owner = slot
-                            .used
-                            .then(|| {
-                                vols.iter()
-                                    .find(|v| {
-                                        v.region == c.spec.id
-                                            && match &slot.key {
-                                                Some(k) => &v.id == k,
-                                                None => v.offset == slot.extent.offset,
-                                            }
-                                    })
-                                    .map(|v| (v.id.clone(), v.state))
-                            })
-                            .flatten();
-                        (slot.extent, owner)
+                        if !slot.used {
+                            return (slot.extent, Holder::Free);
+                        }
+                        let owner = vols.iter().find(|v| {
+                            v.region == c.spec.id
+                                && match &slot.key {
+                                    Some(k) => &v.id == k,
+                                    None => v.offset == slot.extent.offset,
+                                }
+                        });
+                        let holder = owner.map_or(Holder::Reserved, |v| Holder::Volume {
+                            id: v.id.clone(),
+                            state: v.state,
+                        });
+                        (slot.extent, holder)
                     })
                     .collect();
             }
@@ -1105,8 +1117,12 @@ mod hook_tests {
         let caps = a.capacity(Usage::AppDirect).unwrap();
         assert_eq!(caps[0].available, Bytes(4 * A));
         assert_eq!(caps[1].available, Bytes(6 * A));
-        // Reserved extents are not volumes.
+        // Reserved extents are not volumes, and not free either.
         assert_eq!((caps[0].volumes, caps[1].volumes), (1, 0));
+        let holders: Vec<&Holder> = caps[0].extents.iter().map(|(_, h)| h).collect();
+        assert!(matches!(holders[0], Holder::Volume { .. }), "{holders:?}");
+        assert_eq!(holders[1], &Holder::Reserved);
+        assert_eq!(holders[2], &Holder::Free);
         assert_eq!(a.max_volumes(), 1 + 4 + 6);
         assert_eq!(a.plan(&req("x", 1, "r0")).unwrap().1, Bytes(4 * A));
         // The volume's own extent is still its own: deleting it frees only it.

@@ -16,7 +16,7 @@ pub mod space;
 pub mod units;
 pub mod volume;
 
-pub use allocator::{Allocator, CreateRequest, RegionCapacity};
+pub use allocator::{Allocator, CreateRequest, Holder, RegionCapacity};
 pub use backend::{Backend, Device, DeviceRequest, InventoryItem, Owner};
 pub use error::{Error, Result};
 pub use reconcile::ReconcileReport;

@@ -183,14 +183,18 @@ fn human(b: u64) -> String {
 fn extent_bar(r: &pmem_proto::admin::Region, width: u64) -> String {
     let mut bar = vec!['.'; width as usize];
     for e in &r.extents {
-        if e.volume_id.is_empty() || r.size_bytes == 0 {
+        if (e.volume_id.is_empty() && !e.reserved) || r.size_bytes == 0 {
             continue;
         }
         let a = e.offset_bytes * width / r.size_bytes;
         let b = ((e.offset_bytes + e.size_bytes) * width)
             .div_ceil(r.size_bytes)
             .min(width);
-        let c = if e.state == "ready" { '#' } else { '~' };
+        let c = match (e.reserved, e.state.as_str()) {
+            (true, _) => 'x',
+            (false, "ready") => '#',
+            _ => '~',
+        };
         for x in bar.iter_mut().take(b as usize).skip(a as usize) {
             *x = c;
         }
@@ -240,7 +244,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 .map_err(st)?
                 .into_inner();
             let mut t = format!(
-                "{:<10} {:<6} {:>10} {:>10} {:>10} {:>6} {:>5}  map (# used, ~ erasing/creating, . free)\n",
+                "{:<10} {:<6} {:>10} {:>10} {:>10} {:>6} {:>5}  map (# used, ~ erasing/creating, x foreign/orphan, . free)\n",
                 "REGION", "KIND", "SIZE", "AVAILABLE", "LARGEST", "SLOTS", "NUMA"
             );
             for g in &r.regions {
@@ -269,7 +273,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                       "available_bytes": g.available_bytes, "largest_allocatable_bytes": g.largest_allocatable_bytes,
                       "minimum_volume_bytes": g.minimum_volume_bytes, "namespace_slots": g.namespace_slots,
                       "free_namespace_slots": g.free_namespace_slots, "numa_node": g.numa_node, "location": g.location,
-                      "extents": g.extents.iter().map(|e| json!({"offset_bytes": e.offset_bytes, "size_bytes": e.size_bytes, "volume_id": e.volume_id, "state": e.state})).collect::<Vec<_>>()})
+                      "extents": g.extents.iter().map(|e| json!({"offset_bytes": e.offset_bytes, "size_bytes": e.size_bytes, "volume_id": e.volume_id, "state": e.state, "reserved": e.reserved})).collect::<Vec<_>>()})
                 })
                 .collect();
             out(Value::Array(v), t);

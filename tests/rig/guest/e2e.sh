@@ -104,3 +104,37 @@ agent_stop_quiet() {
     agent_log_tail 20
 }
 
+# ---- helpers shared by the e2e scenarios
+
+# holds WHAT CMD...: a check on a condition, without an output to show.
+holds() {
+    local what=$1
+    shift
+    if "$@"; then ok "$what"; else fail "$what"; fi
+}
+
+# ms_since T0: milliseconds since $EPOCHREALTIME was T0.
+ms_since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%d", (b - a) * 1000 }'; }
+
+# vol ID: the admin API's JSON for a volume.
+vol() { pmemctl_admin --json volume "$1"; }
+
+# create NAME SIZE [ARGS...]: CreateVolume (eraseAfter false unless ARGS
+# say otherwise); prints the JSON answer.
+create() {
+    local name=$1 size=$2
+    shift 2
+    [[ " $* " == *" --erase-after "* ]] || set -- --erase-after false "$@"
+    pmemctl_csi --json csi create "$name" --size "$size" "$@"
+}
+
+# mount_state NAMESPACE: mounts the foreign namespace that keeps the agent's
+# state directory across reboots.
+mount_state() {
+    local ns=$1 dev
+    dev=/dev/$(ns_blockdev "$ns")
+    [[ -b $dev ]] || fail "state namespace $ns has no block device"
+    mkdir -p "$E2E_STATE_DIR"
+    mount "$dev" "$E2E_STATE_DIR"
+    on_exit umount_if_mounted "$E2E_STATE_DIR"
+}

@@ -22,39 +22,10 @@ E2E_BACKEND=direct
 MIB=$((1024 * 1024))
 STATE_NS=rig-state
 
-# holds WHAT CMD...: a check on a condition, without an output to show.
-holds() {
-    local what=$1
-    shift
-    if "$@"; then ok "$what"; else fail "$what"; fi
-}
-
-ms_since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%d", (b - a) * 1000 }'; }
-
 # ndctl's JSON for the namespace of volume ID (empty when there is none).
 ns_of() { ns_json "pmem-agent:$1"; }
 
-vol() { pmemctl_admin --json volume "$1"; }
-
 region_avail() { cat "/sys/bus/nd/devices/$1/available_size"; }
-
-# create NAME SIZE [ARGS...]: CreateVolume (eraseAfter false unless ARGS
-# say otherwise); prints the JSON answer.
-create() {
-    local name=$1 size=$2
-    shift 2
-    [[ " $* " == *" --erase-after "* ]] || set -- --erase-after false "$@"
-    pmemctl_csi --json csi create "$name" --size "$size" "$@"
-}
-
-mount_state() {
-    local dev
-    dev=/dev/$(ns_blockdev "$STATE_NS")
-    [[ -b $dev ]] || fail "state namespace $STATE_NS has no block device"
-    mkdir -p "$E2E_STATE_DIR"
-    mount "$dev" "$E2E_STATE_DIR"
-    on_exit umount_if_mounted "$E2E_STATE_DIR"
-}
 
 # Backend timings from the agent log (lines "namespace ready" / "destroyed namespace").
 agent_ms() { grep "$1" "$E2E_LOG" | sed -n 's/.*ms=\([0-9]*\).*/\1/p' | tail -n "${2:-1}"; }
@@ -67,7 +38,7 @@ case $RIG_BOOT in
     ns_create region1 64M "$STATE_NS" >/dev/null
     ndctl_create_ms=$(ms_since "$t0")
     check "mkfs.ext4 on $STATE_NS" mkfs.ext4 -q -F "/dev/$(ns_blockdev "$STATE_NS")"
-    mount_state
+    mount_state "$STATE_NS"
 
     # ---- read-only sysfs is refused with a hint
     log "read-only /sys"
@@ -153,6 +124,10 @@ case $RIG_BOOT in
     dev_s=$(vol "$vs" | jq -r .device)
     holds "vol-s device $dev_s is a BTT (pmemX.Ys)" grep -Eq '^/dev/pmem[0-9]+(\.[0-9]+)?s$' <<<"$dev_s"
     expect_eq "vol-s capacity_bytes is exactly the block device size" "$(blockdev --getsize64 "$dev_s")" "$(jq -r .capacity_bytes <<<"$out")"
+
+    # ---- no expansion in direct mode: not advertised, Unimplemented
+    e=$(csi expand "$vs" 128MiB 2>&1) && fail "ControllerExpandVolume succeeded in direct mode"
+    holds "ControllerExpandVolume is Unimplemented: $e" grep -q Unimplemented <<<"$e"
 
     # ---- eraseAfter: the namespace is zeroed before it is destroyed
     log "eraseAfter"
@@ -374,7 +349,7 @@ case $RIG_BOOT in
     ;;
 2)
     log "boot 2: the same DIMMs"
-    mount_state
+    mount_state "$STATE_NS"
     ok "state namespace $STATE_NS mounted again"
     agent_start
     # The kernel may number the namespaces differently after a boot, so the

@@ -18,44 +18,18 @@ MIB=$((1024 * 1024))
 STATE_NS=rig-state
 export RUST_LOG=info,pmem_allocator::lvm=debug
 
-holds() {
-    local what=$1
-    shift
-    if "$@"; then ok "$what"; else fail "$what"; fi
-}
-
-ms_since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%d", (b - a) * 1000 }'; }
 ext4_without_dax() { grep -q " $1 ext4 " /proc/mounts && ! dax_mounted "$1"; }
 not_in() { ! tr ' ' '\n' <<<"$1" | grep -qx -- "$2"; }
-vol() { pmemctl_admin --json volume "$1"; }
-create() {
-    local name=$1 size=$2
-    shift 2
-    [[ " $* " == *" --erase-after "* ]] || set -- --erase-after false "$@"
-    pmemctl_csi --json csi create "$name" --size "$size" "$@"
-}
 avail() { pmemctl_admin --json regions | jq -r --arg r "$1" '.[] | select(.id == $r) | .available_bytes'; }
 lvm_calls() { grep -c "lvm command" "$E2E_LOG" || true; }
 our_lvs() { lvs --noheadings -o lv_name -S lv_tags=pmem-agent | awk '{print $1}' | sort; }
 
-mount_state() {
-    local dev
-    dev=/dev/$(ns_blockdev "$STATE_NS")
-    [[ -b $dev ]] || fail "state namespace $STATE_NS has no block device"
-    mkdir -p "$E2E_STATE_DIR"
-    mount "$dev" "$E2E_STATE_DIR"
-    on_exit umount_if_mounted "$E2E_STATE_DIR"
-}
-
-# A command prefix for lvm that stops for good after (or before) one
-# subcommand, so the agent can be killed exactly there.
+# A command prefix for lvm that stops for good right after one subcommand,
+# so the agent can be killed exactly there.
 PAUSER=/tmp/lvm-pause
 cat >"$PAUSER" <<'EOF'
 #!/bin/bash
-# lvm-pause: runs "$@" (lvm SUB ...); pauses when SUB is $PAUSE_SUB.
-if [[ ${2:-} == "${PAUSE_SUB:-}" && ${PAUSE_WHEN:-after} == before ]]; then
-    echo $$ >/tmp/lvm-paused; exec sleep 3600
-fi
+# lvm-pause: runs "$@" (lvm SUB ...); pauses after it when SUB is $PAUSE_SUB.
 "$@"
 rc=$?
 if [[ ${2:-} == "${PAUSE_SUB:-}" ]]; then echo $$ >/tmp/lvm-paused; exec sleep 3600; fi
@@ -68,7 +42,7 @@ case $RIG_BOOT in
     log "a foreign namespace for the agent's state (ndctl, region1)"
     ns_create region1 64M "$STATE_NS" >/dev/null
     check "mkfs.ext4 on $STATE_NS" mkfs.ext4 -q -F "/dev/$(ns_blockdev "$STATE_NS")"
-    mount_state
+    mount_state "$STATE_NS"
 
     # ---- start with half of each region: namespaces, PVs and VGs are made
     t0=$EPOCHREALTIME
@@ -269,7 +243,7 @@ case $RIG_BOOT in
     ;;
 2)
     log "boot 2: the same DIMMs"
-    mount_state
+    mount_state "$STATE_NS"
     agent_start
     line=$(grep "startup reconciliation done" "$E2E_LOG")
     indent <<<"$line"

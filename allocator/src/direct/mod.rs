@@ -442,7 +442,13 @@ impl DirectBackend {
         loop {
             if let Some(b) = self.tree().block(dev)? {
                 match self.devs.node(&b.name, b.major, b.minor) {
-                    Ok(p) => return Ok((b, p)),
+                    Ok(p) if self.devs.udev_settled(b.major, b.minor) => return Ok((b, p)),
+                    Ok(p) if Instant::now() >= deadline => {
+                        // The node is there; udevd is slow or wedged.
+                        tracing::warn!(device = %b.name, timeout = ?self.cfg.device_timeout, "udevd has not processed the device yet; going on without it");
+                        return Ok((b, p));
+                    }
+                    Ok(_) => {}
                     Err(e) if Instant::now() >= deadline => {
                         return Err(Error::io(
                             format!(

@@ -149,6 +149,8 @@ struct State {
     zeroed: Vec<(String, u64, u64, bool)>,
     fail: Vec<(String, i32)>,
     fail_zero: bool,
+    /// How many more `udev_settled` polls answer "not yet".
+    udev_lag: u32,
 }
 
 fn kind_index(k: ClaimKind) -> usize {
@@ -878,6 +880,15 @@ impl Model {
         self.st().fail_zero = true;
     }
 
+    /// udevd answers "not processed yet" to the next `polls` checks.
+    pub fn set_udev_lag(&self, polls: u32) {
+        self.st().udev_lag = polls;
+    }
+
+    pub fn udev_lag(&self) -> u32 {
+        self.st().udev_lag
+    }
+
     /// Every successful or failed write so far: (path, value).
     pub fn writes(&self) -> Vec<(String, String)> {
         self.st().writes.clone()
@@ -1114,6 +1125,15 @@ impl BlockDevices for Model {
             }
             _ => Err(err(libc::ENOENT)),
         }
+    }
+
+    fn udev_settled(&self, _major: u32, _minor: u32) -> bool {
+        let mut st = self.st();
+        if st.udev_lag > 0 {
+            st.udev_lag -= 1;
+            return false;
+        }
+        true
     }
 
     fn is_busy(&self, node: &Path) -> io::Result<bool> {

@@ -33,6 +33,11 @@ pub trait BlockDevices: Send + Sync + Debug {
     /// The node of block device `name` (`major:minor`), created when neither
     /// devtmpfs nor udev made it (containers with a private /dev).
     fn node(&self, name: &str, major: u32, minor: u32) -> io::Result<PathBuf>;
+    /// True once udevd, where it runs, has processed the device (its rules
+    /// ran: permissions, /dev/disk links, probes done). Without udevd: true.
+    fn udev_settled(&self, _major: u32, _minor: u32) -> bool {
+        true
+    }
     /// True when the device is mounted or open exclusively (O_EXCL gives EBUSY).
     fn is_busy(&self, node: &Path) -> io::Result<bool>;
     /// Writes zeros over `[offset, offset + len)` and syncs; with `verify`,
@@ -106,11 +111,24 @@ impl Sysfs for RealSysfs {
 #[derive(Debug, Clone)]
 pub struct RealBlockDevices {
     dir: PathBuf,
+    /// udevd's database (`/run/udev/data`) when udevd runs.
+    udev_data: Option<PathBuf>,
 }
 
 impl RealBlockDevices {
+    /// Nodes under `dir`; udevd is waited for when `/run/udev/control` exists.
     pub fn new(dir: impl Into<PathBuf>) -> RealBlockDevices {
-        RealBlockDevices { dir: dir.into() }
+        let udev = Path::new("/run/udev/control")
+            .exists()
+            .then(|| PathBuf::from("/run/udev/data"));
+        RealBlockDevices::with_udev(dir, udev)
+    }
+
+    pub fn with_udev(dir: impl Into<PathBuf>, udev_data: Option<PathBuf>) -> RealBlockDevices {
+        RealBlockDevices {
+            dir: dir.into(),
+            udev_data,
+        }
     }
 }
 
@@ -118,6 +136,13 @@ impl RealBlockDevices {
 const CHUNK: usize = 1 << 20;
 
 impl BlockDevices for RealBlockDevices {
+    fn udev_settled(&self, major: u32, minor: u32) -> bool {
+        // udevd writes a block device's database entry when its rules ran.
+        self.udev_data
+            .as_ref()
+            .is_none_or(|d| d.join(format!("b{major}:{minor}")).exists())
+    }
+
     fn node(&self, name: &str, major: u32, minor: u32) -> io::Result<PathBuf> {
         let path = self.dir.join(name);
         let want = nix::sys::stat::makedev(major.into(), minor.into());
@@ -250,6 +275,17 @@ mod tests {
         assert!(s.exists("bus/nd/devices"));
         assert!(s.writable().unwrap());
         assert!(s.display("bus").ends_with("/bus"));
+    }
+
+    #[test]
+    fn udev_settled_reads_the_udev_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = RealBlockDevices::with_udev(dir.path(), Some(dir.path().join("data")));
+        assert!(!d.udev_settled(259, 3));
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        std::fs::write(dir.path().join("data/b259:3"), "").unwrap();
+        assert!(d.udev_settled(259, 3));
+        assert!(RealBlockDevices::with_udev(dir.path(), None).udev_settled(1, 1));
     }
 
     #[test]

@@ -704,3 +704,18 @@ fn fragmentation_limits_the_largest_volume() {
     create(&a, "fits", cap.largest.0, Usage::AppDirect).unwrap();
     a.check_invariants().unwrap();
 }
+
+#[test]
+fn creates_wait_for_udevd_to_process_the_device() {
+    let m = model(&[G]);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &backend(&m));
+    m.set_udev_lag(5);
+    create(&a, "v", 64 * M, Usage::AppDirect).unwrap();
+    assert_eq!(m.udev_lag(), 0, "the create did not wait for udevd");
+    // A udevd that never answers delays a create by the deadline, no more.
+    m.set_udev_lag(u32::MAX);
+    let t = std::time::Instant::now();
+    create(&a, "w", 64 * M, Usage::AppDirect).unwrap();
+    assert!(t.elapsed() >= cfg().device_timeout);
+}

@@ -327,6 +327,10 @@ case $RIG_BOOT in
     check "the agent watches udev" grep -q "watching udev for nd and block device events" "$E2E_LOG"
     # Our own create and delete are events too, but nothing foreign changed.
     out=$(create vol-ev 64MiB) || fail "create vol-ev"
+    dev_ev=$(vol "$(jq -r .volume_id <<<"$out")" | jq -r .device)
+    holds "udevd has a database entry for $dev_ev (the create waits for it)" \
+        test -e "/run/udev/data/b$((16#$(stat -c %t "$dev_ev"))):$((16#$(stat -c %T "$dev_ev")))"
+    expect_eq "the create did not time out waiting for udevd" "$(grep -c "udevd has not processed" "$E2E_LOG" || true)" 0
     check "delete vol-ev" csi delete "$(jq -r .volume_id <<<"$out")"
     sleep 1
     expect_eq "our own volume is not reported as foreign" "$(grep -Ec "foreign device (appeared|went away)" "$E2E_LOG" || true)" 0

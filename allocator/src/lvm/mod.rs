@@ -469,7 +469,7 @@ impl Backend for LvmBackend {
         let dev = self.device_of(slot, &lv)?;
         if fresh {
             // Also after a crash between lvcreate and here: still no data.
-            let lv = self.lv_of(slot, &req.volume_id)?.unwrap_or(lv);
+            // Activation changes neither the path nor the PV ranges.
             self.zero(slot, &lv, HEAD_WIPE, false)?;
         }
         Ok(dev)

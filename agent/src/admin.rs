@@ -33,7 +33,7 @@ impl Admin for AdminService {
         let d = &self.driver;
         call(&d.metrics, "admin.ListRegions", "", async {
             let (caps, kind) = blocking(&d.alloc, |a| {
-                Ok((a.capacity(Usage::AppDirect)?, a.backend_kind()))
+                Ok((a.capacity(Usage::AppDirect)?, a.backend_info().kind))
             })
             .await?;
             Ok(admin::ListRegionsResponse {

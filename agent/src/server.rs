@@ -217,11 +217,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             (Arc::clone(&a) as Store, Some(a))
         }
     };
-    let (kind, can_expand) = {
+    let info = {
         let s = Arc::clone(&store);
-        tokio::task::spawn_blocking(move || (s.backend_kind(), s.can_expand())).await?
+        tokio::task::spawn_blocking(move || s.backend_info()).await?
     };
-    let driver = Arc::new(Driver::new(cfg.clone(), store, &kind, can_expand));
+    let driver = Arc::new(Driver::new(cfg.clone(), store, &info.kind, info.can_expand));
     if let Some(alloc) = &local {
         // Weak: the ledger must not keep the driver (and itself) alive.
         let weak = Arc::downgrade(&driver);

@@ -21,11 +21,18 @@ use tonic::transport::Channel;
 
 use crate::wire;
 
-pub trait VolumeStore: Send + Sync + Debug {
+/// The device backend behind a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendInfo {
     /// `sim`, `direct` or `lvm`.
-    fn backend_kind(&self) -> String;
-    /// Whether volumes can grow (the backend resizes devices).
-    fn can_expand(&self) -> bool;
+    pub kind: String,
+    /// Volumes can grow (the backend resizes devices).
+    pub can_expand: bool,
+}
+
+pub trait VolumeStore: Send + Sync + Debug {
+    /// What the device backend is and can do.
+    fn backend_info(&self) -> BackendInfo;
     /// Ledger and backend answer.
     fn health(&self) -> Result<()>;
     fn create_volume(&self, req: &CreateRequest) -> Result<Volume>;
@@ -57,12 +64,11 @@ fn device_request(v: &Volume) -> DeviceRequest {
 }
 
 impl VolumeStore for Allocator {
-    fn backend_kind(&self) -> String {
-        self.backend().kind().to_owned()
-    }
-
-    fn can_expand(&self) -> bool {
-        self.backend().can_resize()
+    fn backend_info(&self) -> BackendInfo {
+        BackendInfo {
+            kind: self.backend().kind().to_owned(),
+            can_expand: self.backend().can_resize(),
+        }
     }
 
     fn health(&self) -> Result<()> {
@@ -179,15 +185,17 @@ impl RemoteStore {
 }
 
 impl VolumeStore for RemoteStore {
-    fn backend_kind(&self) -> String {
-        self.call(|mut c| async move { c.health(admin::Empty {}).await })
-            .map(|h| h.backend)
-            .unwrap_or_else(|_| "remote".to_owned())
-    }
-
-    fn can_expand(&self) -> bool {
-        self.call(|mut c| async move { c.health(admin::Empty {}).await })
-            .is_ok_and(|h| h.can_expand)
+    fn backend_info(&self) -> BackendInfo {
+        match self.call(|mut c| async move { c.health(admin::Empty {}).await }) {
+            Ok(h) => BackendInfo {
+                kind: h.backend,
+                can_expand: h.can_expand,
+            },
+            Err(_) => BackendInfo {
+                kind: "remote".to_owned(),
+                can_expand: false,
+            },
+        }
     }
 
     fn health(&self) -> Result<()> {

@@ -72,6 +72,10 @@ pub struct Args {
     /// Socket file mode, octal (default 0660).
     #[arg(long, env = "PMEM_AGENT_SOCKET_MODE")]
     pub socket_mode: Option<String>,
+    /// Accept a socket mode that lets every local user (other bits) drive
+    /// the daemon; a warning is logged at start.
+    #[arg(long, env = "PMEM_AGENT_ALLOW_WORLD_SOCKET", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_world_socket: Option<bool>,
     /// Seconds in-flight calls get to finish at shutdown.
     #[arg(long, env = "PMEM_AGENT_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<u64>,
@@ -143,6 +147,7 @@ pub struct FileConfig {
     pub backend: Option<BackendKind>,
     pub log_format: Option<LogFormat>,
     pub socket_mode: Option<String>,
+    pub allow_world_socket: Option<bool>,
     pub shutdown_timeout: Option<u64>,
     pub kubelet_root: Option<PathBuf>,
     pub metrics_address: Option<String>,
@@ -194,6 +199,8 @@ pub struct Config {
     pub backend: BackendKind,
     pub log_format: LogFormat,
     pub socket_mode: u32,
+    /// `socket_mode` may have other bits (checked in `validate`).
+    pub allow_world_socket: bool,
     pub shutdown_timeout: std::time::Duration,
     pub kubelet_root: Option<PathBuf>,
     pub sim_regions: u32,
@@ -352,6 +359,10 @@ impl Config {
                 .or(file.log_format)
                 .unwrap_or(LogFormat::Text),
             socket_mode,
+            allow_world_socket: args
+                .allow_world_socket
+                .or(file.allow_world_socket)
+                .unwrap_or(false),
             shutdown_timeout: std::time::Duration::from_secs(
                 args.shutdown_timeout
                     .or(file.shutdown_timeout)
@@ -407,6 +418,16 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        // The sockets drive a root daemon: no access for "other" unless asked.
+        if self.socket_mode & 0o007 != 0 && !self.allow_world_socket {
+            return Err(ConfigError::Invalid(format!(
+                "socket-mode {:04o} lets every local user drive this root daemon (other bits {:o}); \
+                 use a group mode such as 0660, or pass --allow-world-socket \
+                 (PMEM_AGENT_ALLOW_WORLD_SOCKET=true, allow-world-socket = true) to accept it",
+                self.socket_mode,
+                self.socket_mode & 0o007
+            )));
+        }
         if !(1..=100).contains(&self.lvm.percentage) {
             return Err(ConfigError::Invalid(format!(
                 "lvm-percentage {} must be 1 to 100",
@@ -587,6 +608,46 @@ mod tests {
         std::fs::write(&p, "[direct]\nsysfs = \"/sys\"\n").unwrap();
         let e = Config::load(args(&["--config", file])).unwrap_err();
         assert!(e.to_string().contains("sysfs"), "{e}");
+    }
+
+    #[test]
+    fn world_accessible_socket_mode_needs_allow_world_socket() {
+        for mode in ["0666", "0777", "0661", "0604", "0001"] {
+            let e = Config::load(args(&["--socket-mode", mode])).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains("--allow-world-socket"), "{mode}: {msg}");
+            assert!(
+                msg.contains(&format!("socket-mode {mode}")),
+                "{mode}: {msg}"
+            );
+            let c = Config::load(args(&["--socket-mode", mode, "--allow-world-socket"])).unwrap();
+            assert_eq!(format!("{:04o}", c.socket_mode), mode);
+            assert!(c.allow_world_socket);
+        }
+        // Group and owner bits are fine without it.
+        for mode in ["0660", "0600", "0640", "0770"] {
+            let c = Config::load(args(&["--socket-mode", mode])).unwrap();
+            assert!(!c.allow_world_socket, "{mode}");
+        }
+        assert!(
+            Config::load(args(&[
+                "--socket-mode",
+                "0666",
+                "--allow-world-socket=false"
+            ]))
+            .is_err()
+        );
+        // The file key, and a flag that overrides it.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "socket-mode = \"0666\"\nallow-world-socket = true\n").unwrap();
+        let file = p.to_str().unwrap();
+        let c = Config::load(args(&["--config", file])).unwrap();
+        assert_eq!(c.socket_mode, 0o666);
+        assert!(c.allow_world_socket);
+        assert!(Config::load(args(&["--config", file, "--allow-world-socket=false"])).is_err());
+        std::fs::write(&p, "socket-mode = \"0666\"\n").unwrap();
+        assert!(Config::load(args(&["--config", file])).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ fn main() -> std::process::ExitCode {
     let cfg = match Config::load(Args::parse()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("pmem-agent: {e}");
+            pmem_agent::logging::eprint_line(format_args!("pmem-agent: {e}"));
             return std::process::ExitCode::from(2);
         }
     };
@@ -18,7 +18,7 @@ fn main() -> std::process::ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("pmem-agent: start runtime: {e}");
+            pmem_agent::logging::eprint_line(format_args!("pmem-agent: start runtime: {e}"));
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -26,7 +26,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("pmem-agent: {e:#}");
+            pmem_agent::logging::eprint_line(format_args!("pmem-agent: {e:#}"));
             std::process::ExitCode::FAILURE
         }
     }

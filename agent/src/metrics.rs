@@ -163,6 +163,11 @@ impl Metrics {
                 m.in_flight.clone(),
             );
             p.register(
+                "log_write_errors",
+                "Log events dropped because the log sink (stderr) refused the write",
+                crate::logging::write_errors(),
+            );
+            p.register(
                 "device_events",
                 "udev events for libnvdimm regions, namespaces and pmem block devices (direct backend)",
                 m.device_events.0.clone(),

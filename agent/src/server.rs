@@ -61,6 +61,17 @@ pub fn bind_socket(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
+/// Logs the warning that `--allow-world-socket` promises (config validation
+/// refuses such a mode without it).
+fn warn_world_socket(cfg: &Config) {
+    if cfg.socket_mode & 0o007 != 0 {
+        tracing::warn!(
+            socket_mode = %format!("{:04o}", cfg.socket_mode),
+            "--allow-world-socket: every local user can reach the sockets of this root daemon"
+        );
+    }
+}
+
 /// Builds the configured backend.
 pub fn open_backend(cfg: &Config) -> anyhow::Result<Arc<dyn Backend>> {
     match cfg.backend {
@@ -238,6 +249,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         None => None,
     };
 
+    warn_world_socket(&cfg);
     let csi_listener = bind_socket(&cfg.endpoint, cfg.socket_mode)?;
     let admin_listener = bind_socket(&cfg.admin_endpoint, cfg.socket_mode)?;
     let _sockets = SocketGuard(vec![cfg.endpoint.clone(), cfg.admin_endpoint.clone()]);
@@ -365,6 +377,7 @@ pub async fn run_allocd(cfg: Config) -> anyhow::Result<()> {
             .unwrap_or_else(|_| PathBuf::from("/run/pmem-agent/allocator.sock"))
     });
     let alloc = open_allocator(&cfg).await?;
+    warn_world_socket(&cfg);
     let listener = bind_socket(&path, cfg.socket_mode)?;
     let _sockets = SocketGuard(vec![path.clone()]);
     let report = {

@@ -11,7 +11,7 @@ fn main() -> std::process::ExitCode {
     let cfg = match Config::load(Args::parse()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("pmem-allocd: {e}");
+            pmem_agent::logging::eprint_line(format_args!("pmem-allocd: {e}"));
             return std::process::ExitCode::from(2);
         }
     };
@@ -22,7 +22,7 @@ fn main() -> std::process::ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("pmem-allocd: start runtime: {e}");
+            pmem_agent::logging::eprint_line(format_args!("pmem-allocd: start runtime: {e}"));
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -30,7 +30,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("pmem-allocd: {e:#}");
+            pmem_agent::logging::eprint_line(format_args!("pmem-allocd: {e:#}"));
             std::process::ExitCode::FAILURE
         }
     }

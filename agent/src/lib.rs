@@ -17,4 +17,5 @@ pub mod notify;
 pub mod rpc;
 pub mod server;
 pub mod store;
+pub mod transport;
 pub mod wire;

@@ -19,7 +19,6 @@ use pmem_proto::csi::identity_server::IdentityServer;
 use pmem_proto::csi::node_server::NodeServer;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::admin::AdminService;
 use crate::config::{BackendKind, Config, SimModeArg};
@@ -267,13 +266,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ))))
         .add_service(NodeServer::new(NodeService::new(Arc::clone(&driver))))
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(csi_listener),
+            crate::transport::incoming(csi_listener),
             wait_stop(stop_rx.clone()),
         );
     let admin = tonic::transport::Server::builder()
         .add_service(AdminServer::new(AdminService::new(Arc::clone(&driver))))
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(admin_listener),
+            crate::transport::incoming(admin_listener),
             wait_stop(stop_rx.clone()),
         );
     let mut servers = tokio::spawn(async move { tokio::try_join!(csi, admin) });
@@ -396,7 +395,7 @@ pub async fn run_allocd(cfg: Config) -> anyhow::Result<()> {
         .add_service(pmem_proto::admin::allocator_server::AllocatorServer::new(
             crate::allocd::AllocatorService::new(Arc::clone(&alloc)),
         ))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(crate::transport::incoming(listener), async move {
             let _ = stop_rx.wait_for(|s| *s).await;
         });
     let mut server = tokio::spawn(server);

@@ -46,7 +46,7 @@ const PRIORITY: u8 = 0x20;
 /// 255 bytes of padding around its fragment.
 const HEADERS_OVERHEAD: usize = 1 + 5 + 255;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RewriteError {
     #[error("header block of stream {stream} is larger than {MAX_HEADER_BLOCK} bytes")]
     TooLarge { stream: u32 },
@@ -118,6 +118,8 @@ pub struct Rewriter {
     state: State,
     decoder: Decoder<'static>,
     open: Option<Open>,
+    /// Set by the first error: the connection is dead from then on.
+    failed: Option<RewriteError>,
 }
 
 impl std::fmt::Debug for Rewriter {
@@ -143,12 +145,24 @@ impl Rewriter {
             state: State::Preface(0),
             decoder,
             open: None,
+            failed: None,
         }
     }
 
     /// Consumes bytes from the client, in pieces of any size, and appends
-    /// what h2 must see to `out`. After an error the connection is unusable.
-    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
+    /// what h2 must see to `out`. After an error every later call fails.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let r = self.feed_frames(input, out);
+        if let Err(e) = &r {
+            self.failed = Some(e.clone());
+        }
+        r
+    }
+
+    fn feed_frames(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
         while !input.is_empty() {
             match std::mem::replace(&mut self.state, State::Raw) {
                 State::Raw => {
@@ -469,7 +483,9 @@ mod tests {
     fn h2_view(bytes: &[u8]) -> Vec<Seen> {
         let mut dec = Decoder::new();
         let mut seen = Vec::new();
-        let mut open: Option<(u32, bool, Option<[u8; 5]>, Vec<u8>)> = None;
+        // (stream, END_STREAM, priority, block so far)
+        type Partial = (u32, bool, Option<[u8; 5]>, Vec<u8>);
+        let mut open: Option<Partial> = None;
         for fr in parse(bytes) {
             assert!(fr.payload.len() <= MAX_FRAME_SIZE, "frame too big: {fr:?}");
             match fr.kind {
@@ -841,6 +857,16 @@ mod tests {
             feed_in_pieces(&input, &[usize::MAX]),
             Err(RewriteError::StrayContinuation { stream: 1 })
         );
+        // Nothing passes after an error, not even harmless frames.
+        let mut r = Rewriter::new();
+        let mut out = Vec::new();
+        assert!(r.feed(&input, &mut out).is_err());
+        out.clear();
+        assert_eq!(
+            r.feed(&frame(0x6, 0, 0, &[0; 8]), &mut out),
+            Err(RewriteError::StrayContinuation { stream: 1 })
+        );
+        assert!(out.is_empty());
         // An index the table does not have.
         let mut input = PREFACE.to_vec();
         input.extend_from_slice(&frame(HEADERS, END_HEADERS, 1, &[0xff, 0x10]));

@@ -27,6 +27,23 @@ const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const ACK: u8 = 0x1;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+
+/// How a request's header block is framed and delivered.
+#[derive(Debug, Default)]
+struct Shape {
+    /// A dynamic table size update at the start of the block.
+    resize: Option<usize>,
+    extra: Vec<(String, String)>,
+    /// Padding bytes on the HEADERS frame (0: not PADDED).
+    pad: u8,
+    priority: bool,
+    /// Fragments: HEADERS plus `pieces - 1` CONTINUATION frames.
+    pieces: usize,
+    /// Written one byte per write(2).
+    bytewise: bool,
+}
 
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let mut v = u32::try_from(payload.len()).unwrap().to_be_bytes()[1..].to_vec();
@@ -96,9 +113,14 @@ impl RawClient {
     }
 
     fn call(&mut self, path: &str, request: &[u8]) -> Answer {
+        self.call_shaped(path, request, &Shape::default())
+    }
+
+    /// A request whose header block is framed as `shape` says.
+    fn call_shaped(&mut self, path: &str, request: &[u8], shape: &Shape) -> Answer {
         let stream = self.next_stream;
         self.next_stream += 2;
-        let headers: Vec<(&[u8], &[u8])> = vec![
+        let mut headers: Vec<(&[u8], &[u8])> = vec![
             (b":method", b"POST"),
             (b":scheme", b"http"),
             (b":path", path.as_bytes()),
@@ -107,16 +129,55 @@ impl RawClient {
             (b"te", b"trailers"),
             (b"user-agent", b"grpc-go/1.25.0 (hostile_transport)"),
         ];
-        let block = self.enc.encode(headers);
-        self.sock
-            .write_all(&frame(HEADERS, END_HEADERS, stream, &block))
-            .unwrap();
+        for (n, v) in &shape.extra {
+            headers.push((n.as_bytes(), v.as_bytes()));
+        }
+        let mut block = Vec::new();
+        if let Some(size) = shape.resize {
+            // A dynamic table size update opens the block (RFC 7541 §4.2).
+            loona_hpack::encoder::encode_integer_into(size, 5, 0x20, &mut block).unwrap();
+            self.enc.set_max_table_size(size);
+        }
+        self.enc.encode_into(headers, &mut block).unwrap();
+        let pieces = shape.pieces.max(1);
+        let step = block.len().div_ceil(pieces);
+        let mut fragments: Vec<&[u8]> = block.chunks(step).collect();
+        fragments.resize(pieces, &[]);
+        let mut bytes = Vec::new();
+        for (i, frag) in fragments.iter().enumerate() {
+            let last = i + 1 == fragments.len();
+            let mut flags = if last { END_HEADERS } else { 0 };
+            let mut payload = Vec::new();
+            let kind = if i == 0 {
+                if shape.pad > 0 {
+                    flags |= PADDED;
+                    payload.push(shape.pad);
+                }
+                if shape.priority {
+                    flags |= PRIORITY;
+                    payload.extend_from_slice(&[0, 0, 0, 0, 15]);
+                }
+                HEADERS
+            } else {
+                CONTINUATION
+            };
+            payload.extend_from_slice(frag);
+            if i == 0 {
+                payload.extend(std::iter::repeat_n(0, usize::from(shape.pad)));
+            }
+            bytes.extend_from_slice(&frame(kind, flags, stream, &payload));
+        }
         let mut msg = vec![0];
         msg.extend_from_slice(&u32::try_from(request.len()).unwrap().to_be_bytes());
         msg.extend_from_slice(request);
-        self.sock
-            .write_all(&frame(DATA, END_STREAM, stream, &msg))
-            .unwrap();
+        bytes.extend_from_slice(&frame(DATA, END_STREAM, stream, &msg));
+        if shape.bytewise {
+            for b in &bytes {
+                self.sock.write_all(std::slice::from_ref(b)).unwrap();
+            }
+        } else {
+            self.sock.write_all(&bytes).unwrap();
+        }
 
         let mut blocks: Vec<Fields> = Vec::new();
         let mut pending: Vec<u8> = Vec::new();
@@ -240,6 +301,62 @@ async fn hostile_bare_path_authority_gets_answers_on_every_socket() {
                 assert_eq!(field(&trailers, "grpc-status"), Some("3"), "{trailers:?}")
             }
             other => panic!("{other:?}"),
+        }
+    }
+    // Header blocks the way other clients frame them: split into
+    // CONTINUATIONs, padded, with priority, table size changes, one byte
+    // per write; then blocks too large for hyper's 16 KiB header list
+    // limit (our re-encoded block spans a CONTINUATION): refused on that
+    // stream only, the connection goes on.
+    let mut c = RawClient::connect(&d.csi_sock(), &csi_path);
+    for i in 0..40usize {
+        let shape = Shape {
+            resize: match i % 10 {
+                3 => Some(0),
+                4 => Some(512),
+                7 => Some(4096),
+                _ => None,
+            },
+            extra: vec![("x-call".into(), format!("{i}"))],
+            pad: u8::try_from(i % 3 * 7).unwrap(),
+            priority: i % 2 == 1,
+            pieces: 1 + i % 4,
+            bytewise: i % 5 == 0,
+        };
+        let m = match c.call_shaped(
+            "/csi.v1.Identity/Probe",
+            &csi::ProbeRequest {}.encode_to_vec(),
+            &shape,
+        ) {
+            Answer::Grpc {
+                message, trailers, ..
+            } => {
+                assert_eq!(field(&trailers, "grpc-status"), Some("0"), "{shape:?}");
+                message
+            }
+            other => panic!("{shape:?}: {other:?}"),
+        };
+        assert_eq!(
+            csi::ProbeResponse::decode(&m[..]).unwrap().ready,
+            Some(true)
+        );
+        if i % 8 == 0 {
+            let big = Shape {
+                extra: vec![("x-big".into(), "b".repeat(20_000))],
+                pieces: 3,
+                ..Shape::default()
+            };
+            match c.call_shaped(
+                "/csi.v1.Identity/Probe",
+                &csi::ProbeRequest {}.encode_to_vec(),
+                &big,
+            ) {
+                Answer::Grpc { headers, .. } => {
+                    assert_ne!(field(&headers, ":status"), Some("200"), "{headers:?}")
+                }
+                Answer::Reset(_) => {}
+                Answer::GoAway(code) => panic!("connection lost for one large block: {code}"),
+            }
         }
     }
     let admin_path = d.admin_sock().display().to_string();

@@ -377,17 +377,7 @@ async fn hostile_bare_path_authority_gets_answers_on_every_socket() {
 /// pmem-allocd's allocator socket, and pmem-agent in front of it.
 #[tokio::test]
 async fn hostile_bare_path_authority_on_the_allocator_socket() {
-    let dir = tempfile::Builder::new()
-        .prefix("pmem-agent-test")
-        .tempdir()
-        .unwrap();
-    let d = Daemon {
-        dir,
-        child: None,
-        extra: vec!["--sim-mode".into(), "file-only".into()],
-        node_id: "test-node".into(),
-        allocd: None,
-    };
+    let d = unstarted(&["--sim-mode", "file-only"]);
     let mut allocd = d
         .allocd_command()
         .stdout(Stdio::null())
@@ -413,6 +403,20 @@ async fn hostile_bare_path_authority_on_the_allocator_socket() {
     drop(c);
     let _ = allocd.kill();
     let _ = allocd.wait();
+}
+
+/// A daemon's directory and arguments, nothing spawned yet.
+fn unstarted(extra: &[&str]) -> Daemon {
+    Daemon {
+        dir: tempfile::Builder::new()
+            .prefix("pmem-agent-test")
+            .tempdir()
+            .unwrap(),
+        child: None,
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+        node_id: "test-node".into(),
+        allocd: None,
+    }
 }
 
 fn venv_python() -> Option<PathBuf> {
@@ -579,22 +583,12 @@ fn free_port() -> u16 {
 #[tokio::test]
 async fn hostile_stderr_closed_calls_work_and_sigterm_exits_0() {
     let port = free_port();
-    let dir = tempfile::Builder::new()
-        .prefix("pmem-agent-test")
-        .tempdir()
-        .unwrap();
-    let mut d = Daemon {
-        dir,
-        child: None,
-        extra: vec![
-            "--sim-mode".into(),
-            "file-only".into(),
-            "--metrics-address".into(),
-            format!("127.0.0.1:{port}"),
-        ],
-        node_id: "test-node".into(),
-        allocd: None,
-    };
+    let mut d = unstarted(&[
+        "--sim-mode",
+        "file-only",
+        "--metrics-address",
+        &format!("127.0.0.1:{port}"),
+    ]);
     if common::remote_allocator() {
         d.allocd = Some(spawn_then_close_stderr(
             d.allocd_command(),
@@ -622,17 +616,7 @@ async fn hostile_stderr_closed_calls_work_and_sigterm_exits_0() {
 /// whose stderr is closed too.
 #[tokio::test]
 async fn hostile_stderr_closed_pmem_allocd_keeps_serving_and_exits_0() {
-    let dir = tempfile::Builder::new()
-        .prefix("pmem-agent-test")
-        .tempdir()
-        .unwrap();
-    let mut d = Daemon {
-        dir,
-        child: None,
-        extra: vec!["--sim-mode".into(), "file-only".into()],
-        node_id: "test-node".into(),
-        allocd: None,
-    };
+    let mut d = unstarted(&["--sim-mode", "file-only"]);
     d.allocd = Some(spawn_then_close_stderr(
         d.allocd_command(),
         "pmem-allocd ready",
@@ -738,12 +722,22 @@ async fn hostile_world_accessible_socket_mode_needs_allow_world_socket() {
         }
         let mut child = cmd.spawn().unwrap();
         let mut tries = 0;
-        while UnixStream::connect(&sock).is_err() {
+        // Ready (Probe), so SIGTERM finds its handler installed.
+        let ep = format!("unix://{}", sock.display());
+        loop {
+            if let Ok(ch) = pmem_agent::client::connect(&ep).await
+                && let Ok(r) = csi::identity_client::IdentityClient::new(ch)
+                    .probe(csi::ProbeRequest {})
+                    .await
+                && r.into_inner().ready == Some(true)
+            {
+                break;
+            }
             tries += 1;
             if tries > 600 || child.try_wait().unwrap().is_some() {
                 let _ = child.kill();
                 panic!(
-                    "{how}: agent not serving:\n{}",
+                    "{how}: agent not ready:\n{}",
                     std::fs::read_to_string(&log).unwrap()
                 );
             }

@@ -616,7 +616,8 @@ async fn hostile_stderr_closed_calls_work_and_sigterm_exits_0() {
 /// whose stderr is closed too.
 #[tokio::test]
 async fn hostile_stderr_closed_pmem_allocd_keeps_serving_and_exits_0() {
-    let mut d = unstarted(&["--sim-mode", "file-only"]);
+    // JSON logs here, text in the test above: both formats go through the sink.
+    let mut d = unstarted(&["--sim-mode", "file-only", "--log-format", "json"]);
     d.allocd = Some(spawn_then_close_stderr(
         d.allocd_command(),
         "pmem-allocd ready",

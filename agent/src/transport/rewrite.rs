@@ -17,6 +17,7 @@
 //! from the frame header before its payload is buffered.
 
 use loona_hpack::Decoder;
+use loona_hpack::decoder::DecoderError;
 use loona_hpack::encoder::encode_integer_into;
 
 /// The client connection preface (RFC 9113 §3.4).
@@ -332,21 +333,29 @@ impl Rewriter {
         let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut size = 0usize;
         let mut over = false;
-        self.decoder
-            .decode_with_cb(&open.fragment, |name, value| {
-                // RFC 7541 §4.1 size; indexed fields can expand a small block.
-                size += name.len() + value.len() + 32;
-                if size > MAX_HEADER_BLOCK {
-                    over = true;
-                }
-                if !over {
-                    fields.push((name.into_owned(), value.into_owned()));
-                }
-            })
-            .map_err(|e| RewriteError::Hpack {
-                stream,
-                message: e.to_string(),
-            })?;
+        let decoded = self.decoder.decode_with_cb(&open.fragment, |name, value| {
+            // RFC 7541 §4.1 size; indexed fields can expand a small block.
+            size += name.len() + value.len() + 32;
+            if size > MAX_HEADER_BLOCK {
+                over = true;
+            }
+            if !over {
+                fields.push((name.into_owned(), value.into_owned()));
+            }
+        });
+        match decoded {
+            Ok(()) => {}
+            // The whole block was applied; loona-hpack only refuses a size
+            // update as the last thing in a block, which a block of no
+            // fields but a size update (valid HPACK) is.
+            Err(DecoderError::SizeUpdateAtEnd) => {}
+            Err(e) => {
+                return Err(RewriteError::Hpack {
+                    stream,
+                    message: e.to_string(),
+                });
+            }
+        }
         if over {
             return Err(RewriteError::TooLarge { stream });
         }
@@ -935,6 +944,40 @@ mod tests {
         );
     }
 
+    /// A block of nothing but a table size update is valid HPACK: no
+    /// fields, and the new size holds for the next blocks.
+    #[test]
+    fn a_block_of_only_a_size_update() {
+        let mut enc = Encoder::new();
+        let first = vec![f("x-a", "1")];
+        let mut input = PREFACE.to_vec();
+        let b1 = enc.encode(first.iter().map(|(n, v)| (&n[..], &v[..])));
+        input.extend_from_slice(&frame(HEADERS, END_HEADERS, 1, &b1));
+        // Size 0 empties both tables; the entry x-a: 1 is gone.
+        let mut b2 = Vec::new();
+        encode_integer_into(0, 5, 0x20, &mut b2).unwrap();
+        enc.set_max_table_size(0);
+        input.extend_from_slice(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &b2));
+        let mut r = Rewriter::new();
+        let mut out = Vec::new();
+        r.feed(&input, &mut out).unwrap();
+        let seen = h2_view(&out);
+        assert_eq!(
+            seen[1],
+            Seen::Headers {
+                stream: 1,
+                end_stream: true,
+                priority: None,
+                fields: vec![],
+            }
+        );
+        // A reference to the evicted entry is now an error.
+        assert!(matches!(
+            r.feed(&frame(HEADERS, END_HEADERS, 3, &[0x80 | 62]), &mut out),
+            Err(RewriteError::Hpack { stream: 3, .. })
+        ));
+    }
+
     #[test]
     fn not_http2_passes_untouched() {
         let input = b"GET / HTTP/1.1\r\nHost: /run/x.sock\r\n\r\n";
@@ -971,5 +1014,118 @@ mod tests {
                 fields,
             }
         );
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One request: its fields and how its block is framed.
+        #[derive(Debug, Clone)]
+        struct Req {
+            fields: Fields,
+            resize: Option<usize>,
+            pieces: usize,
+            pad: u8,
+            priority: bool,
+            end_stream: bool,
+        }
+
+        fn req() -> impl Strategy<Value = Req> {
+            let name = prop_oneof![
+                Just(":authority".to_owned()),
+                Just("content-type".to_owned()),
+                Just("user-agent".to_owned()),
+                Just("te".to_owned()),
+                "x-[a-z]{1,12}",
+            ];
+            let value = prop_oneof![
+                Just("/run/pmem-agent/csi.sock".to_owned()),
+                Just("application/grpc".to_owned()),
+                "[ -~]{0,40}",
+                "[a-z]{200,900}",
+            ];
+            (
+                proptest::collection::vec((name, value), 0..12),
+                proptest::option::of(prop_oneof![Just(0usize), Just(64), 0usize..=4096]),
+                1usize..5,
+                0u8..20,
+                any::<bool>(),
+                any::<bool>(),
+            )
+                .prop_map(|(fields, resize, pieces, pad, priority, end_stream)| Req {
+                    fields: fields
+                        .into_iter()
+                        .map(|(n, v)| (n.into_bytes(), v.into_bytes()))
+                        .collect(),
+                    resize,
+                    pieces,
+                    pad,
+                    priority,
+                    end_stream,
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+            /// Any sequence of requests, any framing, any delivery: h2
+            /// sees every list as sent, with `:authority` replaced.
+            #[test]
+            fn any_framing_and_delivery_round_trips(
+                reqs in proptest::collection::vec(req(), 1..40),
+                sizes in proptest::collection::vec(1usize..300, 1..8),
+            ) {
+                let mut enc = Encoder::new();
+                let mut input = PREFACE.to_vec();
+                let mut want = Vec::new();
+                for (i, r) in reqs.iter().enumerate() {
+                    let stream = 1 + 2 * i as u32;
+                    let mut block = Vec::new();
+                    if let Some(size) = r.resize {
+                        encode_integer_into(size, 5, 0x20, &mut block).unwrap();
+                        enc.set_max_table_size(size);
+                    }
+                    enc.encode_into(r.fields.iter().map(|(n, v)| (&n[..], &v[..])), &mut block)
+                        .unwrap();
+                    let step = block.len().div_ceil(r.pieces).max(1);
+                    let mut frags: Vec<&[u8]> = block.chunks(step).collect();
+                    frags.resize(r.pieces, &[]);
+                    for (k, frag) in frags.iter().enumerate() {
+                        let last = k + 1 == frags.len();
+                        let mut flags = if last { END_HEADERS } else { 0 };
+                        let mut payload = Vec::new();
+                        let kind = if k == 0 {
+                            if r.end_stream {
+                                flags |= END_STREAM;
+                            }
+                            if r.pad > 0 {
+                                flags |= PADDED;
+                                payload.push(r.pad);
+                            }
+                            if r.priority {
+                                flags |= PRIORITY;
+                                payload.extend_from_slice(&[0, 0, 0, 3, 7]);
+                            }
+                            HEADERS
+                        } else {
+                            CONTINUATION
+                        };
+                        payload.extend_from_slice(frag);
+                        if k == 0 {
+                            payload.extend(std::iter::repeat_n(0xaa, usize::from(r.pad)));
+                        }
+                        input.extend_from_slice(&frame(kind, flags, stream, &payload));
+                    }
+                    want.push(Seen::Headers {
+                        stream,
+                        end_stream: r.end_stream,
+                        priority: r.priority.then_some([0, 0, 0, 3, 7]),
+                        fields: with_localhost(&r.fields),
+                    });
+                }
+                let out = feed_in_pieces(&input, &sizes).unwrap();
+                prop_assert_eq!(h2_view(&out), want);
+            }
+        }
     }
 }

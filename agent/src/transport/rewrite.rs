@@ -949,7 +949,7 @@ mod tests {
     #[test]
     fn a_block_of_only_a_size_update() {
         let mut enc = Encoder::new();
-        let first = vec![f("x-a", "1")];
+        let first = [f("x-a", "1")];
         let mut input = PREFACE.to_vec();
         let b1 = enc.encode(first.iter().map(|(n, v)| (&n[..], &v[..])));
         input.extend_from_slice(&frame(HEADERS, END_HEADERS, 1, &b1));

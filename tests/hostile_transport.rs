@@ -377,19 +377,22 @@ async fn hostile_bare_path_authority_gets_answers_on_every_socket() {
 /// pmem-allocd's allocator socket, and pmem-agent in front of it.
 #[tokio::test]
 async fn hostile_bare_path_authority_on_the_allocator_socket() {
-    let d = unstarted(&["--sim-mode", "file-only"]);
-    let mut allocd = d
-        .allocd_command()
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut d = unstarted(&["--sim-mode", "file-only"]);
+    // Held by the harness, so a failing test still kills it.
+    d.allocd = Some(
+        d.allocd_command()
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let sock = d.allocator_sock();
     let mut tries = 0;
     while UnixStream::connect(&sock).is_err() {
         tries += 1;
         assert!(tries < 600, "pmem-allocd did not come up");
-        assert!(allocd.try_wait().unwrap().is_none(), "pmem-allocd exited");
+        let exited = d.allocd.as_mut().unwrap().try_wait().unwrap();
+        assert!(exited.is_none(), "pmem-allocd exited: {exited:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut c = RawClient::connect(&sock, &sock.display().to_string());
@@ -400,9 +403,18 @@ async fn hostile_bare_path_authority_on_the_allocator_socket() {
         );
         admin::HealthResponse::decode(&m[..]).unwrap();
     }
-    drop(c);
-    let _ = allocd.kill();
-    let _ = allocd.wait();
+}
+
+/// A process the test spawned itself, killed if the test fails first.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// A daemon's directory and arguments, nothing spawned yet.
@@ -721,7 +733,7 @@ async fn hostile_world_accessible_socket_mode_needs_allow_world_socket() {
         } else {
             cmd.arg("--config").arg(&conf);
         }
-        let mut child = cmd.spawn().unwrap();
+        let mut child = KillOnDrop(Some(cmd.spawn().unwrap()));
         let mut tries = 0;
         // Ready (Probe), so SIGTERM finds its handler installed.
         let ep = format!("unix://{}", sock.display());
@@ -735,8 +747,7 @@ async fn hostile_world_accessible_socket_mode_needs_allow_world_socket() {
                 break;
             }
             tries += 1;
-            if tries > 600 || child.try_wait().unwrap().is_some() {
-                let _ = child.kill();
+            if tries > 600 || child.0.as_mut().unwrap().try_wait().unwrap().is_some() {
                 panic!(
                     "{how}: agent not ready:\n{}",
                     std::fs::read_to_string(&log).unwrap()
@@ -750,11 +761,12 @@ async fn hostile_world_accessible_socket_mode_needs_allow_world_socket() {
             "{how}"
         );
         nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+            nix::unistd::Pid::from_raw(i32::try_from(child.0.as_ref().unwrap().id()).unwrap()),
             nix::sys::signal::Signal::SIGTERM,
         )
         .unwrap();
-        let st = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        let mut c = child.0.take().unwrap();
+        let st = tokio::task::spawn_blocking(move || c.wait().unwrap())
             .await
             .unwrap();
         assert!(st.success(), "{how}: {st}");

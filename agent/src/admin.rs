@@ -8,8 +8,10 @@ use pmem_proto::admin;
 use pmem_proto::admin::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
+use crate::csi::node;
 use crate::driver::Driver;
 use crate::error::{AgentError, invalid};
+use crate::mount::host::RealHost;
 use crate::rpc::{blocking, call};
 use crate::wire;
 
@@ -128,6 +130,20 @@ impl Admin for AdminService {
             // pmemctl prints actions; show failed steps there too.
             w.actions
                 .extend(rep.errors.iter().map(|e| format!("error: {e}")));
+            // The node's share: mounts without records, unused inline volumes.
+            let host = RealHost::new();
+            let scan = node::scan_mounts(d, &host, req.dry_run).await;
+            let collected = node::collect_ephemeral(d, &host, req.dry_run).await;
+            w.actions.extend(scan.recorded);
+            w.actions.extend(collected.deleted);
+            w.errors.extend(collected.pending.iter().cloned());
+            w.actions
+                .extend(collected.pending.iter().map(|e| format!("error: {e}")));
+            if !collected.pending.is_empty() {
+                d.node_reconcile.kick();
+            }
+            w.unrecorded_mounts = scan.unrecorded;
+            w.node_history = d.node_reconcile.history();
             Ok(w)
         })
         .await

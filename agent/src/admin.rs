@@ -57,8 +57,8 @@ impl Admin for AdminService {
         call(&d.metrics, "admin.ListVolumes", "", async move {
             if !req.state.is_empty() && req.state.parse::<pmem_allocator::VolumeState>().is_err() {
                 return Err(invalid(format!(
-                    "state {:?} is not one of creating, ready, deleting, erasing",
-                    req.state
+                    "state {} is not one of creating, ready, deleting, erasing",
+                    crate::error::quote(&req.state)
                 )));
             }
             if !req.persistency.is_empty()
@@ -68,8 +68,8 @@ impl Admin for AdminService {
                     .is_err()
             {
                 return Err(invalid(format!(
-                    "persistency {:?} is not persistent or ephemeral",
-                    req.persistency
+                    "persistency {} is not persistent or ephemeral",
+                    crate::error::quote(&req.persistency)
                 )));
             }
             let volumes = blocking(&d.alloc, move |a| {

@@ -219,8 +219,8 @@ impl ControllerService {
                 .filter(|t| *t > 0)
                 .ok_or_else(|| {
                     AgentError::Aborted(format!(
-                        "starting_token {:?} is not a token this plugin issued",
-                        req.starting_token
+                        "starting_token {} is not a token this plugin issued",
+                        crate::error::quote(&req.starting_token)
                     ))
                 })?
         };

@@ -165,8 +165,8 @@ fn capability(c: Option<&csi::VolumeCapability>) -> AgentResult<(Capability, boo
         Some(AccessType::Mount(m)) => {
             if !m.volume_mount_group.is_empty() {
                 return Err(invalid(format!(
-                    "volume_capability.mount.volume_mount_group {:?} is not supported (no VOLUME_MOUNT_GROUP capability)",
-                    m.volume_mount_group
+                    "volume_capability.mount.volume_mount_group {} is not supported (no VOLUME_MOUNT_GROUP capability)",
+                    crate::error::quote(&m.volume_mount_group)
                 )));
             }
             !m.fs_type.is_empty()
@@ -185,7 +185,8 @@ fn is_ephemeral(ctx: &HashMap<String, String>) -> AgentResult<bool> {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
         Some(other) => Err(invalid(format!(
-            "volume_context {EPHEMERAL_KEY}={other:?} must be true or false"
+            "volume_context {EPHEMERAL_KEY}={} must be true or false",
+            crate::error::quote(other)
         ))),
     }
 }

@@ -464,7 +464,7 @@ mod tests {
             Bytes(EXT4_MIN_BYTES)
         );
         assert_eq!(
-            apply_fs_minimum(&[block.clone()], Bytes::mib(1), None).unwrap(),
+            apply_fs_minimum(std::slice::from_ref(&block), Bytes::mib(1), None).unwrap(),
             Bytes::mib(1)
         );
         // The largest minimum among the capabilities wins.

@@ -132,6 +132,30 @@ fn publish_req(id: &str, staging: &Path, target: &Path, fs: &str) -> csi::NodePu
     }
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The value of the sample `name` on the daemon's /metrics.
+async fn metric(port: u16, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in\n{body}"))
+}
+
 /// A tiny deterministic generator (xorshift); the seed is printed.
 struct Rng(u64);
 
@@ -344,7 +368,8 @@ async fn hostile_storm_leaves_no_mount_without_a_record() {
 /// retried NodeStageVolume and NodeUnstageVolume then work.
 #[tokio::test]
 async fn hostile_crash_between_mount_and_record_is_recovered_at_start() {
-    let mut d = start(&[]).await;
+    let port = free_port();
+    let mut d = start(&["--metrics-address", &format!("127.0.0.1:{port}")]).await;
     let mut ctl = d.controller().await;
     let v = ctl
         .create_volume(create_req("crashed", 64 * MIB, 0, "ext4"))
@@ -420,6 +445,8 @@ async fn hostile_crash_between_mount_and_record_is_recovered_at_start() {
     assert!(d.log().contains("no publication record"), "{}", d.log());
     // Reported, never unmounted.
     assert!(mounted_at(&odd) && mounted_at(&staging));
+    assert_eq!(metric(port, "pmem_agent_mounts_recovered_total").await, 1.0);
+    assert_eq!(metric(port, "pmem_agent_mounts_unrecorded").await, 1.0);
     // While it is staged (recorded), DeleteVolume refuses.
     let mut ctl = d.controller().await;
     let e = ctl
@@ -681,7 +708,14 @@ fn ephemeral_req(id: &str, target: &Path, attrs: &[(&str, &str)]) -> csi::NodePu
 #[tokio::test]
 async fn hostile_failed_inline_unpublish_is_collected_without_restart() {
     // A long period: only the after-failure collection can do it in time.
-    let d = start(&["--ephemeral-collect-interval", "3600"]).await;
+    let port = free_port();
+    let d = start(&[
+        "--ephemeral-collect-interval",
+        "3600",
+        "--metrics-address",
+        &format!("127.0.0.1:{port}"),
+    ])
+    .await;
     let mut node = d.node().await;
     let id = "csi-5f1c0ffee0000000000000000000000000000000000000000000000000000000";
     let target = target_of(&d, "0c8f7a4e", "my-csi-volume");
@@ -758,5 +792,13 @@ async fn hostile_failed_inline_unpublish_is_collected_without_restart() {
             .iter()
             .any(|h| h.contains("deleted ephemeral inline volume") && h.contains(&v.id)),
         "{rep:?}"
+    );
+    assert_eq!(
+        metric(port, "pmem_agent_ephemeral_volumes_collected_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric(port, "pmem_agent_ephemeral_volumes_pending_collection").await,
+        0.0
     );
 }

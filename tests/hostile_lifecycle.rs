@@ -574,6 +574,15 @@ async fn hostile_megabyte_fields_are_invalid_with_bounded_echoes() {
         .await
         .map(|_| ()),
     ));
+    statuses.push((
+        "NodeUnpublishVolume target_path",
+        node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: "id".into(),
+            target_path: format!("{}/{big}", s(&root(&d))),
+        })
+        .await
+        .map(|_| ()),
+    ));
     for (what, r) in statuses {
         let e = r.expect_err(what);
         assert_eq!(e.code(), Code::InvalidArgument, "{what}: {:?}", e.code());
@@ -583,7 +592,7 @@ async fn hostile_megabyte_fields_are_invalid_with_bounded_echoes() {
             e.message().len()
         );
         assert!(
-            e.message().contains("3145728 bytes"),
+            e.message().contains("bytes, more than the"),
             "{what}: {}",
             e.message()
         );

@@ -29,8 +29,8 @@ use pmem_proto::csi::volume_usage::Unit;
 use tonic::{Request, Response, Status};
 
 use crate::csi::params::{
-    Access, Capability, FsType, check_id, check_map, node_topology, parse_capability,
-    parse_parameters_with, parse_range,
+    Access, Capability, FsType, check_id, check_map, check_path_lengths, node_topology,
+    parse_capability, parse_parameters_with, parse_range,
 };
 use crate::driver::{Driver, VolumeGuard};
 use crate::error::{AgentError, AgentResult, invalid};
@@ -1177,6 +1177,7 @@ impl Node for NodeService {
         let req = request.into_inner();
         let id = req.volume_id.clone();
         call(&self.driver.metrics, "NodeStageVolume", &id, async {
+            check_path_lengths(&[("staging_target_path", &req.staging_target_path)])?;
             check_map("publish_context", &req.publish_context)?;
             check_map("volume_context", &req.volume_context)?;
             self.stage(req).await
@@ -1190,12 +1191,10 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        call(
-            &self.driver.metrics,
-            "NodeUnstageVolume",
-            &id,
-            self.unstage(req),
-        )
+        call(&self.driver.metrics, "NodeUnstageVolume", &id, async {
+            check_path_lengths(&[("staging_target_path", &req.staging_target_path)])?;
+            self.unstage(req).await
+        })
         .await
     }
 
@@ -1206,6 +1205,10 @@ impl Node for NodeService {
         let req = request.into_inner();
         let id = req.volume_id.clone();
         call(&self.driver.metrics, "NodePublishVolume", &id, async {
+            check_path_lengths(&[
+                ("target_path", &req.target_path),
+                ("staging_target_path", &req.staging_target_path),
+            ])?;
             check_map("publish_context", &req.publish_context)?;
             check_map("volume_context", &req.volume_context)?;
             self.publish(req).await
@@ -1220,6 +1223,7 @@ impl Node for NodeService {
         let req = request.into_inner();
         let id = req.volume_id.clone();
         call(&self.driver.metrics, "NodeUnpublishVolume", &id, async {
+            check_path_lengths(&[("target_path", &req.target_path)])?;
             let res = self.unpublish(req).await;
             if res.is_err() {
                 // An inline volume whose unpublish failed is not retried by
@@ -1237,12 +1241,13 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        call(
-            &self.driver.metrics,
-            "NodeGetVolumeStats",
-            &id,
-            self.stats(req),
-        )
+        call(&self.driver.metrics, "NodeGetVolumeStats", &id, async {
+            check_path_lengths(&[
+                ("volume_path", &req.volume_path),
+                ("staging_target_path", &req.staging_target_path),
+            ])?;
+            self.stats(req).await
+        })
         .await
     }
 
@@ -1260,6 +1265,10 @@ impl Node for NodeService {
                     "NodeExpandVolume with the {backend} backend is not supported by pmem-agent"
                 )));
             }
+            check_path_lengths(&[
+                ("volume_path", &req.volume_path),
+                ("staging_target_path", &req.staging_target_path),
+            ])?;
             self.expand(req).await
         })
         .await

@@ -38,6 +38,18 @@ pub fn check_len(field: &str, value: &str, max: usize) -> AgentResult<()> {
     Ok(())
 }
 
+/// Longest path a request may carry (Linux PATH_MAX, with its NUL).
+pub const PATH_MAX: usize = 4096;
+
+/// Request paths of at most [`PATH_MAX`] bytes, so no message or log line
+/// echoes more than a bounded prefix of an oversized one. What a path may
+/// be beyond its length is judged where it is resolved.
+pub fn check_path_lengths(fields: &[(&str, &str)]) -> AgentResult<()> {
+    fields
+        .iter()
+        .try_for_each(|(field, value)| check_len(field, value, PATH_MAX - 1))
+}
+
 /// A required id field (volume_id, ...): present and at most [`ID_MAX`].
 pub fn check_id(field: &str, value: &str) -> AgentResult<()> {
     if value.is_empty() {

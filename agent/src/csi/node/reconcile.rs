@@ -147,7 +147,17 @@ pub struct ScanReport {
 /// Whether the mount `m` shows the device `rdev` (a filesystem on it, or a
 /// bind mount of its device node).
 async fn shows(host: &dyn Host, m: &MountEntry, rdev: u64) -> bool {
-    m.dev == rdev || host.device_number(&m.mount_point).await.ok().flatten() == Some(rdev)
+    m.dev == rdev || node_of(host, m).await == Some(rdev)
+}
+
+/// The device a bind-mounted device node shows. Only mounts from a device
+/// filesystem are looked at: a stat of anything else (a pod's NFS volume
+/// under the kubelet root) could hang the scan.
+async fn node_of(host: &dyn Host, m: &MountEntry) -> Option<u64> {
+    if !matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs") {
+        return None;
+    }
+    host.device_number(&m.mount_point).await.ok().flatten()
 }
 
 /// Finds mounts of our volumes' devices under the kubelet root that no
@@ -171,17 +181,21 @@ pub async fn scan_mounts(driver: &Arc<Driver>, host: &dyn Host, dry_run: bool) -
         }
     };
     let root = kubelet_root(driver);
+    // Each mount under the root once, with the device node it binds (if any).
+    let mut under = Vec::new();
+    for m in mounts.iter().filter(|m| m.mount_point.starts_with(&root)) {
+        under.push((m, node_of(host, m).await));
+    }
     for v in vols.iter().filter(|v| v.state == VolumeState::Ready) {
         let Some(dev) = &v.device else { continue };
         let Ok(Some(rdev)) = host.device_number(Path::new(dev)).await else {
             continue;
         };
-        let mut found = Vec::new();
-        for m in mounts.iter().filter(|m| m.mount_point.starts_with(&root)) {
-            if shows(host, m, rdev).await {
-                found.push(m);
-            }
-        }
+        let found: Vec<&MountEntry> = under
+            .iter()
+            .filter(|(m, node)| m.dev == rdev || *node == Some(rdev))
+            .map(|(m, _)| *m)
+            .collect();
         if found.is_empty() {
             continue;
         }

@@ -1471,3 +1471,148 @@ fn path_shapes_follow_the_kubelet_layout() {
         None
     );
 }
+
+/// The fake backend, with devices that can be made busy (delete refused).
+#[derive(Debug, Default)]
+struct BusyBackend {
+    busy: std::sync::atomic::AtomicBool,
+}
+
+impl Backend for BusyBackend {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+    fn describe(&self) -> String {
+        "fake backend with busy devices".into()
+    }
+    fn regions(&self) -> AllocResult<Vec<RegionSpec>> {
+        FakeBackend.regions()
+    }
+    fn check_idle(&self, req: &DeviceRequest) -> AllocResult<()> {
+        if self.busy.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(pmem_allocator::Error::FailedPrecondition(format!(
+                "device of volume {} is in use",
+                req.volume_id
+            )));
+        }
+        Ok(())
+    }
+    fn wipe_head(&self, req: &DeviceRequest) -> AllocResult<()> {
+        FakeBackend.wipe_head(req)
+    }
+    fn create(&self, req: &DeviceRequest) -> AllocResult<Device> {
+        FakeBackend.create(req)
+    }
+    fn find(&self, req: &DeviceRequest) -> AllocResult<Option<Device>> {
+        FakeBackend.find(req)
+    }
+    fn destroy(&self, req: &DeviceRequest) -> AllocResult<()> {
+        self.check_idle(req)
+    }
+    fn erase(&self, req: &DeviceRequest) -> AllocResult<()> {
+        FakeBackend.erase(req)
+    }
+    fn resize(&self, req: &DeviceRequest) -> AllocResult<Device> {
+        FakeBackend.resize(req)
+    }
+    fn inventory(&self) -> AllocResult<Vec<InventoryItem>> {
+        FakeBackend.inventory()
+    }
+    fn remove_orphan(&self, item: &InventoryItem) -> AllocResult<()> {
+        FakeBackend.remove_orphan(item)
+    }
+}
+
+/// A node service on [`BusyBackend`] whose collector runs every `interval`.
+fn busy_rig(
+    dir: &Path,
+    interval: &str,
+) -> (Arc<Driver>, NodeService, Arc<FakeHost>, Arc<BusyBackend>) {
+    let state = dir.join("state");
+    let root = dir.join("kubelet");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(&root).unwrap();
+    let cfg = Config::load(Args::parse_from([
+        "pmem-agent",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--node-id",
+        "n1",
+        "--kubelet-root",
+        root.to_str().unwrap(),
+        "--ephemeral-collect-interval",
+        interval,
+    ]))
+    .unwrap();
+    let backend = Arc::new(BusyBackend::default());
+    let alloc = Allocator::open(&cfg.ledger_path(), backend.clone()).unwrap();
+    let store: Store = Arc::new(alloc);
+    let driver = Arc::new(Driver::new(cfg, store, "fake", true));
+    let host = Arc::new(FakeHost::new());
+    let node = NodeService::with_host(Arc::clone(&driver), host.clone());
+    (driver, node, host, backend)
+}
+
+async fn wait_gone(driver: &Driver, name: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while driver.alloc.volume_by_name(name).unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "{name} not collected");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_failed_inline_unpublish_is_retried_with_backoff_until_the_device_is_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap();
+    // No periodic pass within the test: only the kick and its retries.
+    let (driver, node, host, backend) = busy_rig(&base, "3600");
+    let collector = spawn_collector(&driver, host.clone());
+    let target = base.join("kubelet/pods/a/v");
+    node.publish(ephemeral_req("eph", &target, &[("size", "512Mi")]))
+        .await
+        .unwrap();
+    backend
+        .busy
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let st = <NodeService as Node>::node_unpublish_volume(
+        &node,
+        Request::new(unpublish_req("eph", &target)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    // Still busy for a while: the collector keeps it and retries.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert!(driver.alloc.volume_by_name("eph").unwrap().is_some());
+    backend
+        .busy
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_gone(&driver, "eph").await;
+    assert!(
+        driver
+            .node_reconcile
+            .history()
+            .iter()
+            .any(|h| h.contains("deleted ephemeral inline volume")),
+        "{:?}",
+        driver.node_reconcile.history()
+    );
+    collector.abort();
+}
+
+#[tokio::test]
+async fn the_collection_runs_periodically() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap();
+    let (driver, node, host, _backend) = busy_rig(&base, "1");
+    let collector = spawn_collector(&driver, host.clone());
+    let target = base.join("kubelet/pods/a/v");
+    node.publish(ephemeral_req("eph", &target, &[("size", "512Mi")]))
+        .await
+        .unwrap();
+    // The pod's mount vanished behind our back; nobody calls or kicks.
+    host.state().mounts.clear();
+    wait_gone(&driver, "eph").await;
+    collector.abort();
+}

@@ -795,28 +795,35 @@ async fn hostile_failed_inline_unpublish_is_collected_without_restart() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let rep = d
-        .admin()
-        .await
-        .reconcile(admin::ReconcileRequest {
-            dry_run: true,
-            remove_orphans: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        rep.node_history
+    // The pass that deleted it reports it right after.
+    loop {
+        let rep = d
+            .admin()
+            .await
+            .reconcile(admin::ReconcileRequest {
+                dry_run: true,
+                remove_orphans: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if rep
+            .node_history
             .iter()
-            .any(|h| h.contains("deleted ephemeral inline volume") && h.contains(&v.id)),
-        "{rep:?}"
-    );
+            .any(|h| h.contains("deleted ephemeral inline volume") && h.contains(&v.id))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not reported: {rep:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         metric(port, "pmem_agent_ephemeral_volumes_collected_total").await,
         1.0
     );
-    assert_eq!(
-        metric(port, "pmem_agent_ephemeral_volumes_pending_collection").await,
-        0.0
-    );
+    // Set when the pass that deleted it ends.
+    while metric(port, "pmem_agent_ephemeral_volumes_pending_collection").await != 0.0 {
+        assert!(Instant::now() < deadline, "a collection still pending");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

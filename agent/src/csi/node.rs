@@ -205,6 +205,8 @@ pub fn ephemeral_request(
             "volume_context attribute {SIZE_KEY:?} is required for a CSI ephemeral inline volume (a quantity such as 2Gi)"
         ))
     })?;
+    // A quantity is short; parse_size's messages echo it whole.
+    crate::csi::params::check_len(&format!("volume_context attribute {SIZE_KEY}"), raw, 64)?;
     let size = parse_size(raw).map_err(|e| {
         invalid(format!(
             "volume_context attribute {SIZE_KEY}={}: {e}",

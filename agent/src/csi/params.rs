@@ -373,14 +373,25 @@ pub fn check_accessibility(
     if list.iter().any(|t| topology_matches(t, node_id)) {
         return Ok(());
     }
-    let wanted: Vec<String> = list
+    // Echo a bounded part of what the request asked for.
+    const SHOWN: usize = 4;
+    let mut wanted: Vec<String> = list
         .iter()
+        .take(SHOWN)
         .map(|t| {
-            let mut kv: Vec<_> = t.segments.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let mut kv: Vec<_> = t
+                .segments
+                .iter()
+                .take(SHOWN)
+                .map(|(k, v)| format!("{}={}", quote(k), quote(v)))
+                .collect();
             kv.sort();
             format!("{{{}}}", kv.join(","))
         })
         .collect();
+    if list.len() > SHOWN {
+        wanted.push(format!("… ({} topologies in all)", list.len()));
+    }
     Err(format!(
         "accessibility_requirements ask for {} but this pmem-agent serves only {TOPOLOGY_KEY}={node_id}",
         wanted.join(" or ")

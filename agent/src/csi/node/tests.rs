@@ -1589,15 +1589,17 @@ async fn a_failed_inline_unpublish_is_retried_with_backoff_until_the_device_is_f
         .busy
         .store(false, std::sync::atomic::Ordering::SeqCst);
     wait_gone(&driver, "eph").await;
-    assert!(
-        driver
-            .node_reconcile
-            .history()
-            .iter()
-            .any(|h| h.contains("deleted ephemeral inline volume")),
-        "{:?}",
-        driver.node_reconcile.history()
-    );
+    // The pass that deleted it records it right after.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !driver
+        .node_reconcile
+        .history()
+        .iter()
+        .any(|h| h.contains("deleted ephemeral inline volume"))
+    {
+        assert!(std::time::Instant::now() < deadline, "not in the history");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     collector.abort();
 }
 

@@ -608,8 +608,9 @@ async fn node_e2e_ext4_grows_offline_when_staged_again() {
     assert!(mount_at(&staging).is_none());
     delete(&mut c, &id).await.unwrap();
 
-    // Too small for xfs: refused with the minimum named.
-    let tiny = create(&mut c, "pv-tiny", 64 * MIB, xfs(), &[]).await;
+    // Too small for xfs: refused with the minimum named. (CreateVolume
+    // rounds an xfs claim up to the minimum; this one was made for ext4.)
+    let tiny = create(&mut c, "pv-tiny", 64 * MIB, ext4(), &[]).await;
     expect_code(
         n.node_stage_volume(stage_req(&tiny.volume_id, &staging, xfs()))
             .await,

@@ -8,8 +8,10 @@ use pmem_proto::admin;
 use pmem_proto::admin::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
+use crate::csi::node;
 use crate::driver::Driver;
 use crate::error::{AgentError, invalid};
+use crate::mount::host::RealHost;
 use crate::rpc::{blocking, call};
 use crate::wire;
 
@@ -55,8 +57,8 @@ impl Admin for AdminService {
         call(&d.metrics, "admin.ListVolumes", "", async move {
             if !req.state.is_empty() && req.state.parse::<pmem_allocator::VolumeState>().is_err() {
                 return Err(invalid(format!(
-                    "state {:?} is not one of creating, ready, deleting, erasing",
-                    req.state
+                    "state {} is not one of creating, ready, deleting, erasing",
+                    crate::error::quote(&req.state)
                 )));
             }
             if !req.persistency.is_empty()
@@ -66,8 +68,8 @@ impl Admin for AdminService {
                     .is_err()
             {
                 return Err(invalid(format!(
-                    "persistency {:?} is not persistent or ephemeral",
-                    req.persistency
+                    "persistency {} is not persistent or ephemeral",
+                    crate::error::quote(&req.persistency)
                 )));
             }
             let volumes = blocking(&d.alloc, move |a| {
@@ -128,6 +130,20 @@ impl Admin for AdminService {
             // pmemctl prints actions; show failed steps there too.
             w.actions
                 .extend(rep.errors.iter().map(|e| format!("error: {e}")));
+            // The node's share: mounts without records, unused inline volumes.
+            let host = RealHost::new();
+            let scan = node::scan_mounts(d, &host, req.dry_run).await;
+            let collected = node::collect_ephemeral(d, &host, req.dry_run).await;
+            w.actions.extend(scan.recorded);
+            w.actions.extend(collected.deleted);
+            w.errors.extend(collected.pending.iter().cloned());
+            w.actions
+                .extend(collected.pending.iter().map(|e| format!("error: {e}")));
+            if !collected.pending.is_empty() {
+                d.node_reconcile.kick();
+            }
+            w.unrecorded_mounts = scan.unrecorded;
+            w.node_history = d.node_reconcile.history();
             Ok(w)
         })
         .await

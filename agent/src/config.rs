@@ -82,6 +82,10 @@ pub struct Args {
     /// Confine staging/target paths under this directory (e.g. /var/lib/kubelet).
     #[arg(long, env = "PMEM_AGENT_KUBELET_ROOT")]
     pub kubelet_root: Option<PathBuf>,
+    /// Seconds between collections of unused CSI ephemeral inline volumes
+    /// (default 60; 0: only at start and after a failed unpublish).
+    #[arg(long, env = "PMEM_AGENT_EPHEMERAL_COLLECT_INTERVAL")]
+    pub ephemeral_collect_interval: Option<u64>,
     /// Number of sim regions.
     #[arg(long, env = "PMEM_AGENT_SIM_REGIONS")]
     pub sim_regions: Option<u32>,
@@ -150,6 +154,7 @@ pub struct FileConfig {
     pub allow_world_socket: Option<bool>,
     pub shutdown_timeout: Option<u64>,
     pub kubelet_root: Option<PathBuf>,
+    pub ephemeral_collect_interval: Option<u64>,
     pub metrics_address: Option<String>,
     pub allocator: Option<String>,
     pub allocator_wait: Option<u64>,
@@ -203,6 +208,8 @@ pub struct Config {
     pub allow_world_socket: bool,
     pub shutdown_timeout: std::time::Duration,
     pub kubelet_root: Option<PathBuf>,
+    /// Period of the ephemeral inline volume collection (zero: none).
+    pub ephemeral_collect_interval: std::time::Duration,
     pub sim_regions: u32,
     pub sim_region_size: Bytes,
     pub sim_align: Bytes,
@@ -369,6 +376,11 @@ impl Config {
                     .unwrap_or(30),
             ),
             kubelet_root: args.kubelet_root.or(file.kubelet_root),
+            ephemeral_collect_interval: std::time::Duration::from_secs(
+                args.ephemeral_collect_interval
+                    .or(file.ephemeral_collect_interval)
+                    .unwrap_or(60),
+            ),
             sim_regions: args.sim_regions.or(sim.regions).unwrap_or(2),
             sim_region_size: size(
                 "sim-region-size",
@@ -529,6 +541,26 @@ mod tests {
         std::fs::write(&p, "nodeid = \"x\"\n").unwrap();
         let e = Config::load(args(&["--config", p.to_str().unwrap()])).unwrap_err();
         assert!(e.to_string().contains("nodeid"), "{e}");
+    }
+
+    #[test]
+    fn ephemeral_collect_interval_from_flag_env_and_file() {
+        let c = Config::load(args(&[])).unwrap();
+        assert_eq!(c.ephemeral_collect_interval.as_secs(), 60);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "ephemeral-collect-interval = 5\n").unwrap();
+        let file = p.to_str().unwrap();
+        let c = Config::load(args(&["--config", file])).unwrap();
+        assert_eq!(c.ephemeral_collect_interval.as_secs(), 5);
+        let c = Config::load(args(&[
+            "--config",
+            file,
+            "--ephemeral-collect-interval",
+            "0",
+        ]))
+        .unwrap();
+        assert!(c.ephemeral_collect_interval.is_zero());
     }
 
     #[test]

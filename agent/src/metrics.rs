@@ -85,6 +85,10 @@ pub struct Metrics {
     build: Family<BuildLabels, Gauge>,
     in_flight: Gauge<i64, AtomicI64>,
     device_events: DeviceEventCounter,
+    ephemeral_collected: Counter,
+    ephemeral_pending: Gauge,
+    mounts_recovered: Counter,
+    mounts_unrecorded: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -115,6 +119,10 @@ impl Metrics {
             build: Family::default(),
             in_flight: Gauge::default(),
             device_events: DeviceEventCounter::default(),
+            ephemeral_collected: Counter::default(),
+            ephemeral_pending: Gauge::default(),
+            mounts_recovered: Counter::default(),
+            mounts_unrecorded: Gauge::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -172,6 +180,26 @@ impl Metrics {
                 "udev events for libnvdimm regions, namespaces and pmem block devices (direct backend)",
                 m.device_events.0.clone(),
             );
+            p.register(
+                "ephemeral_volumes_collected",
+                "CSI ephemeral inline volumes deleted by the collection because no target used them",
+                m.ephemeral_collected.clone(),
+            );
+            p.register(
+                "ephemeral_volumes_pending_collection",
+                "Unused CSI ephemeral inline volumes the last collection could not delete yet (device in use); retried",
+                m.ephemeral_pending.clone(),
+            );
+            p.register(
+                "mounts_recovered",
+                "Mounts of our devices without a publication record that the start-up scan recorded",
+                m.mounts_recovered.clone(),
+            );
+            p.register(
+                "mounts_unrecorded",
+                "Mounts of our devices under the kubelet root that no publication records and the last scan could not record",
+                m.mounts_unrecorded.clone(),
+            );
         }
         m.build
             .get_or_create(&BuildLabels {
@@ -210,6 +238,24 @@ impl Metrics {
 
     pub fn observe_commit(&self, took: Duration) {
         self.ledger_commit.observe(took.as_secs_f64());
+    }
+
+    pub fn ephemeral_collected(&self) {
+        self.ephemeral_collected.inc();
+    }
+
+    pub fn set_ephemeral_pending(&self, n: usize) {
+        self.ephemeral_pending
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn mount_recovered(&self) {
+        self.mounts_recovered.inc();
+    }
+
+    pub fn set_unrecorded_mounts(&self, n: usize) {
+        self.mounts_unrecorded
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Records the device findings of a reconciliation.

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tonic::{Code, Response, Status};
 
-use crate::error::{AgentError, AgentResult};
+use crate::error::{AgentError, AgentResult, ECHO_MAX, bound, quote};
 use crate::metrics::Metrics;
 use crate::store::{Store, VolumeStore};
 
@@ -31,15 +31,22 @@ pub async fn call<T>(
     };
     metrics.observe_call(method, code, elapsed);
     let ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3;
+    // The subject comes from the request: log a bounded echo of it.
+    let subject = if subject.len() > ECHO_MAX {
+        quote(subject)
+    } else {
+        subject.to_owned()
+    };
+    let subject = subject.as_str();
     match &res {
         Ok(_) => {
             tracing::info!(method, volume = subject, duration_ms = ms, code = ?code, "csi call")
         }
         Err(e) if matches!(code, Code::Internal | Code::Unavailable) => {
-            tracing::error!(method, volume = subject, duration_ms = ms, code = ?code, error = %e, "csi call")
+            tracing::error!(method, volume = subject, duration_ms = ms, code = ?code, error = %bound(&e.to_string()), "csi call")
         }
         Err(e) => {
-            tracing::warn!(method, volume = subject, duration_ms = ms, code = ?code, error = %e, "csi call")
+            tracing::warn!(method, volume = subject, duration_ms = ms, code = ?code, error = %bound(&e.to_string()), "csi call")
         }
     }
     res.map(Response::new).map_err(Status::from)

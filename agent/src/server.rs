@@ -298,6 +298,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .as_ref()
         .and_then(|a| watch_devices(a, Some(driver.metrics.device_events())));
     crate::csi::node::startup(&driver).await;
+    let collector =
+        crate::csi::node::spawn_collector(&driver, Arc::new(crate::mount::host::RealHost::new()));
     driver.set_ready(true);
     crate::notify::notify_logged("READY=1\nSTATUS=serving CSI");
     if let Some(every) = crate::notify::watchdog_interval() {
@@ -354,6 +356,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             bail!("gRPC servers stopped unexpectedly");
         }
     }
+    collector.abort();
     drop(driver);
     // Close the ledger: the last Arc goes when no blocking task holds it.
     if let Some(alloc) = local {

@@ -215,6 +215,7 @@ pub fn report_to_wire(r: &ReconcileReport) -> admin::ReconcileReport {
         missing: r.missing.clone(),
         dry_run: r.dry_run,
         errors: r.errors.clone(),
+        ..Default::default()
     }
 }
 

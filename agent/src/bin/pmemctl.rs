@@ -350,8 +350,18 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             for m in &r.missing {
                 t += &format!("  missing device of volume {m}\n");
             }
+            for m in &r.unrecorded_mounts {
+                t += &format!("  unrecorded mount {m}\n");
+            }
+            if !r.node_history.is_empty() {
+                t += "node reconciliation since start:\n";
+                for h in &r.node_history {
+                    t += &format!("  {h}\n");
+                }
+            }
             out(
                 json!({"dry_run": r.dry_run, "actions": r.actions, "missing": r.missing,
+                   "unrecorded_mounts": r.unrecorded_mounts, "node_history": r.node_history,
                    "orphans": r.orphans.iter().map(dev_json).collect::<Vec<_>>(),
                    "foreign": r.foreign.iter().map(dev_json).collect::<Vec<_>>()}),
                 t,

@@ -11,8 +11,8 @@ use pmem_proto::csi::controller_service_capability::{self, rpc};
 use tonic::{Request, Response, Status};
 
 use crate::csi::params::{
-    Access, check_accessibility, node_topology, parse_capabilities, parse_parameters, parse_range,
-    topology_matches,
+    Access, NAME_MAX, apply_fs_minimum, check_accessibility, check_id, check_len, check_map,
+    fs_minimum, node_topology, parse_capabilities, parse_parameters, parse_range, topology_matches,
 };
 use crate::driver::Driver;
 use crate::error::{AgentError, AgentResult, invalid};
@@ -79,15 +79,13 @@ impl ControllerService {
         if req.name.is_empty() {
             return Err(invalid("name is required"));
         }
-        if req.name.len() > 256 {
-            return Err(invalid(format!(
-                "name {:?} is longer than 256 bytes",
-                req.name
-            )));
-        }
+        check_len("name", &req.name, NAME_MAX)?;
         let (required, limit) = parse_range("capacity_range", req.capacity_range.as_ref())?;
-        parse_capabilities("volume_capabilities", &req.volume_capabilities)?;
+        let caps = parse_capabilities("volume_capabilities", &req.volume_capabilities)?;
         let params = parse_parameters(&req.parameters)?;
+        // The filesystem is known now: a volume too small for it would be
+        // accepted here and then fail every NodeStageVolume.
+        let required = apply_fs_minimum(&caps, required, limit)?;
         if req.volume_content_source.is_some() {
             return Err(invalid(
                 "volume_content_source is not supported: pmem-agent has no snapshots or clones",
@@ -129,8 +127,36 @@ impl ControllerService {
         &self,
         req: csi::DeleteVolumeRequest,
     ) -> AgentResult<csi::DeleteVolumeResponse> {
-        if req.volume_id.is_empty() {
-            return Err(invalid("volume_id is required"));
+        check_id("volume_id", &req.volume_id)?;
+        let mut lock = self.driver.lock_volume(&req.volume_id)?;
+        let id = req.volume_id.clone();
+        let found = blocking(&self.driver.alloc, move |a| {
+            let Some(v) = a.volume(&id)? else {
+                return Ok(None);
+            };
+            let pubs = a.publications(Some(&id))?;
+            Ok(Some((v, pubs)))
+        })
+        .await?;
+        let Some((v, pubs)) = found else {
+            return Ok(csi::DeleteVolumeResponse {});
+        };
+        if v.persistency == Persistency::Ephemeral {
+            // The kubelet addresses inline volumes by name.
+            lock.also(&v.name)?;
+        }
+        // Under the volume's lock no node call can be between its mount and
+        // its record: the ledger's publications are the whole truth.
+        if !pubs.is_empty() {
+            let at: Vec<String> = pubs
+                .iter()
+                .map(|p| format!("{} at {}", p.kind.as_str(), p.path))
+                .collect();
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {} is still in use ({}); unpublish and unstage it first",
+                v.id,
+                at.join(", ")
+            )));
         }
         let id = req.volume_id.clone();
         blocking(&self.driver.alloc, move |a| a.delete_volume(&id)).await?;
@@ -141,9 +167,8 @@ impl ControllerService {
         &self,
         req: csi::ValidateVolumeCapabilitiesRequest,
     ) -> AgentResult<csi::ValidateVolumeCapabilitiesResponse> {
-        if req.volume_id.is_empty() {
-            return Err(invalid("volume_id is required"));
-        }
+        check_id("volume_id", &req.volume_id)?;
+        check_map("volume_context", &req.volume_context)?;
         if req.volume_capabilities.is_empty() {
             return Err(invalid("volume_capabilities is required"));
         }
@@ -194,8 +219,8 @@ impl ControllerService {
                 .filter(|t| *t > 0)
                 .ok_or_else(|| {
                     AgentError::Aborted(format!(
-                        "starting_token {:?} is not a token this plugin issued",
-                        req.starting_token
+                        "starting_token {} is not a token this plugin issued",
+                        crate::error::quote(&req.starting_token)
                     ))
                 })?
         };
@@ -241,9 +266,7 @@ impl ControllerService {
         &self,
         req: csi::ControllerGetVolumeRequest,
     ) -> AgentResult<csi::ControllerGetVolumeResponse> {
-        if req.volume_id.is_empty() {
-            return Err(invalid("volume_id is required"));
-        }
+        check_id("volume_id", &req.volume_id)?;
         let id = req.volume_id.clone();
         let found = blocking(&self.driver.alloc, move |a| {
             let Some(v) = a.volume(&id)? else {
@@ -289,9 +312,14 @@ impl ControllerService {
         &self,
         req: csi::GetCapacityRequest,
     ) -> AgentResult<csi::GetCapacityResponse> {
-        for (i, c) in req.volume_capabilities.iter().enumerate() {
-            crate::csi::params::parse_capability(&format!("volume_capabilities[{i}]"), c)?;
-        }
+        let caps = req
+            .volume_capabilities
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                crate::csi::params::parse_capability(&format!("volume_capabilities[{i}]"), c)
+            })
+            .collect::<AgentResult<Vec<_>>>()?;
         let params = parse_parameters(&req.parameters)?;
         if let Some(t) = &req.accessible_topology
             && !topology_matches(t, &self.driver.cfg.node_id)
@@ -303,10 +331,16 @@ impl ControllerService {
             });
         }
         let usage = params.usage;
+        let wanted = caps;
         let caps = blocking(&self.driver.alloc, move |a| a.capacity(usage)).await?;
         let available = caps.iter().map(|c| c.available.0).sum::<u64>();
         let max = caps.iter().map(|c| c.largest).max().unwrap_or_default();
         let min = caps.iter().map(|c| c.minimum).min().unwrap_or_default();
+        // A volume for these capabilities holds at least their filesystem.
+        let min = match fs_minimum(&wanted) {
+            Some((_, fs_min)) => min.max(Bytes(fs_min)),
+            None => min,
+        };
         Ok(csi::GetCapacityResponse {
             available_capacity: to_i64(Bytes(available)),
             maximum_volume_size: Some(to_i64(max)),
@@ -318,9 +352,7 @@ impl ControllerService {
         &self,
         req: csi::ControllerExpandVolumeRequest,
     ) -> AgentResult<csi::ControllerExpandVolumeResponse> {
-        if req.volume_id.is_empty() {
-            return Err(invalid("volume_id is required"));
-        }
+        check_id("volume_id", &req.volume_id)?;
         if req.capacity_range.is_none() {
             return Err(invalid("capacity_range is required"));
         }
@@ -332,6 +364,7 @@ impl ControllerService {
             }
             None => false,
         };
+        let _lock = self.driver.lock_volume(&req.volume_id)?;
         let id = req.volume_id.clone();
         let usable = blocking(&self.driver.alloc, move |a| {
             let v = a.expand_volume(&id, required, limit)?;

@@ -11,9 +11,9 @@
 //! arriving while another on the same volume runs gets ABORTED, as the CSI
 //! spec recommends.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use nix::mount::MsFlags;
 use pmem_allocator::units::parse_size;
@@ -29,16 +29,23 @@ use pmem_proto::csi::volume_usage::Unit;
 use tonic::{Request, Response, Status};
 
 use crate::csi::params::{
-    Access, Capability, FsType, node_topology, parse_capability, parse_parameters, parse_range,
+    Access, Capability, FsType, check_id, check_map, check_path_lengths, node_topology,
+    parse_capability, parse_parameters_with, parse_range,
 };
-use crate::driver::Driver;
+use crate::driver::{Driver, VolumeGuard};
 use crate::error::{AgentError, AgentResult, invalid};
 use crate::mount::host::RealHost;
 use crate::mount::{Host, MountEntry, MountSpec, Probe, XFS_MIN_BYTES, parse_options, paths};
 use crate::rpc::{blocking, call};
 
+mod reconcile;
 #[cfg(test)]
 mod tests;
+
+pub use reconcile::{
+    CollectReport, NodeReconcileLog, RECOVERED, ScanReport, collect_ephemeral, path_shape,
+    recovered, same_capability, scan_mounts, spawn_collector,
+};
 
 /// The node RPCs we implement and advertise.
 const CAPABILITIES: &[rpc::Type] = &[
@@ -71,29 +78,26 @@ const MAX_STACKED: usize = 8;
 pub struct NodeService {
     driver: Arc<Driver>,
     host: Arc<dyn Host>,
-    busy: Arc<Mutex<HashSet<String>>>,
 }
 
-/// Marks a volume as having a call in flight until dropped.
-#[derive(Debug)]
-struct InFlight {
-    busy: Arc<Mutex<HashSet<String>>>,
-    id: String,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.busy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
-    }
-}
-
-/// Node start-up work after reconciliation: delete ephemeral inline volumes
-/// whose pods are gone (their target is no longer mounted).
+/// Node start-up work after the allocator's reconciliation: record (or
+/// report) mounts of our devices that an interrupted call left without a
+/// publication record, then delete ephemeral inline volumes whose pods are
+/// gone (their target is no longer mounted).
 pub async fn startup(driver: &Arc<Driver>) {
-    collect_ephemeral(driver, &RealHost::new()).await;
+    let host = RealHost::new();
+    let scan = scan_mounts(driver, &host, false).await;
+    let collected = collect_ephemeral(driver, &host, false).await;
+    tracing::info!(
+        recorded_mounts = scan.recorded.len(),
+        unrecorded_mounts = scan.unrecorded.len(),
+        ephemeral_deleted = collected.deleted.len(),
+        ephemeral_pending = collected.pending.len(),
+        "node start-up reconciliation done"
+    );
+    if !collected.pending.is_empty() {
+        driver.node_reconcile.kick();
+    }
 }
 
 fn failed(msg: impl Into<String>) -> AgentError {
@@ -108,12 +112,9 @@ fn exists(msg: impl Into<String>) -> AgentError {
     AgentError::AlreadyExists(msg.into())
 }
 
+/// A required id of the request: present and of bounded length.
 fn require(field: &str, value: &str) -> AgentResult<()> {
-    if value.is_empty() {
-        Err(invalid(format!("{field} is required")))
-    } else {
-        Ok(())
-    }
+    check_id(field, value)
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -164,8 +165,8 @@ fn capability(c: Option<&csi::VolumeCapability>) -> AgentResult<(Capability, boo
         Some(AccessType::Mount(m)) => {
             if !m.volume_mount_group.is_empty() {
                 return Err(invalid(format!(
-                    "volume_capability.mount.volume_mount_group {:?} is not supported (no VOLUME_MOUNT_GROUP capability)",
-                    m.volume_mount_group
+                    "volume_capability.mount.volume_mount_group {} is not supported (no VOLUME_MOUNT_GROUP capability)",
+                    crate::error::quote(&m.volume_mount_group)
                 )));
             }
             !m.fs_type.is_empty()
@@ -184,7 +185,8 @@ fn is_ephemeral(ctx: &HashMap<String, String>) -> AgentResult<bool> {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
         Some(other) => Err(invalid(format!(
-            "volume_context {EPHEMERAL_KEY}={other:?} must be true or false"
+            "volume_context {EPHEMERAL_KEY}={} must be true or false",
+            crate::error::quote(other)
         ))),
     }
 }
@@ -197,30 +199,35 @@ pub fn ephemeral_request(
     ctx: &HashMap<String, String>,
     fs: FsType,
 ) -> AgentResult<CreateRequest> {
+    check_map("volume_context", ctx)?;
     let raw = ctx.get(SIZE_KEY).ok_or_else(|| {
         invalid(format!(
             "volume_context attribute {SIZE_KEY:?} is required for a CSI ephemeral inline volume (a quantity such as 2Gi)"
         ))
     })?;
-    let size = parse_size(raw)
-        .map_err(|e| invalid(format!("volume_context attribute {SIZE_KEY}={raw:?}: {e}")))?;
+    // A quantity is short; parse_size's messages echo it whole.
+    crate::csi::params::check_len(&format!("volume_context attribute {SIZE_KEY}"), raw, 64)?;
+    let size = parse_size(raw).map_err(|e| {
+        invalid(format!(
+            "volume_context attribute {SIZE_KEY}={}: {e}",
+            crate::error::quote(raw)
+        ))
+    })?;
     if size.0 == 0 {
         return Err(invalid(format!(
-            "volume_context attribute {SIZE_KEY}={raw:?} must be above zero"
+            "volume_context attribute {SIZE_KEY}={} must be above zero",
+            crate::error::quote(raw)
         )));
     }
-    if fs == FsType::Xfs && size.0 < XFS_MIN_BYTES {
-        return Err(invalid(format!(
-            "volume_context attribute {SIZE_KEY}={raw:?} is below the {} an xfs filesystem needs; ask for more or use fsType ext4",
-            Bytes(XFS_MIN_BYTES)
-        )));
-    }
+    // As CreateVolume does: round up to what the filesystem needs (an
+    // inline volume has no limit_bytes).
+    let size = Bytes(size.0.max(fs.min_bytes()));
     let attrs: HashMap<String, String> = ctx
         .iter()
         .filter(|(k, _)| k.as_str() != SIZE_KEY && !k.starts_with(K8S_PREFIX))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let p = parse_parameters(&attrs)
+    let p = parse_parameters_with(&attrs, &[SIZE_KEY])
         .map_err(|e| invalid(format!("volume_context of an ephemeral inline volume: {e}")))?;
     let context: BTreeMap<String, String> = ctx
         .iter()
@@ -268,25 +275,13 @@ impl NodeService {
 
     /// A node service on another host implementation (tests).
     pub fn with_host(driver: Arc<Driver>, host: Arc<dyn Host>) -> NodeService {
-        NodeService {
-            driver,
-            host,
-            busy: Arc::new(Mutex::new(HashSet::new())),
-        }
+        NodeService { driver, host }
     }
 
-    /// Claims `id` for this call, or ABORTED when another call holds it.
-    fn begin(&self, id: &str) -> AgentResult<InFlight> {
-        let mut b = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        if !b.insert(id.to_owned()) {
-            return Err(AgentError::Aborted(format!(
-                "an operation on volume {id} is already in progress; retry"
-            )));
-        }
-        Ok(InFlight {
-            busy: Arc::clone(&self.busy),
-            id: id.to_owned(),
-        })
+    /// Claims `id` for this call with the driver's per-volume lock (shared
+    /// with the controller), or ABORTED when another call holds it.
+    fn begin(&self, id: &str) -> AgentResult<VolumeGuard> {
+        self.driver.lock_volume(id)
     }
 
     fn check_path(&self, field: &str, raw: &str) -> AgentResult<PathBuf> {
@@ -553,7 +548,7 @@ impl NodeService {
                     v.id, p.path, req.staging_target_path
                 )));
             }
-            if p.capability != desc {
+            if !same_capability(p, &desc) {
                 return Err(exists(format!(
                     "volume {} is already staged at {} as {} but this call asks for {desc}",
                     v.id, p.path, p.capability
@@ -676,7 +671,7 @@ impl NodeService {
         if let Some(p) = pubs
             .iter()
             .find(|p| p.kind == PublicationKind::Publish && p.path == req.target_path)
-            && (p.capability != desc || p.readonly != readonly)
+            && (!same_capability(p, &desc) || p.readonly != readonly)
         {
             return Err(exists(format!(
                 "volume {} is already published at {} as {} readonly={} but this call asks for {desc} readonly={readonly}",
@@ -812,7 +807,7 @@ impl NodeService {
                     v.name, v.id, p.path
                 )));
             }
-            if p.capability != desc || p.readonly != readonly {
+            if !same_capability(p, &desc) || p.readonly != readonly {
                 return Err(exists(format!(
                     "ephemeral volume {} ({}) is already published at {} as {} readonly={} but this call asks for {desc} readonly={readonly}",
                     v.name, v.id, p.path, p.capability, p.readonly
@@ -876,14 +871,25 @@ impl NodeService {
         self.unrecord(&v.id, PublicationKind::Publish, &req.target_path)
             .await?;
         if v.persistency == Persistency::Ephemeral {
-            let left = self.publications(&v.id).await?;
-            if left.is_empty() {
-                let id = v.id.clone();
-                blocking(&self.driver.alloc, move |a| a.delete_volume(&id)).await?;
-                tracing::info!(volume = %v.id, name = %v.name, "deleted ephemeral inline volume");
-            }
+            self.delete_unused_ephemeral(&v, &req.volume_id).await?;
         }
         Ok(csi::NodeUnpublishVolumeResponse {})
+    }
+
+    /// After an ephemeral unpublish (the lock of `held`, the key the call
+    /// used, taken): deletes the volume when no publication is left, under
+    /// its other key too. When that fails (device still in use) the
+    /// collector retries it.
+    async fn delete_unused_ephemeral(&self, v: &Volume, held: &str) -> AgentResult<()> {
+        if !self.publications(&v.id).await?.is_empty() {
+            return Ok(());
+        }
+        let other = if held == v.id { &v.name } else { &v.id };
+        let _other = self.driver.lock_volume(other)?;
+        let id = v.id.clone();
+        blocking(&self.driver.alloc, move |a| a.delete_volume(&id)).await?;
+        tracing::info!(volume = %v.id, name = %v.name, "deleted ephemeral inline volume");
+        Ok(())
     }
 
     async fn stats(
@@ -891,11 +897,12 @@ impl NodeService {
         req: csi::NodeGetVolumeStatsRequest,
     ) -> AgentResult<csi::NodeGetVolumeStatsResponse> {
         require("volume_id", &req.volume_id)?;
-        let path = self.check_path("volume_path", &req.volume_path)?;
+        // The volume first: an unknown volume is NOT_FOUND whatever the path.
         let v = self
             .volume_or_ephemeral(&req.volume_id)
             .await?
             .ok_or_else(|| not_found(format!("volume {} does not exist", req.volume_id)))?;
+        let path = self.check_path("volume_path", &req.volume_path)?;
         let pubs = self.publications(&v.id).await?;
         let record = pubs
             .iter()
@@ -1006,22 +1013,23 @@ impl NodeService {
         req: csi::NodeExpandVolumeRequest,
     ) -> AgentResult<csi::NodeExpandVolumeResponse> {
         require("volume_id", &req.volume_id)?;
-        let path = self.check_path("volume_path", &req.volume_path)?;
-        let staging = if req.staging_target_path.is_empty() {
-            None
-        } else {
-            Some(self.check_path("staging_target_path", &req.staging_target_path)?)
-        };
         let (required, limit) = parse_range("capacity_range", req.capacity_range.as_ref())?;
         let cap = match &req.volume_capability {
             Some(c) => Some(capability(Some(c))?.0),
             None => None,
         };
         let _busy = self.begin(&req.volume_id)?;
+        // The volume first: an unknown volume is NOT_FOUND whatever the path.
         let v = self
             .volume_or_ephemeral(&req.volume_id)
             .await?
             .ok_or_else(|| not_found(format!("volume {} does not exist", req.volume_id)))?;
+        let path = self.check_path("volume_path", &req.volume_path)?;
+        let staging = if req.staging_target_path.is_empty() {
+            None
+        } else {
+            Some(self.check_path("staging_target_path", &req.staging_target_path)?)
+        };
         ready(&v)?;
         let dev = device_of(&v)?;
         let rdev = self.rdev(&v, &dev).await?;
@@ -1162,80 +1170,6 @@ impl NodeService {
     }
 }
 
-/// Deletes ephemeral inline volumes none of whose publish targets is still
-/// a mount of the volume (the pod went away while the daemon was down, or
-/// the mount was removed behind its back), with their ledger rows. Returns
-/// how many it deleted.
-pub async fn collect_ephemeral(driver: &Arc<Driver>, host: &dyn Host) -> usize {
-    let vols = match blocking(&driver.alloc, |a| a.volumes()).await {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot list volumes to collect ephemeral volumes");
-            return 0;
-        }
-    };
-    let eph: Vec<Volume> = vols
-        .into_iter()
-        .filter(|v| v.persistency == Persistency::Ephemeral)
-        .collect();
-    if eph.is_empty() {
-        return 0;
-    }
-    let mounts = match host.mounts().await {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the mount table; not collecting ephemeral volumes");
-            return 0;
-        }
-    };
-    let mut deleted = 0;
-    for v in eph {
-        let id = v.id.clone();
-        let pubs = match blocking(&driver.alloc, move |a| a.publications(Some(&id))).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(volume = %v.id, error = %e, "cannot read publications");
-                continue;
-            }
-        };
-        let rdev = match &v.device {
-            Some(d) => host.device_number(Path::new(d)).await.ok().flatten(),
-            None => None,
-        };
-        let live = pubs.iter().any(|p| {
-            p.kind == PublicationKind::Publish
-                && top_mount(&mounts, &resolved(&p.path))
-                    .is_some_and(|e| rdev.is_none_or(|r| e.dev == r))
-        });
-        if live {
-            continue;
-        }
-        let targets: Vec<&str> = pubs.iter().map(|p| p.path.as_str()).collect();
-        tracing::info!(
-            volume = %v.id,
-            name = %v.name,
-            pod = v.context.get(POD_INFO_KEYS[0]).map_or("", String::as_str),
-            targets = %targets.join(", "),
-            "deleting ephemeral inline volume whose target is no longer mounted"
-        );
-        let (id, rows) = (v.id.clone(), pubs.clone());
-        let res = blocking(&driver.alloc, move |a| {
-            for p in &rows {
-                a.delete_publication(&p.volume_id, p.kind, &p.path)?;
-            }
-            a.delete_volume(&id)
-        })
-        .await;
-        match res {
-            Ok(()) => deleted += 1,
-            Err(e) => {
-                tracing::warn!(volume = %v.id, error = %e, "cannot delete ephemeral inline volume")
-            }
-        }
-    }
-    deleted
-}
-
 #[tonic::async_trait]
 impl Node for NodeService {
     async fn node_stage_volume(
@@ -1244,12 +1178,12 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        call(
-            &self.driver.metrics,
-            "NodeStageVolume",
-            &id,
-            self.stage(req),
-        )
+        call(&self.driver.metrics, "NodeStageVolume", &id, async {
+            check_path_lengths(&[("staging_target_path", &req.staging_target_path)])?;
+            check_map("publish_context", &req.publish_context)?;
+            check_map("volume_context", &req.volume_context)?;
+            self.stage(req).await
+        })
         .await
     }
 
@@ -1259,12 +1193,10 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        call(
-            &self.driver.metrics,
-            "NodeUnstageVolume",
-            &id,
-            self.unstage(req),
-        )
+        call(&self.driver.metrics, "NodeUnstageVolume", &id, async {
+            check_path_lengths(&[("staging_target_path", &req.staging_target_path)])?;
+            self.unstage(req).await
+        })
         .await
     }
 
@@ -1274,12 +1206,15 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        call(
-            &self.driver.metrics,
-            "NodePublishVolume",
-            &id,
-            self.publish(req),
-        )
+        call(&self.driver.metrics, "NodePublishVolume", &id, async {
+            check_path_lengths(&[
+                ("target_path", &req.target_path),
+                ("staging_target_path", &req.staging_target_path),
+            ])?;
+            check_map("publish_context", &req.publish_context)?;
+            check_map("volume_context", &req.volume_context)?;
+            self.publish(req).await
+        })
         .await
     }
 
@@ -1289,12 +1224,16 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        call(
-            &self.driver.metrics,
-            "NodeUnpublishVolume",
-            &id,
-            self.unpublish(req),
-        )
+        call(&self.driver.metrics, "NodeUnpublishVolume", &id, async {
+            check_path_lengths(&[("target_path", &req.target_path)])?;
+            let res = self.unpublish(req).await;
+            if res.is_err() {
+                // An inline volume whose unpublish failed is not retried by
+                // every kubelet: let the collector look at it now.
+                self.driver.node_reconcile.kick();
+            }
+            res
+        })
         .await
     }
 
@@ -1304,12 +1243,13 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
         let id = req.volume_id.clone();
-        call(
-            &self.driver.metrics,
-            "NodeGetVolumeStats",
-            &id,
-            self.stats(req),
-        )
+        call(&self.driver.metrics, "NodeGetVolumeStats", &id, async {
+            check_path_lengths(&[
+                ("volume_path", &req.volume_path),
+                ("staging_target_path", &req.staging_target_path),
+            ])?;
+            self.stats(req).await
+        })
         .await
     }
 
@@ -1327,6 +1267,10 @@ impl Node for NodeService {
                     "NodeExpandVolume with the {backend} backend is not supported by pmem-agent"
                 )));
             }
+            check_path_lengths(&[
+                ("volume_path", &req.volume_path),
+                ("staging_target_path", &req.staging_target_path),
+            ])?;
             self.expand(req).await
         })
         .await

@@ -1024,24 +1024,34 @@ async fn ephemeral_inline_errors() {
         Code::InvalidArgument,
         "above zero",
     );
-    assert_fails(
-        r.node
-            .publish(ephemeral_req("e1", &t, &[("size", "100Mi")]))
-            .await,
-        Code::InvalidArgument,
-        "300MiB",
-    );
-    assert_fails(
-        r.node
-            .publish(ephemeral_req(
-                "e1",
-                &t,
-                &[("size", "1Gi"), ("colour", "red")],
-            ))
-            .await,
-        Code::InvalidArgument,
-        "colour",
-    );
+    // Below the xfs minimum: rounded up to it, as CreateVolume does.
+    let small = r.path("pods/small/v");
+    r.node
+        .publish(ephemeral_req("small", &small, &[("size", "100Mi")]))
+        .await
+        .unwrap();
+    let v = r.driver.alloc.volume_by_name("small").unwrap().unwrap();
+    assert!(v.size.0 >= crate::mount::XFS_MIN_BYTES, "{}", v.size);
+    r.node
+        .unpublish(unpublish_req("small", &small))
+        .await
+        .unwrap();
+    assert!(r.driver.alloc.volume_by_name("small").unwrap().is_none());
+    // An unknown attribute: the message lists every known key, size too.
+    let e = r
+        .node
+        .publish(ephemeral_req(
+            "e1",
+            &t,
+            &[("size", "1Gi"), ("colour", "red")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    let m = e.to_string();
+    for k in ["\"colour\"", "size", "usage", "eraseAfter"] {
+        assert!(m.contains(k), "{k} not in {m}");
+    }
     let mut blk = ephemeral_req("e1", &t, &[("size", "1Gi")]);
     blk.volume_capability = Some(block_cap());
     assert_fails(r.node.publish(blk).await, Code::InvalidArgument, "block");
@@ -1106,12 +1116,24 @@ async fn startup_collects_ephemeral_volumes_whose_mount_is_gone() {
         .await
         .unwrap();
     let host: &dyn Host = r.host.as_ref();
-    assert_eq!(collect_ephemeral(&r.driver, host).await, 1);
+    assert_eq!(
+        collect_ephemeral(&r.driver, host, false)
+            .await
+            .deleted
+            .len(),
+        1
+    );
     assert!(r.driver.alloc.volume_by_name("gone").unwrap().is_none());
     assert!(r.driver.alloc.volume_by_name("kept").unwrap().is_some());
     assert!(r.driver.alloc.volume(&p.id).unwrap().is_some());
     assert_eq!(r.pubs(&p).len(), 1);
-    assert_eq!(collect_ephemeral(&r.driver, host).await, 0);
+    assert_eq!(
+        collect_ephemeral(&r.driver, host, false)
+            .await
+            .deleted
+            .len(),
+        0
+    );
 }
 
 #[tokio::test]
@@ -1256,4 +1278,343 @@ fn ephemeral_request_maps_attributes() {
     assert_eq!(c.persistency, Persistency::Ephemeral);
     assert_eq!(c.context.len(), 1);
     assert_eq!(c.parameters.get("eraseAfter").unwrap(), "false");
+}
+
+#[tokio::test]
+async fn unknown_volumes_are_not_found_whatever_the_path() {
+    let r = Rig::new();
+    // csi-sanity: an unknown id with a relative path is NOT_FOUND.
+    let mut st = stats_req("no-such-volume", Path::new("x"));
+    st.volume_path = "some/path".into();
+    assert_fails(r.node.stats(st).await, Code::NotFound, "no-such-volume");
+    let mut ex = expand_req("no-such-volume", Path::new("x"), None, MIB);
+    ex.volume_path = "some/path".into();
+    assert_fails(r.node.expand(ex).await, Code::NotFound, "no-such-volume");
+    // A known volume with a bad path is still the path's fault.
+    let v = r.create("known", 512);
+    let mut st = stats_req(&v.id, Path::new("x"));
+    st.volume_path = "some/path".into();
+    assert_fails(r.node.stats(st).await, Code::InvalidArgument, "volume_path");
+}
+
+#[tokio::test]
+async fn oversized_fields_are_invalid_with_bounded_messages() {
+    let r = Rig::new();
+    let big = "v".repeat(3 << 20);
+    let e = r
+        .node
+        .stage(stage_req(&big, &r.path("staging/x"), xfs()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    let m = e.to_string();
+    assert!(
+        m.len() < 400 && m.contains("volume_id") && m.contains("3145728 bytes"),
+        "{m}"
+    );
+    let e = r
+        .node
+        .publish(ephemeral_req("e1", &r.path("pods/a/v"), &[("size", &big)]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.to_string().len() < 400, "{} bytes", e.to_string().len());
+}
+
+#[tokio::test]
+async fn one_lock_orders_controller_and_node_calls() {
+    use crate::csi::controller::ControllerService;
+    use pmem_proto::csi::controller_server::Controller;
+    let r = Rig::new();
+    let ctl = ControllerService::new(Arc::clone(&r.driver));
+    let v = r.create("locked", 512);
+    let held = r.node.begin(&v.id).unwrap();
+    let del = || {
+        tonic::Request::new(csi::DeleteVolumeRequest {
+            volume_id: v.id.clone(),
+            secrets: HashMap::new(),
+        })
+    };
+    let st = ctl.delete_volume(del()).await.unwrap_err();
+    assert_eq!(st.code(), Code::Aborted, "{st:?}");
+    let st = ctl
+        .controller_expand_volume(tonic::Request::new(csi::ControllerExpandVolumeRequest {
+            volume_id: v.id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 1 << 30,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::Aborted, "{st:?}");
+    // The node's own calls wait their turn the same way.
+    assert_fails(
+        r.node
+            .stage(stage_req(&v.id, &r.path("staging/l"), xfs()))
+            .await,
+        Code::Aborted,
+        "in progress",
+    );
+    drop(held);
+    r.node
+        .stage(stage_req(&v.id, &r.path("staging/l"), xfs()))
+        .await
+        .unwrap();
+    // Under the lock, DeleteVolume sees the staging record and refuses.
+    let st = ctl.delete_volume(del()).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert!(st.message().contains("stage"), "{st:?}");
+    r.node
+        .unstage(unstage_req(&v.id, &r.path("staging/l")))
+        .await
+        .unwrap();
+    ctl.delete_volume(del()).await.unwrap();
+    assert!(r.driver.alloc.volume(&v.id).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn collection_skips_volumes_with_a_call_in_flight() {
+    let r = Rig::new();
+    let t = r.path("pods/a/v");
+    r.node
+        .publish(ephemeral_req("busy", &t, &[("size", "512Mi")]))
+        .await
+        .unwrap();
+    // The pod's mount is gone, but a publish of it is in flight.
+    r.host.state().mounts.clear();
+    let held = r.node.begin("busy").unwrap();
+    let host: &dyn Host = r.host.as_ref();
+    let rep = collect_ephemeral(&r.driver, host, false).await;
+    assert!(rep.deleted.is_empty(), "{rep:?}");
+    assert_eq!(rep.skipped.len(), 1, "{rep:?}");
+    assert!(r.driver.alloc.volume_by_name("busy").unwrap().is_some());
+    drop(held);
+    // A dry run reports and keeps it.
+    let rep = collect_ephemeral(&r.driver, host, true).await;
+    assert_eq!(rep.deleted.len(), 1, "{rep:?}");
+    assert!(r.driver.alloc.volume_by_name("busy").unwrap().is_some());
+    let rep = collect_ephemeral(&r.driver, host, false).await;
+    assert_eq!(rep.deleted.len(), 1, "{rep:?}");
+    assert!(r.driver.alloc.volume_by_name("busy").unwrap().is_none());
+    assert_eq!(r.driver.node_reconcile.history().len(), 1);
+}
+
+#[tokio::test]
+async fn mount_scan_records_interrupted_mounts_and_reports_the_rest() {
+    let r = Rig::new();
+    let v = r.create("crashed", 512);
+    let staging = r.path("plugins/kubernetes.io/csi/pmem-agent.csi/abc123/globalmount");
+    let odd = r.path("elsewhere/m");
+    r.host.mkfs(&r.dev(&v), FsType::Xfs).await.unwrap();
+    for target in [&staging, &odd] {
+        r.host
+            .mount(&MountSpec {
+                source: r.dev(&v),
+                target: target.clone(),
+                fs_type: "xfs".into(),
+                flags: MsFlags::empty(),
+                data: vec![],
+            })
+            .await
+            .unwrap();
+    }
+    let host: &dyn Host = r.host.as_ref();
+    let dry = scan_mounts(&r.driver, host, true).await;
+    assert_eq!(dry.recorded.len(), 1, "{dry:?}");
+    assert!(r.pubs(&v).is_empty());
+    let rep = scan_mounts(&r.driver, host, false).await;
+    assert_eq!(rep.recorded.len(), 1, "{rep:?}");
+    assert_eq!(rep.unrecorded.len(), 1, "{rep:?}");
+    assert!(rep.unrecorded[0].contains("elsewhere"), "{rep:?}");
+    assert_eq!(r.driver.node_reconcile.unrecorded(), rep.unrecorded);
+    let pubs = r.pubs(&v);
+    assert_eq!(pubs.len(), 1);
+    assert!(recovered(&pubs[0]), "{pubs:?}");
+    // Nothing was unmounted.
+    assert_eq!(r.host.state().mounts.len(), 2);
+    // Again: nothing new to record.
+    let again = scan_mounts(&r.driver, host, false).await;
+    assert!(again.recorded.is_empty(), "{again:?}");
+    // The kubelet's retried stage adopts the record, then unstage works.
+    r.node
+        .stage(stage_req(&v.id, &staging, xfs()))
+        .await
+        .unwrap();
+    let pubs = r.pubs(&v);
+    assert_eq!(pubs.len(), 1);
+    assert!(!recovered(&pubs[0]), "{pubs:?}");
+    r.node.unstage(unstage_req(&v.id, &staging)).await.unwrap();
+    assert!(r.pubs(&v).is_empty());
+}
+
+#[test]
+fn path_shapes_follow_the_kubelet_layout() {
+    let root = Path::new("/var/lib/kubelet");
+    let shape = |p: &str| path_shape(root, Path::new(p));
+    assert_eq!(
+        shape("/var/lib/kubelet/plugins/kubernetes.io/csi/pmem-agent.csi/0f1e/globalmount"),
+        Some((PublicationKind::Stage, false))
+    );
+    assert_eq!(
+        shape("/var/lib/kubelet/pods/uid/volumes/kubernetes.io~csi/pvc-1/mount"),
+        Some((PublicationKind::Publish, false))
+    );
+    assert_eq!(
+        shape("/var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-1/uid"),
+        Some((PublicationKind::Publish, true))
+    );
+    assert_eq!(shape("/var/lib/kubelet/pods/uid/volumes/x/mount"), None);
+    assert_eq!(
+        shape("/elsewhere/plugins/kubernetes.io/csi/d/h/globalmount"),
+        None
+    );
+}
+
+/// The fake backend, with devices that can be made busy (delete refused).
+#[derive(Debug, Default)]
+struct BusyBackend {
+    busy: std::sync::atomic::AtomicBool,
+}
+
+impl Backend for BusyBackend {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+    fn describe(&self) -> String {
+        "fake backend with busy devices".into()
+    }
+    fn regions(&self) -> AllocResult<Vec<RegionSpec>> {
+        FakeBackend.regions()
+    }
+    fn check_idle(&self, req: &DeviceRequest) -> AllocResult<()> {
+        if self.busy.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(pmem_allocator::Error::FailedPrecondition(format!(
+                "device of volume {} is in use",
+                req.volume_id
+            )));
+        }
+        Ok(())
+    }
+    fn wipe_head(&self, req: &DeviceRequest) -> AllocResult<()> {
+        FakeBackend.wipe_head(req)
+    }
+    fn create(&self, req: &DeviceRequest) -> AllocResult<Device> {
+        FakeBackend.create(req)
+    }
+    fn find(&self, req: &DeviceRequest) -> AllocResult<Option<Device>> {
+        FakeBackend.find(req)
+    }
+    fn destroy(&self, req: &DeviceRequest) -> AllocResult<()> {
+        self.check_idle(req)
+    }
+    fn erase(&self, req: &DeviceRequest) -> AllocResult<()> {
+        FakeBackend.erase(req)
+    }
+    fn resize(&self, req: &DeviceRequest) -> AllocResult<Device> {
+        FakeBackend.resize(req)
+    }
+    fn inventory(&self) -> AllocResult<Vec<InventoryItem>> {
+        FakeBackend.inventory()
+    }
+    fn remove_orphan(&self, item: &InventoryItem) -> AllocResult<()> {
+        FakeBackend.remove_orphan(item)
+    }
+}
+
+/// A node service on [`BusyBackend`] whose collector runs every `interval`.
+fn busy_rig(
+    dir: &Path,
+    interval: &str,
+) -> (Arc<Driver>, NodeService, Arc<FakeHost>, Arc<BusyBackend>) {
+    let state = dir.join("state");
+    let root = dir.join("kubelet");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(&root).unwrap();
+    let cfg = Config::load(Args::parse_from([
+        "pmem-agent",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--node-id",
+        "n1",
+        "--kubelet-root",
+        root.to_str().unwrap(),
+        "--ephemeral-collect-interval",
+        interval,
+    ]))
+    .unwrap();
+    let backend = Arc::new(BusyBackend::default());
+    let alloc = Allocator::open(&cfg.ledger_path(), backend.clone()).unwrap();
+    let store: Store = Arc::new(alloc);
+    let driver = Arc::new(Driver::new(cfg, store, "fake", true));
+    let host = Arc::new(FakeHost::new());
+    let node = NodeService::with_host(Arc::clone(&driver), host.clone());
+    (driver, node, host, backend)
+}
+
+async fn wait_gone(driver: &Driver, name: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while driver.alloc.volume_by_name(name).unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "{name} not collected");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_failed_inline_unpublish_is_retried_with_backoff_until_the_device_is_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap();
+    // No periodic pass within the test: only the kick and its retries.
+    let (driver, node, host, backend) = busy_rig(&base, "3600");
+    let collector = spawn_collector(&driver, host.clone());
+    let target = base.join("kubelet/pods/a/v");
+    node.publish(ephemeral_req("eph", &target, &[("size", "512Mi")]))
+        .await
+        .unwrap();
+    backend
+        .busy
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let st = <NodeService as Node>::node_unpublish_volume(
+        &node,
+        Request::new(unpublish_req("eph", &target)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    // Still busy for a while: the collector keeps it and retries.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert!(driver.alloc.volume_by_name("eph").unwrap().is_some());
+    backend
+        .busy
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_gone(&driver, "eph").await;
+    // The pass that deleted it records it right after.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !driver
+        .node_reconcile
+        .history()
+        .iter()
+        .any(|h| h.contains("deleted ephemeral inline volume"))
+    {
+        assert!(std::time::Instant::now() < deadline, "not in the history");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    collector.abort();
+}
+
+#[tokio::test]
+async fn the_collection_runs_periodically() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap();
+    let (driver, node, host, _backend) = busy_rig(&base, "1");
+    let collector = spawn_collector(&driver, host.clone());
+    let target = base.join("kubelet/pods/a/v");
+    node.publish(ephemeral_req("eph", &target, &[("size", "512Mi")]))
+        .await
+        .unwrap();
+    // The pod's mount vanished behind our back; nobody calls or kicks.
+    host.state().mounts.clear();
+    wait_gone(&driver, "eph").await;
+    collector.abort();
 }

@@ -1,5 +1,6 @@
 //! State shared by every service of one daemon.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::Config;
@@ -18,6 +19,9 @@ pub struct Driver {
     pub can_expand: bool,
     /// Set once the ledger is open and reconciled; Probe reports it.
     ready: AtomicBool,
+    /// Why the ledger is refused (only the admin API serves), until a
+    /// `ledger rebuild --apply`.
+    refusal: Mutex<Option<String>>,
 }
 
 impl Driver {
@@ -30,7 +34,20 @@ impl Driver {
             cfg,
             alloc,
             ready: AtomicBool::new(false),
+            refusal: Mutex::new(None),
         }
+    }
+
+    pub fn set_refusal(&self, why: Option<String>) {
+        *self.refusal.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    /// Why the ledger is refused, if it is (the daemon is in recovery).
+    pub fn refusal(&self) -> Option<String> {
+        self.refusal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn set_ready(&self, ready: bool) {

@@ -177,7 +177,10 @@ pub async fn open_allocator(cfg: &Config) -> anyhow::Result<Arc<Allocator>> {
     let backend = open_backend(cfg)?;
     tracing::info!("{}", backend.describe());
     let ledger = cfg.ledger_path();
-    let alloc = tokio::task::spawn_blocking(move || Allocator::open(&ledger, backend)).await??;
+    let reinitialize = cfg.reinitialize;
+    let alloc =
+        tokio::task::spawn_blocking(move || Allocator::open_with(&ledger, backend, reinitialize))
+            .await??;
     Ok(Arc::new(alloc))
 }
 
@@ -270,32 +273,44 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(crate::http::serve(l, Arc::clone(&driver), stop_rx.clone()));
     }
 
-    // Probe says ready only once the ledger agrees with the devices.
-    let report = crate::rpc::blocking(&driver.alloc, |a| a.reconcile(false, false))
+    let status = crate::rpc::blocking(&driver.alloc, |a| a.ledger_status())
         .await
-        .map_err(|e| anyhow::anyhow!("start-up reconciliation: {e}"))?;
-    tracing::info!(
-        actions = report.actions.len(),
-        orphans = report.orphans.len(),
-        foreign = report.foreign.len(),
-        missing = report.missing.len(),
-        errors = report.errors.len(),
-        "startup reconciliation done"
-    );
-    driver.metrics.record_reconcile(&report);
+        .map_err(|e| anyhow::anyhow!("ledger status: {e}"))?;
     let _device_events = local
         .as_ref()
         .and_then(|a| watch_devices(a, Some(driver.metrics.device_events())));
-    crate::csi::node::startup(&driver).await;
-    driver.set_ready(true);
-    crate::notify::notify_logged("READY=1\nSTATUS=serving CSI");
+    match status.refused {
+        // Recovery: the process stays up (a restart loop would not help)
+        // with Probe and /readyz not ready, CSI calls refused, and the
+        // admin API serving the recovery calls.
+        Some(why) => {
+            tracing::error!(
+                ledger = %cfg.ledger_path().display(),
+                "LEDGER REFUSED, serving only the admin API (recovery): {why}"
+            );
+            driver.set_refusal(Some(why));
+            crate::notify::notify_logged(
+                "READY=1\nSTATUS=ledger refused (recovery): see the log; pmemctl ledger rebuild",
+            );
+        }
+        None => {
+            finish_startup(&driver).await?;
+            crate::notify::notify_logged("READY=1\nSTATUS=serving CSI");
+        }
+    }
     if let Some(every) = crate::notify::watchdog_interval() {
         let d = Arc::clone(&driver);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 // Ping only while healthy, so systemd restarts a wedged daemon.
+                // In recovery the daemon is healthy while the ledger answers.
+                let recovering = d.refusal().is_some() && {
+                    let s = Arc::clone(&d);
+                    matches!(tokio::task::spawn_blocking(move || s.alloc.health()).await, Ok(Ok(())))
+                };
                 match crate::http::readiness(&d).await {
+                    _ if recovering => crate::notify::notify_logged("WATCHDOG=1"),
                     Ok(()) => crate::notify::notify_logged("WATCHDOG=1"),
                     Err(e) if d.is_ready() => {
                         tracing::warn!(error = %e, "withholding watchdog ping")
@@ -357,6 +372,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The start-up steps after the ledger is accepted (at start, or after a
+/// `ledger rebuild --apply` in recovery): reconcile, then node start-up
+/// (ephemeral volumes), then Probe says ready.
+pub async fn finish_startup(driver: &Arc<Driver>) -> anyhow::Result<()> {
+    // Probe says ready only once the ledger agrees with the devices.
+    let report = crate::rpc::blocking(&driver.alloc, |a| a.reconcile(false, false))
+        .await
+        .map_err(|e| anyhow::anyhow!("start-up reconciliation: {e}"))?;
+    tracing::info!(
+        actions = report.actions.len(),
+        orphans = report.orphans.len(),
+        foreign = report.foreign.len(),
+        missing = report.missing.len(),
+        errors = report.errors.len(),
+        "startup reconciliation done"
+    );
+    driver.metrics.record_reconcile(&report);
+    crate::csi::node::startup(driver).await;
+    driver.set_refusal(None);
+    driver.set_ready(true);
+    Ok(())
+}
+
 /// Runs `pmem-allocd`: the allocator alone, serving `pmem.admin.v1.Allocator`
 /// on its socket (and the admin API on the admin socket), until a signal.
 pub async fn run_allocd(cfg: Config) -> anyhow::Result<()> {
@@ -367,16 +405,23 @@ pub async fn run_allocd(cfg: Config) -> anyhow::Result<()> {
     let alloc = open_allocator(&cfg).await?;
     let listener = bind_socket(&path, cfg.socket_mode)?;
     let _sockets = SocketGuard(vec![path.clone()]);
-    let report = {
-        let a = Arc::clone(&alloc);
-        tokio::task::spawn_blocking(move || a.reconcile(false, false)).await??
-    };
-    tracing::info!(
-        actions = report.actions.len(),
-        orphans = report.orphans.len(),
-        errors = report.errors.len(),
-        "start-up reconciliation done"
-    );
+    if let Some(why) = alloc.refusal() {
+        tracing::error!(
+            ledger = %cfg.ledger_path().display(),
+            "LEDGER REFUSED, serving only read-only and recovery calls: {why}"
+        );
+    } else {
+        let report = {
+            let a = Arc::clone(&alloc);
+            tokio::task::spawn_blocking(move || a.reconcile(false, false)).await??
+        };
+        tracing::info!(
+            actions = report.actions.len(),
+            orphans = report.orphans.len(),
+            errors = report.errors.len(),
+            "start-up reconciliation done"
+        );
+    }
     let _device_events = watch_devices(&alloc, None);
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let server = tonic::transport::Server::builder()

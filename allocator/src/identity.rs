@@ -622,8 +622,30 @@ impl Allocator {
             rec.actions
                 .push(format!("dropped volume {} ({:?})", v.id, v.name));
         }
-        self.state().ledger.drop_region_volumes(region)?;
+        {
+            let mut st = self.state();
+            st.ledger.drop_region_volumes(region)?;
+            let specs = self.backend().regions()?;
+            st.load(self.backend().as_ref(), specs)?;
+        }
         tracing::warn!(region, reason = %why, volumes = rec.volumes.len(), "region forgotten");
+        // A region that is there but unstamped (replaced, re-created) is
+        // stamped again below: first zero its free space, which may hold
+        // whatever the replacement brought (never handed to a tenant).
+        if self.backend().region_stamp(region)? == RegionStamp::Unstamped {
+            let free: Vec<(Bytes, Bytes)> =
+                self.state().regions.get(region).map_or(Vec::new(), |s| {
+                    s.map
+                        .extents()
+                        .into_iter()
+                        .filter(|slot| !slot.used)
+                        .map(|slot| (slot.extent.offset, slot.extent.len))
+                        .collect()
+                });
+            self.backend().scrub_free(region, &free)?;
+            rec.actions
+                .push(format!("zeroed the free space of region {region}"));
+        }
         self.reload()?;
         if let Some(still) = self.state().lost.get(region) {
             rec.actions.push(format!(

@@ -152,18 +152,38 @@ impl Drop for SocketGuard {
     }
 }
 
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return "none";
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGTERM/SIGINT handlers, installed before READY=1 is sent: a signal
+/// right after it must stop the daemon cleanly, not kill it.
+struct ShutdownSignals(
+    Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+);
+
+impl ShutdownSignals {
+    fn install() -> ShutdownSignals {
+        use tokio::signal::unix::{SignalKind, signal};
+        ShutdownSignals(
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(t), Ok(i)) => Some((t, i)),
+                _ => None,
+            },
+        )
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        let Some((term, int)) = self.0.as_mut() else {
+            std::future::pending::<()>().await;
+            return "none";
+        };
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     }
 }
 
@@ -197,6 +217,7 @@ fn watch_devices(
 
 /// Runs the daemon until a signal.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let mut signals = ShutdownSignals::install();
     let (store, local): (Store, Option<Arc<Allocator>>) = match &cfg.allocator {
         Some(path) => {
             let ep = format!("unix://{}", path.display());
@@ -329,7 +350,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     );
 
     tokio::select! {
-        sig = shutdown_signal() => {
+        sig = signals.recv() => {
             tracing::info!(signal = sig, "shutting down: no new calls, waiting for in-flight calls");
             driver.set_ready(false);
             crate::notify::notify_logged("STOPPING=1");
@@ -398,6 +419,7 @@ pub async fn finish_startup(driver: &Arc<Driver>) -> anyhow::Result<()> {
 /// Runs `pmem-allocd`: the allocator alone, serving `pmem.admin.v1.Allocator`
 /// on its socket (and the admin API on the admin socket), until a signal.
 pub async fn run_allocd(cfg: Config) -> anyhow::Result<()> {
+    let mut signals = ShutdownSignals::install();
     let path = cfg.allocator.clone().unwrap_or_else(|| {
         crate::config::socket_path("allocator", crate::config::DEFAULT_ALLOCATOR_ENDPOINT)
             .unwrap_or_else(|_| PathBuf::from("/run/pmem-agent/allocator.sock"))
@@ -435,7 +457,7 @@ pub async fn run_allocd(cfg: Config) -> anyhow::Result<()> {
     crate::notify::notify_logged("READY=1\nSTATUS=serving the allocator");
     tracing::info!(socket = %path.display(), "pmem-allocd ready");
     tokio::select! {
-        sig = shutdown_signal() => {
+        sig = signals.recv() => {
             tracing::info!(signal = sig, "shutting down");
             crate::notify::notify_logged("STOPPING=1");
             let _ = stop_tx.send(true);

@@ -397,6 +397,7 @@ impl Allocator {
                         "--reinitialize ignored: the ledger and the regions agree (it only acts on a refused ledger)"
                     );
                 }
+                let stamped_any = !stamp.is_empty();
                 for r in stamp {
                     match self.backend().stamp_region(&r, &ledger_id) {
                         Ok(()) => {
@@ -408,6 +409,10 @@ impl Allocator {
                             lost.insert(r, format!("cannot be stamped with the ledger's identity: {e}"));
                         }
                     }
+                }
+                if stamped_any {
+                    // A stamp may take space (direct: the identity namespace).
+                    self.refresh_reserved()?;
                 }
                 for (r, why) in &lost {
                     let n = probes

@@ -198,7 +198,11 @@ async fn hostile_identity_lost_ledger_is_refused_and_rebuilt() {
     spawn_recovering(&mut d).await;
     assert_refused(&d, "tenantB").await;
     let st = ledger_status(&d).await;
-    assert!(st.refused.contains("has stamped no region"), "{}", st.refused);
+    assert!(
+        st.refused.contains("has stamped no region"),
+        "{}",
+        st.refused
+    );
     // Nothing was stamped or placed: the volume list is empty, capacity 0.
     let caps = d
         .controller()
@@ -231,7 +235,10 @@ async fn hostile_identity_lost_ledger_is_refused_and_rebuilt() {
 
     // tenantA is back, with its data; tenantB never sees it.
     let back = get(&d, &a.id).await;
-    assert_eq!((back.region.as_str(), back.offset_bytes), (a.region.as_str(), a.offset_bytes));
+    assert_eq!(
+        (back.region.as_str(), back.offset_bytes),
+        (a.region.as_str(), a.offset_bytes)
+    );
     assert_eq!(back.state, "ready");
     assert!(!back.device.is_empty(), "reconciliation records the device");
     assert_eq!(read_at_32m(&back), vec![MARK; MIB as usize]);
@@ -262,7 +269,11 @@ async fn hostile_identity_truncated_ledger_then_reinitialize_erases() {
     d.extra.push("--reinitialize".into());
     d.spawn().await;
     d.extra.pop();
-    assert!(d.log().contains("--reinitialize: ERASING EVERY REGION"), "{}", d.log());
+    assert!(
+        d.log().contains("--reinitialize: ERASING EVERY REGION"),
+        "{}",
+        d.log()
+    );
     let vols = d
         .admin()
         .await
@@ -286,8 +297,12 @@ async fn hostile_identity_truncated_ledger_then_reinitialize_erases() {
     assert!(rep.orphans.is_empty(), "{:?}", rep.orphans);
     let f = std::fs::File::open(region_file(&d, 0)).unwrap();
     let mut buf = vec![0u8; MIB as usize];
-    f.read_exact_at(&mut buf, a.offset_bytes + 32 * MIB).unwrap();
-    assert!(buf.iter().all(|&x| x == 0), "tenantA's data survived --reinitialize");
+    f.read_exact_at(&mut buf, a.offset_bytes + 32 * MIB)
+        .unwrap();
+    assert!(
+        buf.iter().all(|&x| x == 0),
+        "tenantA's data survived --reinitialize"
+    );
     let b = create(&d, "tenantB", 64 * MIB).await;
     assert!(read_at_32m(&b).iter().all(|&x| x == 0));
     // Without the flag the next start serves normally.
@@ -324,10 +339,20 @@ async fn hostile_identity_ledger_symlinks_are_refused() {
             .arg("--endpoint")
             .arg(format!("unix://{}", dir.path().join("csi.sock").display()))
             .arg("--admin-endpoint")
-            .arg(format!("unix://{}", dir.path().join("admin.sock").display()))
+            .arg(format!(
+                "unix://{}",
+                dir.path().join("admin.sock").display()
+            ))
             .arg("--state-dir")
             .arg(state)
-            .args(["--sim-regions", "1", "--sim-region-size", "64MiB", "--sim-mode", "file-only"])
+            .args([
+                "--sim-regions",
+                "1",
+                "--sim-region-size",
+                "64MiB",
+                "--sim-mode",
+                "file-only",
+            ])
             .output()
             .unwrap()
     };
@@ -335,7 +360,10 @@ async fn hostile_identity_ledger_symlinks_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("symbolic link"), "{err}");
-    assert!(!target.exists(), "a ledger was created at the symlink's target");
+    assert!(
+        !target.exists(),
+        "a ledger was created at the symlink's target"
+    );
     // The -wal file as a symlink is refused too.
     std::fs::remove_file(state.join("ledger.db")).unwrap();
     std::os::unix::fs::symlink(&target, state.join("ledger.db-wal")).unwrap();
@@ -359,7 +387,11 @@ async fn assert_lost(d: &Daemon, v: &admin::Volume) {
         .into_inner();
     let cond = g.status.unwrap().volume_condition.unwrap();
     assert!(cond.abnormal, "{}", cond.message);
-    assert!(cond.message.contains("is lost") && cond.message.contains("region0"), "{}", cond.message);
+    assert!(
+        cond.message.contains("is lost") && cond.message.contains("region0"),
+        "{}",
+        cond.message
+    );
     let listed = c
         .list_volumes(csi::ListVolumesRequest::default())
         .await
@@ -370,8 +402,18 @@ async fn assert_lost(d: &Daemon, v: &admin::Volume) {
         .iter()
         .find(|e| e.volume.as_ref().unwrap().volume_id == v.id)
         .unwrap();
-    let cond = e.status.as_ref().unwrap().volume_condition.as_ref().unwrap();
-    assert!(cond.abnormal && cond.message.contains("pmemctl region forget"), "{}", cond.message);
+    let cond = e
+        .status
+        .as_ref()
+        .unwrap()
+        .volume_condition
+        .as_ref()
+        .unwrap();
+    assert!(
+        cond.abnormal && cond.message.contains("pmemctl region forget"),
+        "{}",
+        cond.message
+    );
     let regions = d
         .admin()
         .await
@@ -439,14 +481,23 @@ async fn hostile_identity_deleted_region_is_lost_until_forgotten() {
     assert_lost(&d, &v).await;
     let m = metrics(port).await;
     assert!(m.contains("pmem_agent_volumes_lost 1"), "{m}");
-    assert!(m.contains(r#"pmem_agent_region_lost{region="region0"} 1"#), "{m}");
+    assert!(
+        m.contains(r#"pmem_agent_region_lost{region="region0"} 1"#),
+        "{m}"
+    );
     let st = ledger_status(&d).await;
     assert!(st.lost_regions["region0"].contains("is gone"), "{st:?}");
 
     let (ok, out) = pmemctl(&d, &["region", "forget", "region0"]);
     assert!(ok, "{out}");
-    assert!(out.contains(&v.id), "forget lists the volumes it drops: {out}");
-    assert!(region_file(&d, 0).exists(), "a forgotten region is stamped anew");
+    assert!(
+        out.contains(&v.id),
+        "forget lists the volumes it drops: {out}"
+    );
+    assert!(
+        region_file(&d, 0).exists(),
+        "a forgotten region is stamped anew"
+    );
     assert!(ledger_status(&d).await.lost_regions.is_empty());
     // Only the new, empty region0 can hold a 1 GiB volume now.
     let w = create(&d, "fresh", 1024 * MIB).await;
@@ -484,7 +535,8 @@ async fn hostile_identity_replaced_region_is_lost_until_reinit() {
     assert!(ledger_status(&d).await.lost_regions.is_empty());
     let file = std::fs::File::open(&f).unwrap();
     let mut buf = vec![0u8; MIB as usize];
-    file.read_exact_at(&mut buf, v.offset_bytes + 32 * MIB).unwrap();
+    file.read_exact_at(&mut buf, v.offset_bytes + 32 * MIB)
+        .unwrap();
     assert!(buf.iter().all(|&x| x == 0), "reinit left data behind");
     let w = create(&d, "fresh", 1024 * MIB).await;
     assert_eq!(w.region, "region0");
@@ -500,7 +552,8 @@ async fn hostile_identity_orphans_are_reserved_on_sim() {
     // an older version, or a hand edit): the loop device is an orphan.
     {
         let c = rusqlite::Connection::open(ledger(&d)).unwrap();
-        c.execute("DELETE FROM volumes WHERE id = ?1", [&a.id]).unwrap();
+        c.execute("DELETE FROM volumes WHERE id = ?1", [&a.id])
+            .unwrap();
     }
     d.spawn().await;
     let rep = d
@@ -522,7 +575,11 @@ async fn hostile_identity_orphans_are_reserved_on_sim() {
         .unwrap()
         .into_inner()
         .regions;
-    assert_eq!(regions[0].available_bytes, 512 * MIB, "the orphan's extent is reserved");
+    assert_eq!(
+        regions[0].available_bytes,
+        512 * MIB,
+        "the orphan's extent is reserved"
+    );
     assert!(regions[0].extents[0].reserved);
     let mut c = d.controller().await;
     let cap = c

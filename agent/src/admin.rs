@@ -171,7 +171,10 @@ impl Admin for AdminService {
                 crate::server::finish_startup(d)
                     .await
                     .map_err(|e| AgentError::Internal(format!("{e:#}")))?;
-                tracing::warn!(volumes = rep.volumes.len(), "recovery done: the ledger was rebuilt and the daemon serves CSI");
+                tracing::warn!(
+                    volumes = rep.volumes.len(),
+                    "recovery done: the ledger was rebuilt and the daemon serves CSI"
+                );
             }
             Ok(wire::rebuild_to_wire(&rep, |v| {
                 rep.volumes

@@ -274,7 +274,11 @@ impl allocator_server::Allocator for AllocatorService {
             if apply {
                 // The daemon serves from now on: reconcile as at start.
                 let rec = a.reconcile(false, false)?;
-                tracing::info!(actions = rec.actions.len(), errors = rec.errors.len(), "reconciliation after the ledger rebuild done");
+                tracing::info!(
+                    actions = rec.actions.len(),
+                    errors = rec.errors.len(),
+                    "reconciliation after the ledger rebuild done"
+                );
             }
             Ok(wire::rebuild_to_wire(&rep, |v| a.usable_of(v)))
         })

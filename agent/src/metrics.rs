@@ -260,8 +260,7 @@ impl Metrics {
                 .set(i64::from(c.free_slots));
         }
         let status = alloc.ledger_status()?;
-        self.ledger_refused
-            .set(i64::from(status.refused.is_some()));
+        self.ledger_refused.set(i64::from(status.refused.is_some()));
         let vols = alloc.volumes()?;
         for c in alloc.capacity(Usage::AppDirect)? {
             self.region_lost

@@ -154,12 +154,7 @@ impl Drop for SocketGuard {
 
 /// SIGTERM/SIGINT handlers, installed before READY=1 is sent: a signal
 /// right after it must stop the daemon cleanly, not kill it.
-struct ShutdownSignals(
-    Option<(
-        tokio::signal::unix::Signal,
-        tokio::signal::unix::Signal,
-    )>,
-);
+struct ShutdownSignals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
 
 impl ShutdownSignals {
     fn install() -> ShutdownSignals {
@@ -328,7 +323,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 // In recovery the daemon is healthy while the ledger answers.
                 let recovering = d.refusal().is_some() && {
                     let s = Arc::clone(&d);
-                    matches!(tokio::task::spawn_blocking(move || s.alloc.health()).await, Ok(Ok(())))
+                    matches!(
+                        tokio::task::spawn_blocking(move || s.alloc.health()).await,
+                        Ok(Ok(()))
+                    )
                 };
                 match crate::http::readiness(&d).await {
                     _ if recovering => crate::notify::notify_logged("WATCHDOG=1"),

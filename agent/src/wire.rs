@@ -240,7 +240,10 @@ pub fn report_from_wire(w: &admin::ReconcileReport) -> ReconcileReport {
     }
 }
 
-pub fn rebuild_to_wire(r: &RebuildReport, usable: impl Fn(&Volume) -> Bytes) -> admin::RebuildLedgerResponse {
+pub fn rebuild_to_wire(
+    r: &RebuildReport,
+    usable: impl Fn(&Volume) -> Bytes,
+) -> admin::RebuildLedgerResponse {
     admin::RebuildLedgerResponse {
         applied: r.applied,
         ledger_id: r.ledger_id.clone(),

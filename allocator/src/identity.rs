@@ -91,7 +91,10 @@ impl Ledger {
     pub fn drop_region_volumes(&mut self, region: &str) -> Result<()> {
         let path = self.path().to_owned();
         let observer = self.observer().clone();
-        let tx = self.conn_mut().transaction().map_err(|e| sql_err(&path, e))?;
+        let tx = self
+            .conn_mut()
+            .transaction()
+            .map_err(|e| sql_err(&path, e))?;
         tx.execute(
             "DELETE FROM publications WHERE volume_id IN (SELECT id FROM volumes WHERE region = ?1)",
             [region],
@@ -123,7 +126,10 @@ impl Ledger {
     ) -> Result<()> {
         let path = self.path().to_owned();
         let observer = self.observer().clone();
-        let tx = self.conn_mut().transaction().map_err(|e| sql_err(&path, e))?;
+        let tx = self
+            .conn_mut()
+            .transaction()
+            .map_err(|e| sql_err(&path, e))?;
         tx.execute_batch(
             "DELETE FROM publications; DELETE FROM intents; DELETE FROM volumes;
              DELETE FROM region_stamps;",
@@ -406,7 +412,10 @@ impl Allocator {
                         }
                         Err(e) => {
                             tracing::error!(region = %r, error = %e, "cannot stamp region; it serves nothing");
-                            lost.insert(r, format!("cannot be stamped with the ledger's identity: {e}"));
+                            lost.insert(
+                                r,
+                                format!("cannot be stamped with the ledger's identity: {e}"),
+                            );
                         }
                     }
                 }
@@ -479,7 +488,9 @@ impl Allocator {
         for p in &probes {
             match &p.stamp {
                 RegionStamp::Stamped(id) if *id == adopted => {}
-                RegionStamp::Unstamped | RegionStamp::Unsupported => {}
+                RegionStamp::Unstamped => {}
+                // Keeps no identity (direct: label-less), so holds no volume.
+                RegionStamp::Unsupported => continue,
                 RegionStamp::Stamped(id) => {
                     rep.skipped.push(format!(
                         "region {}: carries another ledger's identity ({id}); it stays lost until `pmemctl region reinit {}`",
@@ -573,7 +584,8 @@ impl Allocator {
             let backup = std::path::PathBuf::from(backup);
             st.ledger.backup_to(&backup)?;
             rep.backup = Some(backup.display().to_string());
-            st.ledger.replace_all(&adopted, &rep.volumes, &rep.regions)?;
+            st.ledger
+                .replace_all(&adopted, &rep.volumes, &rep.regions)?;
             let specs = self.backend().regions()?;
             st.load(self.backend().as_ref(), specs)?;
         }
@@ -723,7 +735,9 @@ mod tests {
     }
 
     fn stamped(rs: &[&str]) -> BTreeMap<String, String> {
-        rs.iter().map(|r| ((*r).to_owned(), "L".to_owned())).collect()
+        rs.iter()
+            .map(|r| ((*r).to_owned(), "L".to_owned()))
+            .collect()
     }
 
     #[test]
@@ -752,14 +766,20 @@ mod tests {
             &BTreeMap::new(),
             &[probe("r0", st("L"), 1, 0), probe("r1", st("L"), 0, 0)],
         );
-        assert!(matches!(&v, Verdict::Refuse(m) if m.contains("r0 (ledger L)")), "{v:?}");
+        assert!(
+            matches!(&v, Verdict::Refuse(m) if m.contains("r0 (ledger L)")),
+            "{v:?}"
+        );
         // No stamps (a ledger lost before identities existed) but our devices.
         let v = judge(
             "L2",
             &BTreeMap::new(),
             &[probe("r0", RegionStamp::Unstamped, 2, 0)],
         );
-        assert!(matches!(&v, Verdict::Refuse(m) if m.contains("r0 (2 devices)")), "{v:?}");
+        assert!(
+            matches!(&v, Verdict::Refuse(m) if m.contains("r0 (2 devices)")),
+            "{v:?}"
+        );
     }
 
     #[test]
@@ -788,7 +808,10 @@ mod tests {
             &stamped(&["r0"]),
             &[probe("r0", st("L"), 0, 0), probe("r1", st("L"), 0, 0)],
         );
-        assert!(matches!(&v, Verdict::Refuse(m) if m.contains("replaced")), "{v:?}");
+        assert!(
+            matches!(&v, Verdict::Refuse(m) if m.contains("replaced")),
+            "{v:?}"
+        );
     }
 
     #[test]
@@ -797,7 +820,12 @@ mod tests {
             "L",
             &stamped(&["r0", "r1", "r2"]),
             &[
-                probe("r0", RegionStamp::Missing("region file is gone".into()), 0, 1),
+                probe(
+                    "r0",
+                    RegionStamp::Missing("region file is gone".into()),
+                    0,
+                    1,
+                ),
                 probe("r1", st("L"), 1, 1),
                 probe("r2", st("X"), 0, 0),
                 probe("r3", RegionStamp::Unstamped, 0, 0),

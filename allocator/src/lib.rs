@@ -19,8 +19,8 @@ pub mod volume;
 
 pub use allocator::{Allocator, CreateRequest, Holder, RegionCapacity};
 pub use backend::{Backend, Device, DeviceRequest, InventoryItem, Owner, RegionStamp};
-pub use identity::{RebuildReport, RegionRecovery};
 pub use error::{Error, Result};
+pub use identity::{RebuildReport, RegionRecovery};
 pub use reconcile::ReconcileReport;
 pub use region::{ExtentMap, RegionSpec};
 pub use units::Bytes;

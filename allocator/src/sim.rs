@@ -9,7 +9,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::backend::{Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, RegionStamp};
+use crate::backend::{
+    Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, RegionStamp,
+};
 use crate::error::{Error, Result};
 use crate::loopdev;
 use crate::region::RegionSpec;
@@ -587,8 +589,12 @@ impl Backend for SimBackend {
             Err(e) => return Err(Error::io(format!("stat region file {}", path.display()), e)),
         }
         let f = open_nofollow(path, false)?;
-        let v = read_stamp(&f)
-            .map_err(|e| Error::io(format!("read identity of region file {}", path.display()), e))?;
+        let v = read_stamp(&f).map_err(|e| {
+            Error::io(
+                format!("read identity of region file {}", path.display()),
+                e,
+            )
+        })?;
         Ok(match v.as_deref().map(parse_stamp) {
             None => RegionStamp::Unstamped,
             Some(Some((ledger, r))) if r == region => RegionStamp::Stamped(ledger.to_owned()),

@@ -520,7 +520,12 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 r.volumes.len()
             );
             for v in &r.volumes {
-                t += &format!("  dropped {} ({:?}, {})\n", v.id, v.name, human(v.size_bytes));
+                t += &format!(
+                    "  dropped {} ({:?}, {})\n",
+                    v.id,
+                    v.name,
+                    human(v.size_bytes)
+                );
             }
             for a in &r.actions {
                 t += &format!("  {a}\n");

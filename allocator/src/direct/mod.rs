@@ -48,7 +48,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::backend::{RegionStamp, Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, Placement};
+use crate::backend::{
+    Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, Placement, RegionStamp,
+};
 use crate::error::{Error, Result};
 use crate::region::RegionSpec;
 use crate::units::{Bytes, MIB};
@@ -173,9 +175,7 @@ fn marker_for(prefix: &str, short: Option<&str>, volume_id: &str) -> Result<Stri
 fn marked_volume<'a>(prefix: &str, alt_name: &'a str) -> Option<&'a str> {
     let rest = alt_name.strip_prefix(prefix)?;
     match rest.split_once(':') {
-        Some((short, id))
-            if short.len() == 8 && short.bytes().all(|b| b.is_ascii_hexdigit()) =>
-        {
+        Some((short, id)) if short.len() == 8 && short.bytes().all(|b| b.is_ascii_hexdigit()) => {
             Some(id)
         }
         _ => Some(rest),
@@ -1076,8 +1076,7 @@ impl Backend for DirectBackend {
                         region: s.name.clone(),
                         offset: Bytes(off),
                         len: Bytes(ns.size),
-                        volume: marked_volume(&self.cfg.marker, &ns.alt_name)
-                            .map(str::to_owned),
+                        volume: marked_volume(&self.cfg.marker, &ns.alt_name).map(str::to_owned),
                         device: ns.name.clone(),
                     });
                 }
@@ -1308,7 +1307,9 @@ impl Backend for DirectBackend {
         Ok(match names.as_slice() {
             [] => RegionStamp::Unstamped,
             [one] => RegionStamp::Stamped((*one).to_owned()),
-            many => RegionStamp::Stamped(format!("several identity namespaces: {}", many.join(", "))),
+            many => {
+                RegionStamp::Stamped(format!("several identity namespaces: {}", many.join(", ")))
+            }
         })
     }
 
@@ -1349,12 +1350,18 @@ impl Backend for DirectBackend {
                     // Our volume: every byte zeroed before the space is freed.
                     self.teardown(&info, &ns.name, Wipe::All)?;
                     self.delete(&ns.name)?;
-                    lines.push(format!("erased and removed namespace {} (volume {id})", ns.name));
+                    lines.push(format!(
+                        "erased and removed namespace {} (volume {id})",
+                        ns.name
+                    ));
                 } else if ns.alt_name.starts_with(IDENTITY_PREFIX)
                     && ns.alt_name != format!("{IDENTITY_PREFIX}{ledger_id}")
                 {
                     self.delete(&ns.name)?;
-                    lines.push(format!("removed identity namespace {} ({:?})", ns.name, ns.alt_name));
+                    lines.push(format!(
+                        "removed identity namespace {} ({:?})",
+                        ns.name, ns.alt_name
+                    ));
                 }
             }
         }
@@ -1381,7 +1388,11 @@ impl Backend for DirectBackend {
             .and_then(|ns| ns.holder)
             .and_then(|h| self.tree().claim(&h).ok())
             .is_some_and(|c| c.kind == ClaimKind::Btt);
-        if sector { Usage::FileIo } else { Usage::AppDirect }
+        if sector {
+            Usage::FileIo
+        } else {
+            Usage::AppDirect
+        }
     }
 }
 

@@ -857,7 +857,10 @@ fn identity_namespace_removed_makes_the_region_lost_until_reinit() {
     let caps = a.capacity(Usage::AppDirect).unwrap();
     assert_eq!((caps[0].available, caps[0].largest), (Bytes(0), Bytes(0)));
     assert!(caps[0].lost.is_some());
-    assert_eq!(create(&a, "w", 64 * M, Usage::AppDirect).unwrap().region, "region1");
+    assert_eq!(
+        create(&a, "w", 64 * M, Usage::AppDirect).unwrap().region,
+        "region1"
+    );
     let e = a.delete_volume(&v.id).unwrap_err();
     assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
     let zeroed = m.zeroed().len();
@@ -866,15 +869,16 @@ fn identity_namespace_removed_makes_the_region_lost_until_reinit() {
     assert!(a.lost_regions().is_empty());
     // v's namespace was zeroed whole before its space was freed.
     assert!(
-        m.zeroed()[zeroed..]
-            .iter()
-            .any(|z| z.2 == v.size.0 && z.3),
+        m.zeroed()[zeroed..].iter().any(|z| z.2 == v.size.0 && z.3),
         "{:?}",
         m.zeroed()
     );
     assert!(a.volume(&v.id).unwrap().is_none());
     assert_eq!(identity_ns(&m, false).len(), 2);
     let big = a.capacity(Usage::AppDirect).unwrap()[0].largest;
-    assert_eq!(create(&a, "big", big.0, Usage::AppDirect).unwrap().region, "region0");
+    assert_eq!(
+        create(&a, "big", big.0, Usage::AppDirect).unwrap().region,
+        "region0"
+    );
     a.check_invariants().unwrap();
 }

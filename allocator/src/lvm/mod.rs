@@ -680,9 +680,7 @@ mod identity_tests {
             let mut pvs = relock(&self.pvs);
             match sub {
                 "fullreport" => {
-                    let pv = |d: &str| {
-                        serde_json::json!({"pv_name": d, "pe_start": "2097152", "pv_size": "1073741824"})
-                    };
+                    let pv = |d: &str| serde_json::json!({"pv_name": d, "pe_start": "2097152", "pv_size": "1073741824"});
                     let mut report: Vec<serde_json::Value> = vgs
                         .iter()
                         .map(|(name, v)| {
@@ -798,7 +796,11 @@ mod identity_tests {
         relock(&lvm.pvs).insert("/dev/fake0".into(), String::new());
         let b = open(&lvm);
         let a = Allocator::open(&ledger, b.clone()).unwrap();
-        assert!(a.lost_regions()["region0"].contains("stamp is gone"), "{:?}", a.lost_regions());
+        assert!(
+            a.lost_regions()["region0"].contains("stamp is gone"),
+            "{:?}",
+            a.lost_regions()
+        );
         assert!(!relock(&lvm.vgs)["pmem-region0"].tags.contains(&tag));
         let caps = a.capacity(crate::volume::Usage::AppDirect).unwrap();
         assert_eq!(caps[0].available, Bytes::ZERO);
@@ -831,6 +833,9 @@ mod identity_tests {
         a.reinit_region("region1").unwrap();
         assert!(a.lost_regions().is_empty());
         let t = &relock(&lvm.vgs)["pmem-region1"].tags;
-        assert!(t.contains(&tag) && !t.iter().any(|x| x.ends_with(".0123")), "{t:?}");
+        assert!(
+            t.contains(&tag) && !t.iter().any(|x| x.ends_with(".0123")),
+            "{t:?}"
+        );
     }
 }

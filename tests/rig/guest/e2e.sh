@@ -87,7 +87,9 @@ agent_start_refused() {
     AGENT_PID=$!
     on_exit agent_stop_quiet
     local t0=$SECONDS st
-    until st=$(pmemctl_admin --json ledger status 2>/dev/null) && [[ -n $(jq -r '.refused // empty' <<<"$st") ]]; do
+    # `ledger status` exits 1 while refused: that is what we wait for.
+    until st=$(pmemctl_admin --json ledger status 2>/dev/null || true) &&
+        [[ -n $(jq -r '.refused // empty' <<<"$st" 2>/dev/null) ]]; do
         if ! kill -0 "$AGENT_PID" 2>/dev/null; then
             AGENT_PID=
             agent_log_tail

@@ -440,7 +440,14 @@ impl Allocator {
 
     /// `--reinitialize`: every region erased and stamped, the ledger emptied.
     fn reinitialize_all(&self, ledger_id: &str) -> Result<()> {
-        let regions: Vec<String> = self.state().regions.keys().cloned().collect();
+        let all: Vec<String> = self.state().regions.keys().cloned().collect();
+        let mut regions = Vec::new();
+        for r in all {
+            // Regions that keep no identity hold no volume (direct: label-less).
+            if self.backend().region_stamp(&r)? != RegionStamp::Unsupported {
+                regions.push(r);
+            }
+        }
         for r in &regions {
             for line in self.backend().reinit_region(r, ledger_id)? {
                 tracing::warn!(region = %r, "--reinitialize: {line}");

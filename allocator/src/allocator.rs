@@ -840,6 +840,10 @@ impl Allocator {
         self.serving()?;
         let mut st = self.state();
         match st.ledger.volume(&p.volume_id)? {
+            Some(v) if st.lost.contains_key(&v.region) => Err(Error::FailedPrecondition(format!(
+                "volume {} is lost: its region {} {}",
+                v.id, v.region, st.lost[&v.region]
+            ))),
             Some(v) if v.state == VolumeState::Ready => st.ledger.put_publication(p),
             Some(v) => Err(Error::FailedPrecondition(format!(
                 "volume {} is {}, not ready",

@@ -806,6 +806,58 @@ mod tests {
     }
 
     #[test]
+    fn never_opens_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ledger.db");
+        let target = dir.path().join("elsewhere.db");
+        for side in [
+            "ledger.db",
+            "ledger.db.lock",
+            "ledger.db-wal",
+            "ledger.db-shm",
+        ] {
+            let link = dir.path().join(side);
+            // The lock file exists after the first open attempt.
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&target, &link).unwrap();
+            let e = Ledger::open(&p).unwrap_err().to_string();
+            assert!(e.contains("is a symbolic link"), "{side}: {e}");
+            assert!(!target.exists(), "{side}: the symlink was followed");
+            std::fs::remove_file(&link).unwrap();
+        }
+        Ledger::open(&p).unwrap();
+    }
+
+    #[test]
+    fn an_older_ledger_migrates_and_gets_an_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ledger.db");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.execute_batch("PRAGMA user_version = 1").unwrap();
+        }
+        {
+            // Files made by Connection::open are not 0600; ours would be.
+            let mut l = Ledger::open(&p).unwrap();
+            l.sync_regions("sim", &[spec("region0")]).unwrap();
+            l.insert_creating(&vol("v1", "n1"), "{}").unwrap();
+        }
+        let mut l = Ledger::open(&p).unwrap();
+        assert_eq!(Ledger::SCHEMA_VERSION, 2);
+        let id = l.ledger_id().unwrap();
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(l.region_stamps().unwrap().is_empty());
+        assert_eq!(l.volumes().unwrap().len(), 1);
+        l.record_stamp("region0", &id).unwrap();
+        drop(l);
+        let mut l = Ledger::open(&p).unwrap();
+        assert_eq!(l.ledger_id().unwrap(), id, "the identity is made once");
+        assert_eq!(l.region_stamps().unwrap()["region0"], id);
+    }
+
+    #[test]
     fn refuses_newer_schema() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("ledger.db");

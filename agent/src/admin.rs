@@ -148,4 +148,92 @@ impl Admin for AdminService {
         })
         .await
     }
+
+    async fn ledger_status(
+        &self,
+        _req: Request<admin::Empty>,
+    ) -> Result<Response<admin::LedgerStatusResponse>, Status> {
+        let d = &self.driver;
+        call(&d.metrics, "admin.LedgerStatus", "", async {
+            let s = blocking(&d.alloc, |a| a.ledger_status()).await?;
+            Ok(admin::LedgerStatusResponse {
+                ledger_id: s.ledger_id,
+                refused: s.refused.unwrap_or_default(),
+                lost_regions: s.lost.into_iter().collect(),
+            })
+        })
+        .await
+    }
+
+    async fn rebuild_ledger(
+        &self,
+        req: Request<admin::RebuildLedgerRequest>,
+    ) -> Result<Response<admin::RebuildLedgerResponse>, Status> {
+        let d = &self.driver;
+        let apply = req.into_inner().apply;
+        call(&d.metrics, "admin.RebuildLedger", "", async move {
+            let (rep, usable) = blocking(&d.alloc, move |a| {
+                let rep = a.rebuild_ledger(apply)?;
+                let usable = rep
+                    .volumes
+                    .iter()
+                    .map(|v| a.usable_of(v).unwrap_or(v.size))
+                    .collect::<Vec<_>>();
+                Ok((rep, usable))
+            })
+            .await?;
+            if rep.applied {
+                // The ledger is accepted now: finish the start-up it skipped.
+                crate::server::finish_startup(d)
+                    .await
+                    .map_err(|e| AgentError::Internal(format!("{e:#}")))?;
+                tracing::warn!(
+                    volumes = rep.volumes.len(),
+                    "recovery done: the ledger was rebuilt and the daemon serves CSI"
+                );
+            }
+            Ok(wire::rebuild_to_wire(&rep, |v| {
+                rep.volumes
+                    .iter()
+                    .position(|w| w.id == v.id)
+                    .and_then(|i| usable.get(i).copied())
+                    .unwrap_or(v.size)
+            }))
+        })
+        .await
+    }
+
+    async fn forget_region(
+        &self,
+        req: Request<admin::RegionRequest>,
+    ) -> Result<Response<admin::RegionRecoveryResponse>, Status> {
+        let d = &self.driver;
+        let region = req.into_inner().region;
+        let subject = region.clone();
+        call(&d.metrics, "admin.ForgetRegion", &subject, async move {
+            if region.is_empty() {
+                return Err(invalid("region is required"));
+            }
+            let r = blocking(&d.alloc, move |a| a.forget_region(&region)).await?;
+            Ok(wire::recovery_to_wire(&r))
+        })
+        .await
+    }
+
+    async fn reinit_region(
+        &self,
+        req: Request<admin::RegionRequest>,
+    ) -> Result<Response<admin::RegionRecoveryResponse>, Status> {
+        let d = &self.driver;
+        let region = req.into_inner().region;
+        let subject = region.clone();
+        call(&d.metrics, "admin.ReinitRegion", &subject, async move {
+            if region.is_empty() {
+                return Err(invalid("region is required"));
+            }
+            let r = blocking(&d.alloc, move |a| a.reinit_region(&region)).await?;
+            Ok(wire::recovery_to_wire(&r))
+        })
+        .await
+    }
 }

@@ -250,6 +250,63 @@ impl allocator_server::Allocator for AllocatorService {
         .await
     }
 
+    async fn ledger_status(
+        &self,
+        _r: Request<admin::Empty>,
+    ) -> Result<Response<admin::LedgerStatusResponse>, Status> {
+        self.run("LedgerStatus", move |a| {
+            Ok(admin::LedgerStatusResponse {
+                ledger_id: a.ledger_id()?,
+                refused: a.refusal().unwrap_or_default(),
+                lost_regions: a.lost_regions().into_iter().collect(),
+            })
+        })
+        .await
+    }
+
+    async fn rebuild_ledger(
+        &self,
+        r: Request<admin::RebuildLedgerRequest>,
+    ) -> Result<Response<admin::RebuildLedgerResponse>, Status> {
+        let apply = r.into_inner().apply;
+        self.run("RebuildLedger", move |a| {
+            let rep = a.rebuild_ledger(apply)?;
+            if apply {
+                // The daemon serves from now on: reconcile as at start.
+                let rec = a.reconcile(false, false)?;
+                tracing::info!(
+                    actions = rec.actions.len(),
+                    errors = rec.errors.len(),
+                    "reconciliation after the ledger rebuild done"
+                );
+            }
+            Ok(wire::rebuild_to_wire(&rep, |v| a.usable_of(v)))
+        })
+        .await
+    }
+
+    async fn forget_region(
+        &self,
+        r: Request<admin::RegionRequest>,
+    ) -> Result<Response<admin::RegionRecoveryResponse>, Status> {
+        let region = r.into_inner().region;
+        self.run("ForgetRegion", move |a| {
+            Ok(wire::recovery_to_wire(&a.forget_region(&region)?))
+        })
+        .await
+    }
+
+    async fn reinit_region(
+        &self,
+        r: Request<admin::RegionRequest>,
+    ) -> Result<Response<admin::RegionRecoveryResponse>, Status> {
+        let region = r.into_inner().region;
+        self.run("ReinitRegion", move |a| {
+            Ok(wire::recovery_to_wire(&a.reinit_region(&region)?))
+        })
+        .await
+    }
+
     async fn health(
         &self,
         _r: Request<admin::Empty>,

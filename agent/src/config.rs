@@ -137,6 +137,13 @@ pub struct Args {
     /// lvm backend: volume group name prefix (default `pmem-`).
     #[arg(long, env = "PMEM_AGENT_LVM_VG_PREFIX")]
     pub lvm_vg_prefix: Option<String>,
+    /// When the ledger is refused (empty, missing or replaced over regions
+    /// that carry an identity or our devices): ERASE every region, remove
+    /// our devices and start with an empty ledger. All data is lost. A flag
+    /// only (no config key, no environment variable), and ignored when the
+    /// ledger and the regions agree.
+    #[arg(long)]
+    pub reinitialize: bool,
 }
 
 /// The TOML file; every key optional, unknown keys rejected.
@@ -222,6 +229,8 @@ pub struct Config {
     pub sysfs_root: PathBuf,
     pub direct_dev_dir: PathBuf,
     pub lvm: LvmSettings,
+    /// `--reinitialize`: erase the regions when the ledger is refused.
+    pub reinitialize: bool,
 }
 
 /// The lvm backend's settings.
@@ -424,6 +433,7 @@ impl Config {
                 .or(direct.dev_dir)
                 .unwrap_or_else(|| PathBuf::from("/dev")),
             lvm,
+            reinitialize: args.reinitialize,
         };
         cfg.validate()?;
         Ok(cfg)

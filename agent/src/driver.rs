@@ -26,6 +26,9 @@ pub struct Driver {
     pub node_reconcile: crate::csi::node::NodeReconcileLog,
     /// Set once the ledger is open and reconciled; Probe reports it.
     ready: AtomicBool,
+    /// Why the ledger is refused (only the admin API serves), until a
+    /// `ledger rebuild --apply`.
+    refusal: Mutex<Option<String>>,
 }
 
 impl Driver {
@@ -40,7 +43,20 @@ impl Driver {
             locks: Arc::new(VolumeLocks::default()),
             node_reconcile: Default::default(),
             ready: AtomicBool::new(false),
+            refusal: Mutex::new(None),
         }
+    }
+
+    pub fn set_refusal(&self, why: Option<String>) {
+        *self.refusal.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    /// Why the ledger is refused, if it is (the daemon is in recovery).
+    pub fn refusal(&self) -> Option<String> {
+        self.refusal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn set_ready(&self, ready: bool) {

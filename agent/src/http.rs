@@ -28,6 +28,9 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
 /// Whether the daemon can serve: reconciled, and ledger and backend answer
 /// within a short deadline (a wedged ledger or device makes this fail).
 pub async fn readiness(driver: &Arc<Driver>) -> Result<(), String> {
+    if let Some(why) = driver.refusal() {
+        return Err(format!("not ready: the ledger is refused: {why}"));
+    }
     if !driver.is_ready() {
         return Err(
             "not ready: start-up reconciliation has not finished (or shutting down)".into(),

@@ -89,6 +89,9 @@ pub struct Metrics {
     ephemeral_pending: Gauge,
     mounts_recovered: Counter,
     mounts_unrecorded: Gauge,
+    region_lost: Family<RegionLabels, Gauge>,
+    volumes_lost: Gauge,
+    ledger_refused: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -123,6 +126,9 @@ impl Metrics {
             ephemeral_pending: Gauge::default(),
             mounts_recovered: Counter::default(),
             mounts_unrecorded: Gauge::default(),
+            region_lost: Family::default(),
+            volumes_lost: Gauge::default(),
+            ledger_refused: Gauge::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -174,6 +180,21 @@ impl Metrics {
                 "log_write_errors",
                 "Log events dropped because the log sink (stderr) refused the write",
                 crate::logging::write_errors(),
+            );
+            p.register(
+                "region_lost",
+                "1 when the region's identity is missing or another ledger's: it serves nothing and its volumes are lost",
+                m.region_lost.clone(),
+            );
+            p.register(
+                "volumes_lost",
+                "Ledger volumes on lost regions (pmemctl region forget / reinit)",
+                m.volumes_lost.clone(),
+            );
+            p.register(
+                "ledger_refused",
+                "1 when the ledger does not belong to the regions and only the admin API serves (pmemctl ledger rebuild)",
+                m.ledger_refused.clone(),
             );
             p.register(
                 "device_events",
@@ -289,7 +310,22 @@ impl Metrics {
                 .get_or_create(&l)
                 .set(i64::from(c.free_slots));
         }
+        let status = alloc.ledger_status()?;
+        self.ledger_refused.set(i64::from(status.refused.is_some()));
         let vols = alloc.volumes()?;
+        for c in alloc.capacity(Usage::AppDirect)? {
+            self.region_lost
+                .get_or_create(&RegionLabels {
+                    region: c.spec.id.clone(),
+                })
+                .set(i64::from(status.lost.contains_key(&c.spec.id)));
+        }
+        let lost = vols
+            .iter()
+            .filter(|v| status.lost.contains_key(&v.region))
+            .count();
+        self.volumes_lost
+            .set(i64::try_from(lost).unwrap_or(i64::MAX));
         self.volumes.clear();
         for state in VolumeState::ALL {
             for persistency in ["persistent", "ephemeral"] {

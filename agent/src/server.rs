@@ -162,18 +162,33 @@ impl Drop for SocketGuard {
     }
 }
 
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return "none";
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGTERM/SIGINT handlers, installed before READY=1 is sent: a signal
+/// right after it must stop the daemon cleanly, not kill it.
+struct ShutdownSignals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl ShutdownSignals {
+    fn install() -> ShutdownSignals {
+        use tokio::signal::unix::{SignalKind, signal};
+        ShutdownSignals(
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(t), Ok(i)) => Some((t, i)),
+                _ => None,
+            },
+        )
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        let Some((term, int)) = self.0.as_mut() else {
+            std::future::pending::<()>().await;
+            return "none";
+        };
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     }
 }
 
@@ -187,7 +202,10 @@ pub async fn open_allocator(cfg: &Config) -> anyhow::Result<Arc<Allocator>> {
     let backend = open_backend(cfg)?;
     tracing::info!("{}", backend.describe());
     let ledger = cfg.ledger_path();
-    let alloc = tokio::task::spawn_blocking(move || Allocator::open(&ledger, backend)).await??;
+    let reinitialize = cfg.reinitialize;
+    let alloc =
+        tokio::task::spawn_blocking(move || Allocator::open_with(&ledger, backend, reinitialize))
+            .await??;
     Ok(Arc::new(alloc))
 }
 
@@ -204,6 +222,7 @@ fn watch_devices(
 
 /// Runs the daemon until a signal.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let mut signals = ShutdownSignals::install();
     let (store, local): (Store, Option<Arc<Allocator>>) = match &cfg.allocator {
         Some(path) => {
             let ep = format!("unix://{}", path.display());
@@ -281,34 +300,51 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(crate::http::serve(l, Arc::clone(&driver), stop_rx.clone()));
     }
 
-    // Probe says ready only once the ledger agrees with the devices.
-    let report = crate::rpc::blocking(&driver.alloc, |a| a.reconcile(false, false))
+    let status = crate::rpc::blocking(&driver.alloc, |a| a.ledger_status())
         .await
-        .map_err(|e| anyhow::anyhow!("start-up reconciliation: {e}"))?;
-    tracing::info!(
-        actions = report.actions.len(),
-        orphans = report.orphans.len(),
-        foreign = report.foreign.len(),
-        missing = report.missing.len(),
-        errors = report.errors.len(),
-        "startup reconciliation done"
-    );
-    driver.metrics.record_reconcile(&report);
+        .map_err(|e| anyhow::anyhow!("ledger status: {e}"))?;
     let _device_events = local
         .as_ref()
         .and_then(|a| watch_devices(a, Some(driver.metrics.device_events())));
-    crate::csi::node::startup(&driver).await;
+    // The collector idles until the driver is ready (a refused ledger
+    // serves only the admin API until it is rebuilt).
     let collector =
         crate::csi::node::spawn_collector(&driver, Arc::new(crate::mount::host::RealHost::new()));
-    driver.set_ready(true);
-    crate::notify::notify_logged("READY=1\nSTATUS=serving CSI");
+    match status.refused {
+        // Recovery: the process stays up (a restart loop would not help)
+        // with Probe and /readyz not ready, CSI calls refused, and the
+        // admin API serving the recovery calls.
+        Some(why) => {
+            tracing::error!(
+                ledger = %cfg.ledger_path().display(),
+                "LEDGER REFUSED, serving only the admin API (recovery): {why}"
+            );
+            driver.set_refusal(Some(why));
+            crate::notify::notify_logged(
+                "READY=1\nSTATUS=ledger refused (recovery): see the log; pmemctl ledger rebuild",
+            );
+        }
+        None => {
+            finish_startup(&driver).await?;
+            crate::notify::notify_logged("READY=1\nSTATUS=serving CSI");
+        }
+    }
     if let Some(every) = crate::notify::watchdog_interval() {
         let d = Arc::clone(&driver);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 // Ping only while healthy, so systemd restarts a wedged daemon.
+                // In recovery the daemon is healthy while the ledger answers.
+                let recovering = d.refusal().is_some() && {
+                    let s = Arc::clone(&d);
+                    matches!(
+                        tokio::task::spawn_blocking(move || s.alloc.health()).await,
+                        Ok(Ok(()))
+                    )
+                };
                 match crate::http::readiness(&d).await {
+                    _ if recovering => crate::notify::notify_logged("WATCHDOG=1"),
                     Ok(()) => crate::notify::notify_logged("WATCHDOG=1"),
                     Err(e) if d.is_ready() => {
                         tracing::warn!(error = %e, "withholding watchdog ping")
@@ -327,7 +363,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     );
 
     tokio::select! {
-        sig = shutdown_signal() => {
+        sig = signals.recv() => {
             tracing::info!(signal = sig, "shutting down: no new calls, waiting for in-flight calls");
             driver.set_ready(false);
             crate::notify::notify_logged("STOPPING=1");
@@ -371,9 +407,33 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The start-up steps after the ledger is accepted (at start, or after a
+/// `ledger rebuild --apply` in recovery): reconcile, then node start-up
+/// (ephemeral volumes), then Probe says ready.
+pub async fn finish_startup(driver: &Arc<Driver>) -> anyhow::Result<()> {
+    // Probe says ready only once the ledger agrees with the devices.
+    let report = crate::rpc::blocking(&driver.alloc, |a| a.reconcile(false, false))
+        .await
+        .map_err(|e| anyhow::anyhow!("start-up reconciliation: {e}"))?;
+    tracing::info!(
+        actions = report.actions.len(),
+        orphans = report.orphans.len(),
+        foreign = report.foreign.len(),
+        missing = report.missing.len(),
+        errors = report.errors.len(),
+        "startup reconciliation done"
+    );
+    driver.metrics.record_reconcile(&report);
+    crate::csi::node::startup(driver).await;
+    driver.set_refusal(None);
+    driver.set_ready(true);
+    Ok(())
+}
+
 /// Runs `pmem-allocd`: the allocator alone, serving `pmem.admin.v1.Allocator`
 /// on its socket (and the admin API on the admin socket), until a signal.
 pub async fn run_allocd(cfg: Config) -> anyhow::Result<()> {
+    let mut signals = ShutdownSignals::install();
     let path = cfg.allocator.clone().unwrap_or_else(|| {
         crate::config::socket_path("allocator", crate::config::DEFAULT_ALLOCATOR_ENDPOINT)
             .unwrap_or_else(|_| PathBuf::from("/run/pmem-agent/allocator.sock"))
@@ -382,16 +442,23 @@ pub async fn run_allocd(cfg: Config) -> anyhow::Result<()> {
     warn_world_socket(&cfg);
     let listener = bind_socket(&path, cfg.socket_mode)?;
     let _sockets = SocketGuard(vec![path.clone()]);
-    let report = {
-        let a = Arc::clone(&alloc);
-        tokio::task::spawn_blocking(move || a.reconcile(false, false)).await??
-    };
-    tracing::info!(
-        actions = report.actions.len(),
-        orphans = report.orphans.len(),
-        errors = report.errors.len(),
-        "start-up reconciliation done"
-    );
+    if let Some(why) = alloc.refusal() {
+        tracing::error!(
+            ledger = %cfg.ledger_path().display(),
+            "LEDGER REFUSED, serving only read-only and recovery calls: {why}"
+        );
+    } else {
+        let report = {
+            let a = Arc::clone(&alloc);
+            tokio::task::spawn_blocking(move || a.reconcile(false, false)).await??
+        };
+        tracing::info!(
+            actions = report.actions.len(),
+            orphans = report.orphans.len(),
+            errors = report.errors.len(),
+            "start-up reconciliation done"
+        );
+    }
     let _device_events = watch_devices(&alloc, None);
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let server = tonic::transport::Server::builder()
@@ -405,7 +472,7 @@ pub async fn run_allocd(cfg: Config) -> anyhow::Result<()> {
     crate::notify::notify_logged("READY=1\nSTATUS=serving the allocator");
     tracing::info!(socket = %path.display(), "pmem-allocd ready");
     tokio::select! {
-        sig = shutdown_signal() => {
+        sig = signals.recv() => {
             tracing::info!(signal = sig, "shutting down");
             crate::notify::notify_logged("STOPPING=1");
             let _ = stop_tx.send(true);

@@ -10,9 +10,11 @@
 use std::fmt::Debug;
 use std::sync::Arc;
 
+use std::collections::BTreeMap;
+
 use pmem_allocator::{
     Allocator, Bytes, CreateRequest, Device, DeviceRequest, Error, Publication, PublicationKind,
-    ReconcileReport, RegionCapacity, Result, Usage, Volume,
+    RebuildReport, ReconcileReport, RegionCapacity, RegionRecovery, Result, Usage, Volume,
 };
 use pmem_proto::admin;
 use pmem_proto::admin::allocator_client::AllocatorClient;
@@ -28,6 +30,16 @@ pub struct BackendInfo {
     pub kind: String,
     /// Volumes can grow (the backend resizes devices).
     pub can_expand: bool,
+}
+
+/// The ledger's identity and whether it serves (allocator `identity.rs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LedgerStatus {
+    pub ledger_id: String,
+    /// Why the ledger is refused, with how to recover; `None` when serving.
+    pub refused: Option<String>,
+    /// Lost regions with why.
+    pub lost: BTreeMap<String, String>,
 }
 
 pub trait VolumeStore: Send + Sync + Debug {
@@ -51,6 +63,13 @@ pub trait VolumeStore: Send + Sync + Debug {
     fn reconcile(&self, dry_run: bool, remove_orphans: bool) -> Result<ReconcileReport>;
     /// The volume's device as the backend finds it now.
     fn find_device(&self, v: &Volume) -> Result<Option<Device>>;
+    fn ledger_status(&self) -> Result<LedgerStatus>;
+    /// Only for a refused ledger; a dry run unless `apply`.
+    fn rebuild_ledger(&self, apply: bool) -> Result<RebuildReport>;
+    /// Only for a lost region.
+    fn forget_region(&self, region: &str) -> Result<RegionRecovery>;
+    /// Only for a lost region.
+    fn reinit_region(&self, region: &str) -> Result<RegionRecovery>;
 }
 
 fn device_request(v: &Volume) -> DeviceRequest {
@@ -131,6 +150,26 @@ impl VolumeStore for Allocator {
 
     fn find_device(&self, v: &Volume) -> Result<Option<Device>> {
         self.backend().find(&device_request(v))
+    }
+
+    fn ledger_status(&self) -> Result<LedgerStatus> {
+        Ok(LedgerStatus {
+            ledger_id: self.ledger_id()?,
+            refused: self.refusal(),
+            lost: self.lost_regions(),
+        })
+    }
+
+    fn rebuild_ledger(&self, apply: bool) -> Result<RebuildReport> {
+        Allocator::rebuild_ledger(self, apply)
+    }
+
+    fn forget_region(&self, region: &str) -> Result<RegionRecovery> {
+        Allocator::forget_region(self, region)
+    }
+
+    fn reinit_region(&self, region: &str) -> Result<RegionRecovery> {
+        Allocator::reinit_region(self, region)
     }
 }
 
@@ -328,6 +367,37 @@ impl VolumeStore for RemoteStore {
             path: (!r.path.is_empty()).then_some(r.path),
             size: Bytes(r.size_bytes),
         }))
+    }
+
+    fn ledger_status(&self) -> Result<LedgerStatus> {
+        let r = self.call(|mut c| async move { c.ledger_status(admin::Empty {}).await })?;
+        Ok(LedgerStatus {
+            ledger_id: r.ledger_id,
+            refused: (!r.refused.is_empty()).then_some(r.refused),
+            lost: r.lost_regions.into_iter().collect(),
+        })
+    }
+
+    fn rebuild_ledger(&self, apply: bool) -> Result<RebuildReport> {
+        let req = admin::RebuildLedgerRequest { apply };
+        let r = self.call(|mut c| async move { c.rebuild_ledger(req).await })?;
+        wire::rebuild_from_wire(&r)
+    }
+
+    fn forget_region(&self, region: &str) -> Result<RegionRecovery> {
+        let req = admin::RegionRequest {
+            region: region.to_owned(),
+        };
+        let r = self.call(|mut c| async move { c.forget_region(req).await })?;
+        wire::recovery_from_wire(&r)
+    }
+
+    fn reinit_region(&self, region: &str) -> Result<RegionRecovery> {
+        let req = admin::RegionRequest {
+            region: region.to_owned(),
+        };
+        let r = self.call(|mut c| async move { c.reinit_region(req).await })?;
+        wire::recovery_from_wire(&r)
     }
 }
 

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use pmem_allocator::region::Extent;
 use pmem_allocator::{
     Bytes, Error, Holder, InventoryItem, Owner, Persistency, Publication, PublicationKind,
-    ReconcileReport, RegionCapacity, RegionSpec, Usage, Volume, VolumeState,
+    RebuildReport, ReconcileReport, RegionCapacity, RegionRecovery, RegionSpec, Usage, Volume,
+    VolumeState,
 };
 use pmem_proto::admin;
 use tonic::{Code, Status};
@@ -131,6 +132,7 @@ pub fn region_to_wire(c: &RegionCapacity, backend: &str) -> admin::Region {
                 }
             })
             .collect(),
+        lost: c.lost.clone().unwrap_or_default(),
     }
 }
 
@@ -177,6 +179,7 @@ pub fn region_from_wire(w: &admin::Region) -> Result<RegionCapacity, Error> {
         volumes: u32::try_from(w.extents.iter().filter(|e| !e.volume_id.is_empty()).count())
             .unwrap_or(u32::MAX),
         extents,
+        lost: (!w.lost.is_empty()).then(|| w.lost.clone()),
     })
 }
 
@@ -236,6 +239,63 @@ pub fn report_from_wire(w: &admin::ReconcileReport) -> ReconcileReport {
         missing: w.missing.clone(),
         errors: w.errors.clone(),
     }
+}
+
+pub fn rebuild_to_wire(
+    r: &RebuildReport,
+    usable: impl Fn(&Volume) -> Bytes,
+) -> admin::RebuildLedgerResponse {
+    admin::RebuildLedgerResponse {
+        applied: r.applied,
+        ledger_id: r.ledger_id.clone(),
+        volumes: r
+            .volumes
+            .iter()
+            .map(|v| volume_to_wire(v, usable(v), &[]))
+            .collect(),
+        skipped: r.skipped.clone(),
+        regions: r.regions.clone(),
+        backup: r.backup.clone().unwrap_or_default(),
+    }
+}
+
+pub fn rebuild_from_wire(w: &admin::RebuildLedgerResponse) -> Result<RebuildReport, Error> {
+    Ok(RebuildReport {
+        applied: w.applied,
+        ledger_id: w.ledger_id.clone(),
+        volumes: w
+            .volumes
+            .iter()
+            .map(volume_from_wire)
+            .collect::<Result<_, _>>()?,
+        skipped: w.skipped.clone(),
+        regions: w.regions.clone(),
+        backup: (!w.backup.is_empty()).then(|| w.backup.clone()),
+    })
+}
+
+pub fn recovery_to_wire(r: &RegionRecovery) -> admin::RegionRecoveryResponse {
+    admin::RegionRecoveryResponse {
+        region: r.region.clone(),
+        volumes: r
+            .volumes
+            .iter()
+            .map(|v| volume_to_wire(v, v.size, &[]))
+            .collect(),
+        actions: r.actions.clone(),
+    }
+}
+
+pub fn recovery_from_wire(w: &admin::RegionRecoveryResponse) -> Result<RegionRecovery, Error> {
+    Ok(RegionRecovery {
+        region: w.region.clone(),
+        volumes: w
+            .volumes
+            .iter()
+            .map(volume_from_wire)
+            .collect::<Result<_, _>>()?,
+        actions: w.actions.clone(),
+    })
 }
 
 pub fn usage_from_wire(s: &str) -> Result<Usage, Error> {
@@ -324,11 +384,13 @@ mod tests {
                 (ext(16, 16), Holder::Reserved),
                 (ext(32, 16), Holder::Free),
             ],
+            lost: Some("its region file is gone".into()),
         };
         let w = region_to_wire(&c, "sim");
         assert!(w.extents[1].reserved && w.extents[1].volume_id.is_empty());
         let back = region_from_wire(&w).unwrap();
         assert_eq!(back.extents, c.extents);
         assert_eq!(back.volumes, 1);
+        assert_eq!(back.lost, c.lost);
     }
 }

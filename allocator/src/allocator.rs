@@ -65,6 +65,9 @@ pub struct RegionCapacity {
     pub free_slots: u32,
     pub volumes: u32,
     pub extents: Vec<(Extent, Holder)>,
+    /// Why the region serves nothing: its identity is missing or another
+    /// ledger's (a lost region, see `identity.rs`), or the ledger is refused.
+    pub lost: Option<String>,
 }
 
 /// Who holds an extent of [`RegionCapacity::extents`].
@@ -80,9 +83,9 @@ pub enum Holder {
 }
 
 #[derive(Debug)]
-struct RegionState {
-    spec: RegionSpec,
-    map: Space,
+pub(crate) struct RegionState {
+    pub(crate) spec: RegionSpec,
+    pub(crate) map: Space,
 }
 
 impl RegionState {
@@ -93,15 +96,53 @@ impl RegionState {
 }
 
 #[derive(Debug)]
-struct State {
-    ledger: Ledger,
-    regions: BTreeMap<String, RegionState>,
+pub(crate) struct State {
+    pub(crate) ledger: Ledger,
+    pub(crate) regions: BTreeMap<String, RegionState>,
     /// Space the backend reported as allocated that no volume covers
     /// (foreign devices, orphans), per region, with its key in the space.
     reserved: BTreeMap<String, Vec<(String, Extent)>>,
+    /// Why the ledger does not belong to these regions (identity.rs): only
+    /// read-only calls and the recovery calls are served.
+    pub(crate) refusal: Option<String>,
+    /// Regions whose identity is missing or another ledger's, with why:
+    /// no placement, no capacity, their volumes are reported lost.
+    pub(crate) lost: BTreeMap<String, String>,
 }
 
 impl State {
+    /// Rebuilds the extent maps from the ledger's volumes and reserves what
+    /// the backend reports beyond them.
+    pub(crate) fn load(&mut self, backend: &dyn Backend, specs: Vec<RegionSpec>) -> Result<()> {
+        let path = self.ledger.path().to_owned();
+        let placement = backend.placement();
+        let mut regions: BTreeMap<String, RegionState> = specs
+            .into_iter()
+            .map(|spec| {
+                let map = Space::new(&spec, placement);
+                (spec.id.clone(), RegionState { spec, map })
+            })
+            .collect();
+        for v in self.ledger.volumes()? {
+            let r = regions
+                .get_mut(&v.region)
+                .ok_or_else(|| Error::LedgerCorrupt {
+                    path: path.clone(),
+                    message: format!("volume {} is in unknown region {}", v.id, v.region),
+                })?;
+            r.map
+                .reserve(&v.id, v.offset, v.size)
+                .map_err(|e| Error::LedgerCorrupt {
+                    path: path.clone(),
+                    message: format!("volume {} in region {}: {e}", v.id, v.region),
+                })?;
+        }
+        self.regions = regions;
+        self.reserved.clear();
+        let allocated = backend.reserved()?;
+        self.reserve_allocated(&allocated)
+    }
+
     /// Reserves the parts of `allocated` that no ledger volume covers.
     /// Extents are covered by offset; a pool's devices by volume id.
     fn reserve_allocated(&mut self, allocated: &[Allocated]) -> Result<()> {
@@ -183,44 +224,40 @@ fn new_volume_id() -> String {
 impl Allocator {
     /// Opens the ledger, records the backend's regions and rebuilds the
     /// extent maps. Call [`Allocator::reconcile`] before serving.
+    ///
+    /// The ledger's identity is checked against the regions' stamps
+    /// (`identity.rs`): an empty, missing or replaced ledger over regions
+    /// that carry an identity or our devices leaves the allocator refused
+    /// ([`Allocator::refusal`]), serving only read-only and recovery calls.
     pub fn open(ledger_path: &Path, backend: Arc<dyn Backend>) -> Result<Allocator> {
+        Allocator::open_with(ledger_path, backend, false)
+    }
+
+    /// [`Allocator::open`]; with `reinitialize`, a refused ledger is not
+    /// refused but every region is erased and stamped anew (all data gone).
+    pub fn open_with(
+        ledger_path: &Path,
+        backend: Arc<dyn Backend>,
+        reinitialize: bool,
+    ) -> Result<Allocator> {
         let mut ledger = Ledger::open(ledger_path)?;
         let specs = backend.regions()?;
         ledger.sync_regions(backend.kind(), &specs)?;
-        let placement = backend.placement();
-        let mut regions: BTreeMap<String, RegionState> = specs
-            .into_iter()
-            .map(|spec| {
-                let map = Space::new(&spec, placement);
-                (spec.id.clone(), RegionState { spec, map })
-            })
-            .collect();
-        for v in ledger.volumes()? {
-            let r = regions
-                .get_mut(&v.region)
-                .ok_or_else(|| Error::LedgerCorrupt {
-                    path: ledger_path.to_owned(),
-                    message: format!("volume {} is in unknown region {}", v.id, v.region),
-                })?;
-            r.map
-                .reserve(&v.id, v.offset, v.size)
-                .map_err(|e| Error::LedgerCorrupt {
-                    path: ledger_path.to_owned(),
-                    message: format!("volume {} in region {}: {e}", v.id, v.region),
-                })?;
-        }
         let mut st = State {
             ledger,
-            regions,
+            regions: BTreeMap::new(),
             reserved: BTreeMap::new(),
+            refusal: None,
+            lost: BTreeMap::new(),
         };
-        let allocated = backend.reserved()?;
-        st.reserve_allocated(&allocated)?;
-        Ok(Allocator {
+        st.load(backend.as_ref(), specs)?;
+        let a = Allocator {
             state: Mutex::new(st),
             backend,
             names: Mutex::new(HashMap::new()),
-        })
+        };
+        a.check_identity(reinitialize)?;
+        Ok(a)
     }
 
     /// Re-reads what the device layer has allocated and reserves what no
@@ -248,7 +285,7 @@ impl Allocator {
         &self.backend
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
         relock(&self.state)
     }
 
@@ -309,12 +346,14 @@ impl Allocator {
         if req.name.is_empty() {
             return Err(Error::InvalidArgument("volume name is empty".into()));
         }
+        self.serving()?;
         self.with_name(&req.name, || self.create_locked(req))
     }
 
     fn create_locked(&self, req: &CreateRequest) -> Result<Volume> {
         if let Some(v) = self.volume_by_name(&req.name)? {
             self.check_compatible(&v, req)?;
+            self.check_region_kept(&v)?;
             return match v.state {
                 VolumeState::Ready => Ok(v),
                 VolumeState::Creating => self.finish_create(v),
@@ -492,6 +531,10 @@ impl Allocator {
                 continue;
             }
             considered += 1;
+            if let Some(why) = st.lost.get(id) {
+                refused.push(format!("region {id} is lost: {why}"));
+                continue;
+            }
             if let Some(why) = self.backend.unusable_reason(id) {
                 refused.push(why);
                 continue;
@@ -574,7 +617,8 @@ impl Allocator {
         st.regions
             .iter()
             .map(|(id, r)| {
-                let free_slots = r.free_slots();
+                let lost = st.lost.get(id).cloned().or_else(|| st.refusal.clone());
+                let free_slots = if lost.is_some() { 0 } else { r.free_slots() };
                 let largest_extent = r.map.largest_free();
                 let largest = if free_slots == 0 || largest_extent < r.spec.align {
                     Bytes::ZERO
@@ -593,6 +637,7 @@ impl Allocator {
                     free_slots,
                     volumes: u32::try_from(st.volume_count(id, r)).unwrap_or(u32::MAX),
                     extents: Vec::new(),
+                    lost,
                 }
             })
             .collect()
@@ -640,6 +685,9 @@ impl Allocator {
             .iter()
             .map(|(id, r)| {
                 let present = st.volume_count(id, r) as u64;
+                if st.refusal.is_some() || st.lost.contains_key(id) {
+                    return present;
+                }
                 let by_space = r.map.free_total().0 / r.spec.align.0;
                 present + by_space.min(u64::from(r.free_slots()))
             })
@@ -649,9 +697,11 @@ impl Allocator {
     /// Deletes a volume: refuses while staged or published; destroys the
     /// device, erases the extent if asked, then frees it. Unknown ids succeed.
     pub fn delete_volume(&self, id: &str) -> Result<()> {
+        self.serving()?;
         let Some(v) = self.volume(id)? else {
             return Ok(());
         };
+        self.check_region_kept(&v)?;
         self.with_name(&v.name, || {
             let Some(v) = self.volume(id)? else {
                 return Ok(());
@@ -711,9 +761,11 @@ impl Allocator {
     /// Grows a volume in place to at least `required` usable bytes.
     /// OutOfRange when the extent after it is not free.
     pub fn expand_volume(&self, id: &str, required: Bytes, limit: Option<Bytes>) -> Result<Volume> {
+        self.serving()?;
         let Some(v) = self.volume(id)? else {
             return Err(Error::NotFound(format!("volume {id} does not exist")));
         };
+        self.check_region_kept(&v)?;
         self.with_name(&v.name, || self.expand_locked(id, required, limit))
     }
 
@@ -785,8 +837,13 @@ impl Allocator {
 
     /// Records that a volume is staged or published at a path.
     pub fn put_publication(&self, p: &Publication) -> Result<()> {
+        self.serving()?;
         let mut st = self.state();
         match st.ledger.volume(&p.volume_id)? {
+            Some(v) if st.lost.contains_key(&v.region) => Err(Error::FailedPrecondition(format!(
+                "volume {} is lost: its region {} {}",
+                v.id, v.region, st.lost[&v.region]
+            ))),
             Some(v) if v.state == VolumeState::Ready => st.ledger.put_publication(p),
             Some(v) => Err(Error::FailedPrecondition(format!(
                 "volume {} is {}, not ready",

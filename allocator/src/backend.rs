@@ -73,6 +73,21 @@ pub struct Allocated {
     pub device: String,
 }
 
+/// The identity a region carries: the ledger that stamped it
+/// (see `identity.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegionStamp {
+    /// The backend has no place for an identity (test doubles only).
+    Unsupported,
+    /// The region is there but carries no stamp.
+    Unstamped,
+    /// Stamped with this ledger id.
+    Stamped(String),
+    /// The region's storage itself is gone (sim: its file; lvm: its volume
+    /// group; direct: our identity namespace can only be `Unstamped`); why.
+    Missing(String),
+}
+
 /// A device backend. Implementations must be safe to call from several
 /// threads; the allocator serialises operations on the same volume.
 pub trait Backend: Send + Sync + Debug {
@@ -171,4 +186,45 @@ pub trait Backend: Send + Sync + Debug {
 
     /// Removes a device of ours that no volume owns (orphan clean-up).
     fn remove_orphan(&self, item: &InventoryItem) -> Result<()>;
+
+    /// The identity the region carries now. Must not create anything.
+    fn region_stamp(&self, _region: &str) -> Result<RegionStamp> {
+        Ok(RegionStamp::Unsupported)
+    }
+
+    /// Stamps the region with `ledger_id`, creating its storage when it
+    /// does not exist yet (a first start). Idempotent.
+    fn stamp_region(&self, _region: &str, _ledger_id: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// Erases the region for a new start: every device of ours in it is
+    /// removed with its data (a device in use is refused), what else of the
+    /// region the backend can reach is zeroed, and it is stamped with
+    /// `ledger_id`. Foreign devices are never touched. Returns one line per
+    /// device removed.
+    fn reinit_region(&self, region: &str, _ledger_id: &str) -> Result<Vec<String>> {
+        Err(crate::error::Error::FailedPrecondition(format!(
+            "the {} backend cannot reinitialize region {region}",
+            self.kind()
+        )))
+    }
+
+    /// Tells the backend which ledger it serves (direct: the markers of new
+    /// namespaces carry a short form of it).
+    fn set_ledger_id(&self, _ledger_id: &str) {}
+
+    /// The usage of a device of ours found without a ledger row, for
+    /// `ledger rebuild` (direct: sector mode is FileIO).
+    fn recovered_usage(&self, _item: &InventoryItem) -> Usage {
+        Usage::AppDirect
+    }
+
+    /// After a ledger rebuild: zeroes space of the region that no recovered
+    /// volume holds where it may still hold an earlier volume's data (sim:
+    /// loop devices do not survive a reboot, so a lost volume leaves no
+    /// marker). Backends whose free space is unreachable do nothing.
+    fn scrub_free(&self, _region: &str, _free: &[(Bytes, Bytes)]) -> Result<()> {
+        Ok(())
+    }
 }

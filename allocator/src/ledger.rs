@@ -21,7 +21,8 @@ use crate::volume::{Persistency, Publication, PublicationKind, Usage, Volume, Vo
 
 /// Forward migrations; entry `i` takes the schema from version `i` to `i+1`.
 /// All pending ones run in one transaction at open.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE regions (
     id         TEXT PRIMARY KEY,
     backend    TEXT NOT NULL,
@@ -67,7 +68,21 @@ CREATE TABLE publications (
     capability TEXT NOT NULL,
     PRIMARY KEY (volume_id, kind, path)
 ) STRICT;
-"#];
+"#,
+    // Identity (see identity.rs): the ledger's UUID (made at the first
+    // open) and the regions this ledger has stamped with it.
+    r#"
+CREATE TABLE meta (
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+) STRICT;
+CREATE TABLE region_stamps (
+    region     TEXT PRIMARY KEY,
+    ledger_id  TEXT NOT NULL,
+    stamped_at INTEGER NOT NULL DEFAULT (unixepoch())
+) STRICT;
+"#,
+];
 
 /// A pending device operation, durable before the device is touched.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +152,7 @@ pub struct Ledger {
 }
 
 /// Commits and reports the commit's duration.
-fn commit(
+pub(crate) fn commit(
     tx: rusqlite::Transaction<'_>,
     path: &Path,
     observer: &Option<CommitObserver>,
@@ -164,7 +179,9 @@ impl Ledger {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&lock_path)
+            .map_err(|e| symlink_refused(&lock_path, e))
             .map_err(|e| Error::io(format!("open ledger lock {}", lock_path.display()), e))?;
         let lock =
             Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
@@ -187,9 +204,34 @@ impl Ledger {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
+            .map_err(|e| symlink_refused(path, e))
             .map_err(|e| Error::io(format!("create ledger {}", path.display()), e))?;
-        let conn = Connection::open(path).map_err(|e| sql_err(path, e))?;
+        // sqlite makes the -wal and -shm files itself; refuse symlinks there
+        // too (it would follow them), and let it refuse a swapped main file.
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            let side = PathBuf::from(side);
+            if std::fs::symlink_metadata(&side).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(Error::io(
+                    format!("open ledger {}", path.display()),
+                    std::io::Error::other(format!(
+                        "{} is a symbolic link; refusing to follow it (remove it)",
+                        side.display()
+                    )),
+                ));
+            }
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | rusqlite::OpenFlags::SQLITE_OPEN_URI
+                | rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW,
+        )
+        .map_err(|e| sql_err(path, e))?;
         let mut ledger = Ledger {
             conn,
             path: path.to_owned(),
@@ -203,6 +245,15 @@ impl Ledger {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The connection, for the identity module's tables (identity.rs).
+    pub(crate) fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    pub(crate) fn observer(&self) -> &Option<CommitObserver> {
+        &self.observer
     }
 
     pub fn set_observer(&mut self, observer: CommitObserver) {
@@ -639,13 +690,25 @@ impl Ledger {
     }
 }
 
+/// ELOOP from O_NOFOLLOW means the name is a symlink: say so.
+fn symlink_refused(path: &Path, e: std::io::Error) -> std::io::Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        std::io::Error::other(format!(
+            "{} is a symbolic link; the ledger is never opened through one (remove the link; if its target is the real ledger, move that file here)",
+            path.display()
+        ))
+    } else {
+        e
+    }
+}
+
 fn lock_path(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".lock");
     PathBuf::from(p)
 }
 
-fn sql_err(path: &Path, source: rusqlite::Error) -> Error {
+pub(crate) fn sql_err(path: &Path, source: rusqlite::Error) -> Error {
     Error::Ledger {
         path: path.to_owned(),
         source,
@@ -740,6 +803,58 @@ mod tests {
         assert!(matches!(Ledger::open(&p), Err(Error::LedgerLocked { .. })));
         drop(l);
         Ledger::open(&p).unwrap();
+    }
+
+    #[test]
+    fn never_opens_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ledger.db");
+        let target = dir.path().join("elsewhere.db");
+        for side in [
+            "ledger.db",
+            "ledger.db.lock",
+            "ledger.db-wal",
+            "ledger.db-shm",
+        ] {
+            let link = dir.path().join(side);
+            // The lock file exists after the first open attempt.
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&target, &link).unwrap();
+            let e = Ledger::open(&p).unwrap_err().to_string();
+            assert!(e.contains("is a symbolic link"), "{side}: {e}");
+            assert!(!target.exists(), "{side}: the symlink was followed");
+            std::fs::remove_file(&link).unwrap();
+        }
+        Ledger::open(&p).unwrap();
+    }
+
+    #[test]
+    fn an_older_ledger_migrates_and_gets_an_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ledger.db");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.execute_batch("PRAGMA user_version = 1").unwrap();
+        }
+        {
+            // Files made by Connection::open are not 0600; ours would be.
+            let mut l = Ledger::open(&p).unwrap();
+            l.sync_regions("sim", &[spec("region0")]).unwrap();
+            l.insert_creating(&vol("v1", "n1"), "{}").unwrap();
+        }
+        let mut l = Ledger::open(&p).unwrap();
+        assert_eq!(Ledger::SCHEMA_VERSION, 2);
+        let id = l.ledger_id().unwrap();
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(l.region_stamps().unwrap().is_empty());
+        assert_eq!(l.volumes().unwrap().len(), 1);
+        l.record_stamp("region0", &id).unwrap();
+        drop(l);
+        let mut l = Ledger::open(&p).unwrap();
+        assert_eq!(l.ledger_id().unwrap(), id, "the identity is made once");
+        assert_eq!(l.region_stamps().unwrap()["region0"], id);
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod allocator;
 pub mod backend;
 pub mod direct;
 pub mod error;
+pub mod identity;
 pub mod ledger;
 pub mod loopdev;
 pub mod lvm;
@@ -17,8 +18,9 @@ pub mod units;
 pub mod volume;
 
 pub use allocator::{Allocator, CreateRequest, Holder, RegionCapacity};
-pub use backend::{Backend, Device, DeviceRequest, InventoryItem, Owner};
+pub use backend::{Backend, Device, DeviceRequest, InventoryItem, Owner, RegionStamp};
 pub use error::{Error, Result};
+pub use identity::{RebuildReport, RegionRecovery};
 pub use reconcile::ReconcileReport;
 pub use region::{ExtentMap, RegionSpec};
 pub use units::Bytes;

@@ -36,10 +36,14 @@ impl ReconcileReport {
 impl Allocator {
     /// Diffs ledger and devices and repairs what it can (nothing with `dry_run`).
     pub fn reconcile(&self, dry_run: bool, remove_orphans: bool) -> Result<ReconcileReport> {
+        if !dry_run {
+            self.serving()?;
+        }
         let mut rep = ReconcileReport {
             dry_run,
             ..Default::default()
         };
+        let lost = self.lost_regions();
         self.backend().refresh();
         let expanding: HashSet<String> = self
             .intents()?
@@ -54,6 +58,16 @@ impl Allocator {
                 let Ok(Some(v)) = self.volume(&v.id) else {
                     return;
                 };
+                // A lost region's devices are not ours to re-create (sim
+                // would attach over a new, empty file): report only.
+                if let Some(why) = lost.get(&v.region) {
+                    rep.missing.push(v.id.clone());
+                    rep.errors.push(format!(
+                        "volume {} is lost: its region {} {why}; run `pmemctl region forget {}` or `pmemctl region reinit {}`",
+                        v.id, v.region, v.region, v.region
+                    ));
+                    return;
+                }
                 let exp = expanding.contains(&v.id);
                 self.reconcile_volume(v, exp, dry_run, &mut rep);
             });
@@ -64,6 +78,10 @@ impl Allocator {
             .map(|v| (v.id, v.region, v.offset))
             .collect();
         for item in self.backend().inventory()? {
+            if lost.contains_key(&item.region) {
+                // Another ledger's or an unknown identity: never ours to remove.
+                continue;
+            }
             match &item.owner {
                 Owner::Foreign(what) => {
                     tracing::warn!(region = %item.region, device = %item.path, owner = %what, "foreign device in our region; leaving it alone");

@@ -9,7 +9,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::backend::{Backend, Device, DeviceRequest, InventoryItem, Owner};
+use crate::backend::{
+    Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, RegionStamp,
+};
 use crate::error::{Error, Result};
 use crate::loopdev;
 use crate::region::RegionSpec;
@@ -79,30 +81,38 @@ impl SimBackend {
         let mut regions = Vec::new();
         for i in 0..cfg.regions {
             let path = dir.join(format!("region{i}.img"));
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| Error::io(format!("open region file {}", path.display()), e))?;
-            let len = f
-                .metadata()
-                .map_err(|e| Error::io(format!("stat region file {}", path.display()), e))?
-                .len();
-            if len < cfg.region_size.0 {
-                // New, or configured larger: grow sparsely. Shrinking is refused
-                // (the ledger would reject volumes beyond the end anyway).
-                f.set_len(cfg.region_size.0)
-                    .map_err(|e| Error::io(format!("size region file {}", path.display()), e))?;
-            } else if len > cfg.region_size.0 {
-                return Err(Error::InvalidArgument(format!(
-                    "region file {} is {} but the configured region size is {}; refusing to shrink it",
-                    path.display(),
-                    Bytes(len),
-                    cfg.region_size
-                )));
+            // A missing file is made only when the region is stamped (a
+            // first start): a region file deleted under volumes the ledger
+            // records must not come back empty (identity.rs).
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.file_type().is_file() => {
+                    let len = m.len();
+                    if len < cfg.region_size.0 {
+                        // Configured larger: grow sparsely. Shrinking is refused
+                        // (the ledger would reject volumes beyond the end anyway).
+                        let f = open_nofollow(&path, false)?;
+                        f.set_len(cfg.region_size.0).map_err(|e| {
+                            Error::io(format!("size region file {}", path.display()), e)
+                        })?;
+                    } else if len > cfg.region_size.0 {
+                        return Err(Error::InvalidArgument(format!(
+                            "region file {} is {} but the configured region size is {}; refusing to shrink it",
+                            path.display(),
+                            Bytes(len),
+                            cfg.region_size
+                        )));
+                    }
+                }
+                Ok(_) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "region file {} is not a regular file (a symlink?); refusing to use it",
+                        path.display()
+                    )));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::io(format!("stat region file {}", path.display()), e));
+                }
             }
             regions.push((
                 RegionSpec {
@@ -144,12 +154,24 @@ impl SimBackend {
 
     fn open_region(&self, region: &str) -> Result<(File, &Path)> {
         let path = self.region_file(region)?;
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(format!("open region file {}", path.display()), e))?;
-        Ok((f, path))
+        Ok((open_nofollow(path, false)?, path))
+    }
+
+    fn spec(&self, region: &str) -> Result<&RegionSpec> {
+        self.regions
+            .iter()
+            .find(|(s, _)| s.id == region)
+            .map(|(s, _)| s)
+            .ok_or_else(|| Error::NotFound(format!("sim region {region} does not exist")))
+    }
+
+    /// Loop devices over the region file; none when the file is gone.
+    fn loops_of(&self, file: &Path) -> Result<Vec<loopdev::LoopDevice>> {
+        if self.mode == SimMode::FileOnly || !file.exists() {
+            return Ok(Vec::new());
+        }
+        loopdev::backed_by(file)
+            .map_err(|e| Error::io(format!("list loop devices of {}", file.display()), e))
     }
 
     /// Loop devices of ours for this volume (by marker), any offset.
@@ -196,6 +218,90 @@ impl SimBackend {
         }
         Ok(())
     }
+}
+
+/// The extended attribute that carries a region file's identity:
+/// `ledger=<ledger id> region=<region id>`. An attribute, not a header in
+/// the file, so no byte of the region is taken (capacity and every extent
+/// stay as they were, also for ledgers from before identities) and the
+/// file can grow without moving anything; it needs a filesystem with user
+/// extended attributes (ext4, xfs, btrfs, tmpfs since Linux 6.6).
+pub const STAMP_XATTR: &str = "user.pmem-agent.identity";
+
+fn open_nofollow(path: &Path, create: bool) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Error::io(format!("open region file {}", path.display()), e))
+}
+
+fn xattr_name() -> std::ffi::CString {
+    std::ffi::CString::new(STAMP_XATTR).unwrap_or_default()
+}
+
+/// The identity attribute of an open file; `None` when it has none.
+fn read_stamp(f: &File) -> std::io::Result<Option<String>> {
+    let name = xattr_name();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: the buffer outlives the call and its length is passed.
+    let n = unsafe {
+        libc::fgetxattr(
+            f.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENODATA) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    buf.truncate(usize::try_from(n).unwrap_or(0));
+    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
+}
+
+fn write_stamp(f: &File, value: &str) -> std::io::Result<()> {
+    let name = xattr_name();
+    // SAFETY: the value buffer outlives the call and its length is passed.
+    let r = unsafe {
+        libc::fsetxattr(
+            f.as_raw_fd(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn stamp_value(ledger_id: &str, region: &str) -> String {
+    format!("ledger={ledger_id} region={region}")
+}
+
+/// The ledger id in a stamp value, with the region it names.
+fn parse_stamp(v: &str) -> Option<(&str, &str)> {
+    let mut ledger = None;
+    let mut region = None;
+    for part in v.split_whitespace() {
+        if let Some(l) = part.strip_prefix("ledger=") {
+            ledger = Some(l);
+        } else if let Some(r) = part.strip_prefix("region=") {
+            region = Some(r);
+        }
+    }
+    Some((ledger?, region?))
 }
 
 /// True when no data lies in the range (SEEK_DATA finds none before its end).
@@ -414,9 +520,7 @@ impl Backend for SimBackend {
         }
         let mut out = Vec::new();
         for (spec, file) in &self.regions {
-            let devs = loopdev::backed_by(file)
-                .map_err(|e| Error::io(format!("list loop devices of {}", file.display()), e))?;
-            for d in devs {
+            for d in self.loops_of(file)? {
                 let owner = match d.name.strip_prefix(MARKER) {
                     Some(id) => Owner::Ours(id.to_owned()),
                     None => Owner::Foreign(format!("loop device named {:?}", d.name)),
@@ -442,5 +546,140 @@ impl Backend for SimBackend {
         }
         loopdev::detach(Path::new(&item.path))
             .map_err(|e| Error::Device(format!("detach orphan {}: {e}", item.path)))
+    }
+
+    fn reserved(&self) -> Result<Vec<Allocated>> {
+        let mut out = Vec::new();
+        for (spec, file) in &self.regions {
+            for d in self.loops_of(file)? {
+                // A size limit of 0 is "to the end of the file".
+                let len = if d.size_limit.0 == 0 {
+                    Bytes(spec.size.0.saturating_sub(d.offset.0))
+                } else {
+                    d.size_limit
+                };
+                out.push(Allocated {
+                    region: spec.id.clone(),
+                    offset: d.offset,
+                    len,
+                    volume: d.name.strip_prefix(MARKER).map(str::to_owned),
+                    device: d.path.display().to_string(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn region_stamp(&self, region: &str) -> Result<RegionStamp> {
+        let path = self.region_file(region)?;
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_file() => {}
+            Ok(_) => {
+                return Ok(RegionStamp::Missing(format!(
+                    "its region file {} is not a regular file",
+                    path.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(RegionStamp::Missing(format!(
+                    "its region file {} is gone",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(Error::io(format!("stat region file {}", path.display()), e)),
+        }
+        let f = open_nofollow(path, false)?;
+        let v = read_stamp(&f).map_err(|e| {
+            Error::io(
+                format!("read identity of region file {}", path.display()),
+                e,
+            )
+        })?;
+        Ok(match v.as_deref().map(parse_stamp) {
+            None => RegionStamp::Unstamped,
+            Some(Some((ledger, r))) if r == region => RegionStamp::Stamped(ledger.to_owned()),
+            Some(Some((ledger, r))) => RegionStamp::Stamped(format!("{ledger}, as region {r}")),
+            Some(None) => RegionStamp::Stamped(format!("unreadable stamp {v:?}")),
+        })
+    }
+
+    fn stamp_region(&self, region: &str, ledger_id: &str) -> Result<()> {
+        let path = self.region_file(region)?;
+        let size = self.spec(region)?.size;
+        let f = open_nofollow(path, true)?;
+        let len = f
+            .metadata()
+            .map_err(|e| Error::io(format!("stat region file {}", path.display()), e))?
+            .len();
+        if len < size.0 {
+            f.set_len(size.0)
+                .map_err(|e| Error::io(format!("size region file {}", path.display()), e))?;
+        }
+        write_stamp(&f, &stamp_value(ledger_id, region)).map_err(|e| {
+            let hint = if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                " (the filesystem does not support user extended attributes, which the sim backend keeps the region's identity in; put the state directory on ext4, xfs, btrfs or tmpfs >= 6.6)"
+            } else {
+                ""
+            };
+            Error::io(
+                format!("stamp region file {}{hint}", path.display()),
+                e,
+            )
+        })?;
+        f.sync_all()
+            .map_err(|e| Error::io(format!("sync region file {}", path.display()), e))?;
+        if let Some(dir) = path.parent()
+            && let Ok(d) = File::open(dir)
+        {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    fn reinit_region(&self, region: &str, ledger_id: &str) -> Result<Vec<String>> {
+        let path = self.region_file(region)?.to_owned();
+        let spec = self.spec(region)?.clone();
+        let mut lines = Vec::new();
+        let mut foreign = Vec::new();
+        for d in self.loops_of(&path)? {
+            if d.name.starts_with(MARKER) {
+                loopdev::detach(&d.path).map_err(|e| {
+                    Error::FailedPrecondition(format!(
+                        "cannot remove {} ({:?}) of region {region}: {e}; unmount it first",
+                        d.path.display(),
+                        d.name
+                    ))
+                })?;
+                lines.push(format!("removed {} ({})", d.path.display(), d.name));
+            } else {
+                foreign.push((d.offset, d.size_limit));
+            }
+        }
+        self.stamp_region(region, ledger_id)?;
+        // Zero everything but what foreign loop devices cover.
+        let mut at = Bytes::ZERO;
+        foreign.sort();
+        for (o, l) in foreign {
+            if o > at {
+                self.zero_range(region, at, o - at)?;
+            }
+            let end = if l.0 == 0 { spec.size } else { o + l };
+            at = at.max(end);
+        }
+        if at < spec.size {
+            self.zero_range(region, at, spec.size - at)?;
+        }
+        lines.push(format!(
+            "zeroed region file {} and stamped it for ledger {ledger_id}",
+            path.display()
+        ));
+        Ok(lines)
+    }
+
+    fn scrub_free(&self, region: &str, free: &[(Bytes, Bytes)]) -> Result<()> {
+        for (o, l) in free {
+            self.zero_range(region, *o, *l)?;
+        }
+        Ok(())
     }
 }

@@ -139,6 +139,13 @@ impl Daemon {
     /// (Re)starts the process (after its pmem-allocd in remote mode) and
     /// waits for readiness.
     pub async fn spawn(&mut self) {
+        self.spawn_process().await;
+        self.wait_ready().await;
+    }
+
+    /// Starts the process (and pmem-allocd in remote mode) without waiting
+    /// for readiness: for a daemon that starts in recovery.
+    pub async fn spawn_process(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -170,7 +177,6 @@ impl Daemon {
             .spawn()
             .expect("spawn pmem-agent");
         self.child = Some(child);
-        self.wait_ready().await;
     }
 
     pub async fn wait_ready(&mut self) {

@@ -56,9 +56,43 @@ enum Cmd {
     },
     /// Devices of ours that no volume owns.
     Orphans,
+    /// The ledger's identity, and recovery of a refused ledger.
+    #[command(subcommand)]
+    Ledger(LedgerCmd),
+    /// Recovery of a lost region (its identity missing or another ledger's).
+    #[command(subcommand)]
+    Region(RegionCmd),
     /// Drive the CSI socket by hand.
     #[command(subcommand)]
     Csi(CsiCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum LedgerCmd {
+    /// Identity, and why the ledger is refused or which regions are lost.
+    Status,
+    /// Re-create the ledger's rows from the markers of our devices (only
+    /// for a refused ledger). A dry run that lists them unless --apply.
+    Rebuild {
+        #[arg(long)]
+        apply: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RegionCmd {
+    /// Drop a lost region's volumes from the ledger (they are listed; the
+    /// devices are not touched); the region is stamped again if it carries
+    /// no other ledger's identity.
+    Forget { region: String },
+    /// ERASE a lost region: our devices and their data go, its volumes are
+    /// dropped from the ledger, and it is stamped with this ledger's
+    /// identity. Needs --yes.
+    Reinit {
+        region: String,
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -264,6 +298,9 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     g.numa_node,
                     extent_bar(g, 48)
                 );
+                if !g.lost.is_empty() {
+                    t += &format!("{:<10} LOST: {}\n", "", g.lost);
+                }
             }
             let v: Vec<Value> = r
                 .regions
@@ -272,7 +309,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     json!({"id": g.id, "backend": g.backend, "size_bytes": g.size_bytes, "align_bytes": g.align_bytes,
                       "available_bytes": g.available_bytes, "largest_allocatable_bytes": g.largest_allocatable_bytes,
                       "minimum_volume_bytes": g.minimum_volume_bytes, "namespace_slots": g.namespace_slots,
-                      "free_namespace_slots": g.free_namespace_slots, "numa_node": g.numa_node, "location": g.location,
+                      "free_namespace_slots": g.free_namespace_slots, "numa_node": g.numa_node, "location": g.location, "lost": g.lost,
                       "extents": g.extents.iter().map(|e| json!({"offset_bytes": e.offset_bytes, "size_bytes": e.size_bytes, "volume_id": e.volume_id, "state": e.state, "reserved": e.reserved})).collect::<Vec<_>>()})
                 })
                 .collect();
@@ -392,6 +429,122 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 );
             }
             out(Value::Array(r.orphans.iter().map(dev_json).collect()), t);
+        }
+        Cmd::Ledger(LedgerCmd::Status) => {
+            let mut c = AdminClient::new(connect(&cli.admin_endpoint).await?);
+            let r = c
+                .ledger_status(pmem_proto::admin::Empty {})
+                .await
+                .map_err(st)?
+                .into_inner();
+            let mut t = format!("ledger {}\n", r.ledger_id);
+            if r.refused.is_empty() {
+                t += "serving\n";
+            } else {
+                t += &format!("REFUSED: {}\n", r.refused);
+            }
+            let mut lost: Vec<_> = r.lost_regions.iter().collect();
+            lost.sort();
+            for (region, why) in &lost {
+                t += &format!("region {region} LOST: {why}\n");
+            }
+            out(
+                json!({"ledger_id": r.ledger_id, "refused": r.refused, "lost_regions": r.lost_regions}),
+                t,
+            );
+            return Ok(if r.refused.is_empty() && r.lost_regions.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        Cmd::Ledger(LedgerCmd::Rebuild { apply }) => {
+            let mut c = AdminClient::new(connect(&cli.admin_endpoint).await?);
+            let r = c
+                .rebuild_ledger(pmem_proto::admin::RebuildLedgerRequest { apply: *apply })
+                .await
+                .map_err(st)?
+                .into_inner();
+            let mut t = format!(
+                "{}: {} volumes for ledger {} over regions {}\n",
+                if r.applied {
+                    "rebuilt"
+                } else {
+                    "dry run (nothing written; --apply writes it)"
+                },
+                r.volumes.len(),
+                r.ledger_id,
+                r.regions.join(", ")
+            );
+            for v in &r.volumes {
+                t += &format!(
+                    "  volume {} in {} at {}+{} ({}, {})\n",
+                    v.id,
+                    v.region,
+                    v.offset_bytes,
+                    human(v.size_bytes),
+                    v.usage,
+                    if v.device.is_empty() { "-" } else { &v.device }
+                );
+            }
+            for k in &r.skipped {
+                t += &format!("  skipped {k}\n");
+            }
+            if !r.backup.is_empty() {
+                t += &format!("  the old ledger was copied to {}\n", r.backup);
+            }
+            out(
+                json!({"applied": r.applied, "ledger_id": r.ledger_id, "regions": r.regions,
+                   "volumes": r.volumes.iter().map(volume_json).collect::<Vec<_>>(),
+                   "skipped": r.skipped, "backup": r.backup}),
+                t,
+            );
+        }
+        Cmd::Region(cmd) => {
+            let mut c = AdminClient::new(connect(&cli.admin_endpoint).await?);
+            let r = match cmd {
+                RegionCmd::Forget { region } => c
+                    .forget_region(pmem_proto::admin::RegionRequest {
+                        region: region.clone(),
+                    })
+                    .await
+                    .map_err(st)?
+                    .into_inner(),
+                RegionCmd::Reinit { region, yes } => {
+                    if !yes {
+                        return Err(format!(
+                            "region reinit ERASES region {region}: every volume in it and its data are gone; run again with --yes"
+                        ));
+                    }
+                    c.reinit_region(pmem_proto::admin::RegionRequest {
+                        region: region.clone(),
+                    })
+                    .await
+                    .map_err(st)?
+                    .into_inner()
+                }
+            };
+            let mut t = format!(
+                "region {}: {} volumes dropped from the ledger\n",
+                r.region,
+                r.volumes.len()
+            );
+            for v in &r.volumes {
+                t += &format!(
+                    "  dropped {} ({:?}, {})\n",
+                    v.id,
+                    v.name,
+                    human(v.size_bytes)
+                );
+            }
+            for a in &r.actions {
+                t += &format!("  {a}\n");
+            }
+            out(
+                json!({"region": r.region, "actions": r.actions,
+                   "volumes": r.volumes.iter().map(volume_json).collect::<Vec<_>>()}),
+                t,
+            );
         }
         Cmd::Csi(cmd) => return csi_cmd(&cli, cmd).await,
     }

@@ -225,6 +225,7 @@ impl ControllerService {
                 })?
         };
         let listed = blocking(&self.driver.alloc, move |a| {
+            let lost = a.ledger_status()?.lost;
             a.volumes()?
                 .into_iter()
                 .filter(|v| {
@@ -232,7 +233,8 @@ impl ControllerService {
                 })
                 .map(|v| {
                     let u = a.usable_of(&v)?;
-                    Ok((v, u))
+                    let l = lost.get(&v.region).cloned();
+                    Ok((v, u, l))
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -244,15 +246,18 @@ impl ControllerService {
         };
         let next_token = listed
             .get(take)
-            .map(|(v, _)| v.seq.to_string())
+            .map(|(v, _, _)| v.seq.to_string())
             .unwrap_or_default();
         let entries = listed[..take]
             .iter()
-            .map(|(v, u)| csi::list_volumes_response::Entry {
+            .map(|(v, u, lost)| csi::list_volumes_response::Entry {
                 volume: Some(self.csi_volume(v, *u)),
                 status: Some(csi::list_volumes_response::VolumeStatus {
                     published_node_ids: Vec::new(),
-                    volume_condition: Some(condition_of_state(v)),
+                    volume_condition: Some(match lost {
+                        Some(why) => condition_lost(v, why),
+                        None => condition_of_state(v),
+                    }),
                 }),
             })
             .collect();
@@ -273,14 +278,18 @@ impl ControllerService {
                 return Ok(None);
             };
             let usable = a.usable_of(&v)?;
+            if let Some(why) = a.ledger_status()?.lost.get(&v.region) {
+                return Ok(Some((v, usable, None, Some(why.clone()))));
+            }
             let found = a.find_device(&v);
-            Ok(Some((v, usable, Some(found))))
+            Ok(Some((v, usable, Some(found), None)))
         })
         .await?;
-        let (v, usable, found) = found.ok_or_else(|| {
+        let (v, usable, found, lost) = found.ok_or_else(|| {
             AgentError::NotFound(format!("volume {} does not exist", req.volume_id))
         })?;
         let condition = match found {
+            _ if lost.is_some() => condition_lost(&v, lost.as_deref().unwrap_or_default()),
             _ if v.state != VolumeState::Ready => condition_of_state(&v),
             Some(Ok(Some(_))) => csi::VolumeCondition {
                 abnormal: false,
@@ -375,6 +384,17 @@ impl ControllerService {
             capacity_bytes: to_i64(usable),
             node_expansion_required: !block,
         })
+    }
+}
+
+/// A volume on a lost region (its identity missing or another ledger's).
+fn condition_lost(v: &Volume, why: &str) -> csi::VolumeCondition {
+    csi::VolumeCondition {
+        abnormal: true,
+        message: format!(
+            "volume {} is lost: its region {} {why}; an operator must run `pmemctl region forget {}` or `pmemctl region reinit {}`",
+            v.id, v.region, v.region, v.region
+        ),
     }
 }
 

@@ -48,7 +48,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, Placement};
+use crate::backend::{
+    Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, Placement, RegionStamp,
+};
 use crate::error::{Error, Result};
 use crate::region::RegionSpec;
 use crate::units::{Bytes, MIB};
@@ -62,6 +64,12 @@ use sysfs::{BlockDevices, RealBlockDevices, RealSysfs, Sysfs};
 
 /// `alt_name` prefix of our namespaces (the same marker as the sim backend's).
 pub const MARKER: &str = crate::sim::MARKER;
+
+/// `alt_name` prefix of the identity namespace we keep in each region: a
+/// small raw namespace of ours (one alignment unit, one label slot) whose
+/// name carries the ledger's id (`pmem-agent-id:<32 hex>`, identity.rs). It
+/// is reserved like a foreign namespace, so capacity excludes it exactly.
+pub const IDENTITY_PREFIX: &str = "pmem-agent-id:";
 
 /// libnvdimm's limit for `alt_name` (NSLABEL_NAME_LEN, with the NUL).
 const NAME_MAX: usize = 63;
@@ -89,6 +97,10 @@ pub struct DirectConfig {
     /// LVM backend's physical volumes use their own, so neither mode takes
     /// the other's namespaces for orphans).
     pub marker: String,
+    /// Keep the ledger's identity in an identity namespace per region
+    /// (identity.rs). Always on in the daemon; off only for unit tests of
+    /// sysfs sequences whose exact offsets predate identities.
+    pub identity: bool,
 }
 
 impl Default for DirectConfig {
@@ -99,6 +111,7 @@ impl Default for DirectConfig {
             device_timeout: Duration::from_secs(10),
             placement_timeout: Duration::from_secs(10),
             marker: MARKER.to_owned(),
+            identity: true,
         }
     }
 }
@@ -122,6 +135,9 @@ pub struct DirectBackend {
     /// offset: only their namespaces may be initialised (a ready volume's
     /// never is: its data would go), and creates placed after them wait.
     fresh: Mutex<HashMap<String, (String, u64)>>,
+    /// Short form (8 hex digits) of the ledger's id that new namespaces'
+    /// markers carry: `pmem-agent:<short>:<volume id>`.
+    ledger_short: Mutex<Option<String>>,
 }
 
 fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -136,7 +152,15 @@ fn claim_kind(usage: Usage) -> ClaimKind {
 }
 
 fn marker_with(prefix: &str, volume_id: &str) -> Result<String> {
-    let m = format!("{prefix}{volume_id}");
+    marker_for(prefix, None, volume_id)
+}
+
+/// A volume's marker, with the ledger's short id when it is known.
+fn marker_for(prefix: &str, short: Option<&str>, volume_id: &str) -> Result<String> {
+    let m = match short {
+        Some(s) => format!("{prefix}{s}:{volume_id}"),
+        None => format!("{prefix}{volume_id}"),
+    };
     if m.len() > NAME_MAX {
         return Err(Error::InvalidArgument(format!(
             "volume id {volume_id:?} is too long for a namespace name ({} > {NAME_MAX} bytes)",
@@ -144,6 +168,18 @@ fn marker_with(prefix: &str, volume_id: &str) -> Result<String> {
         )));
     }
     Ok(m)
+}
+
+/// The volume id in a marker, with or without a ledger short id
+/// (`<prefix>[<8 hex>:]<volume id>`); `None` when it is not ours.
+fn marked_volume<'a>(prefix: &str, alt_name: &'a str) -> Option<&'a str> {
+    let rest = alt_name.strip_prefix(prefix)?;
+    match rest.split_once(':') {
+        Some((short, id)) if short.len() == 8 && short.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(id)
+        }
+        _ => Some(rest),
+    }
 }
 
 /// The label uuid of a volume's namespace: the uuid inside our volume ids
@@ -263,7 +299,59 @@ impl DirectBackend {
             cfg,
             regions,
             fresh: Mutex::new(HashMap::new()),
+            ledger_short: Mutex::new(None),
         })
+    }
+
+    /// The identity namespaces of a region (normally at most one).
+    fn identity_namespaces(&self, region: &str) -> Result<Vec<NamespaceInfo>> {
+        Ok(self
+            .tree()
+            .namespaces(region)?
+            .into_iter()
+            .filter(|n| n.size > 0 && !n.io && n.alt_name.starts_with(IDENTITY_PREFIX))
+            .collect())
+    }
+
+    /// Makes the identity namespace (region lock held): uuid, name, size on
+    /// the seed, raw (no claim, never bound: nothing reads or writes it).
+    fn make_identity(&self, info: &RegionInfo, ledger_id: &str) -> Result<()> {
+        let t = self.tree();
+        let seed = t.read(&info.name, "namespace_seed")?;
+        let s = t.namespace(&seed)?;
+        if s.size != 0 || s.driver.is_some() || s.holder.is_some() {
+            return Err(Error::Busy(format!(
+                "seed namespace {seed} of {} is not idle; is another tool creating a namespace? retry",
+                info.name
+            )));
+        }
+        // Label uuids are unique on the bus: a fresh one per region (the
+        // ledger id is in the name).
+        let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
+        let size = Self::extent_align(info);
+        let r = self
+            .write(&seed, "uuid", &uuid)
+            .and_then(|()| self.write(&seed, "alt_name", &format!("{IDENTITY_PREFIX}{ledger_id}")))
+            .and_then(|()| self.write(&seed, "sector_size", "512"))
+            .and_then(|()| self.write(&seed, "size", &size.to_string()))
+            // Bound raw (force_raw: never probed for an old claim's info
+            // block) so the kernel moves the region's seed on, as a reboot
+            // would bind it anyway.
+            .and_then(|()| self.write(&seed, "force_raw", "1"))
+            .and_then(|()| self.bind(&seed));
+        if let Err(e) = r {
+            let _ = self.unbind(&seed);
+            let _ = self.write(&seed, "force_raw", "0");
+            let _ = self.write(&seed, "size", "0");
+            let _ = self.write(&seed, "alt_name", "");
+            return Err(Error::Device(format!(
+                "create the identity namespace of {} ({} bytes, one label slot): {e}",
+                info.name,
+                Bytes(size)
+            )));
+        }
+        tracing::info!(region = %info.name, namespace = %seed, ledger_id, "identity namespace created");
+        Ok(())
     }
 
     fn tree(&self) -> Tree<'_> {
@@ -360,12 +448,14 @@ impl DirectBackend {
 
     /// Our namespace of a volume in a region (by marker), at any offset.
     fn ours(&self, info: &RegionInfo, volume_id: &str) -> Result<Option<NamespaceInfo>> {
-        let m = marker_with(&self.cfg.marker, volume_id)?;
+        marker_with(&self.cfg.marker, volume_id)?;
         let mut found: Vec<NamespaceInfo> = self
             .tree()
             .namespaces(&info.name)?
             .into_iter()
-            .filter(|n| n.size > 0 && n.alt_name == m)
+            .filter(|n| {
+                n.size > 0 && marked_volume(&self.cfg.marker, &n.alt_name) == Some(volume_id)
+            })
             .collect();
         match found.len() {
             0 => Ok(None),
@@ -585,10 +675,11 @@ impl DirectBackend {
         self.write(&seed, "uuid", &namespace_uuid(&req.volume_id))?;
         // Writing size 0 frees the space and the uuid: one undo for both.
         undo.push(Step::Size(seed.clone()));
+        let short = relock(&self.ledger_short).clone();
         self.write(
             &seed,
             "alt_name",
-            &marker_with(&self.cfg.marker, &req.volume_id)?,
+            &marker_for(&self.cfg.marker, short.as_deref(), &req.volume_id)?,
         )?;
         undo.push(Step::AltName(seed.clone()));
         self.write(&seed, "sector_size", "512")?;
@@ -985,10 +1076,7 @@ impl Backend for DirectBackend {
                         region: s.name.clone(),
                         offset: Bytes(off),
                         len: Bytes(ns.size),
-                        volume: ns
-                            .alt_name
-                            .strip_prefix(self.cfg.marker.as_str())
-                            .map(str::to_owned),
+                        volume: marked_volume(&self.cfg.marker, &ns.alt_name).map(str::to_owned),
                         device: ns.name.clone(),
                     });
                 }
@@ -1150,10 +1238,11 @@ impl Backend for DirectBackend {
         for s in &self.regions {
             let info = self.region_info(&s.name)?;
             for ns in self.tree().namespaces(&s.name)? {
-                if ns.size == 0 {
+                // Our identity namespace is neither a volume nor foreign.
+                if ns.size == 0 || (!ns.io && ns.alt_name.starts_with(IDENTITY_PREFIX)) {
                     continue;
                 }
-                let owner = match ns.alt_name.strip_prefix(self.cfg.marker.as_str()) {
+                let owner = match marked_volume(&self.cfg.marker, &ns.alt_name) {
                     Some(id) if !ns.io => Owner::Ours(id.to_owned()),
                     _ if ns.io => Owner::Foreign(format!(
                         "label-less namespace {} covering all of {} (mode {})",
@@ -1192,7 +1281,7 @@ impl Backend for DirectBackend {
             let info = self.region_info(&item.region)?;
             let ns = self.tree().namespace(&item.path)?;
             // The name may have been reused since the inventory.
-            if ns.alt_name != marker_with(&self.cfg.marker, id)? || ns.size == 0 {
+            if marked_volume(&self.cfg.marker, &ns.alt_name) != Some(id.as_str()) || ns.size == 0 {
                 return Err(Error::FailedPrecondition(format!(
                     "namespace {} changed since the inventory (now {:?}); not removing it",
                     item.path, ns.alt_name
@@ -1202,6 +1291,108 @@ impl Backend for DirectBackend {
         })();
         slot.changed.notify_all();
         result
+    }
+
+    fn region_stamp(&self, region: &str) -> Result<RegionStamp> {
+        let info = self.region_info(region)?;
+        if !self.cfg.identity || Self::refusal(&info).is_some() {
+            // Label-less or unusable: holds no volume, keeps no identity.
+            return Ok(RegionStamp::Unsupported);
+        }
+        let ids = self.identity_namespaces(region)?;
+        let names: Vec<&str> = ids
+            .iter()
+            .filter_map(|n| n.alt_name.strip_prefix(IDENTITY_PREFIX))
+            .collect();
+        Ok(match names.as_slice() {
+            [] => RegionStamp::Unstamped,
+            [one] => RegionStamp::Stamped((*one).to_owned()),
+            many => {
+                RegionStamp::Stamped(format!("several identity namespaces: {}", many.join(", ")))
+            }
+        })
+    }
+
+    fn stamp_region(&self, region: &str, ledger_id: &str) -> Result<()> {
+        let slot = self.slot(region)?;
+        let _g = relock(&slot.lock);
+        let info = self.region_info(region)?;
+        if let Some(why) = Self::refusal(&info) {
+            return Err(Error::FailedPrecondition(why));
+        }
+        let ids = self.identity_namespaces(region)?;
+        let want = format!("{IDENTITY_PREFIX}{ledger_id}");
+        if ids.iter().any(|n| n.alt_name == want) {
+            return Ok(());
+        }
+        if let Some(other) = ids.first() {
+            return Err(Error::FailedPrecondition(format!(
+                "region {region} already has the identity namespace {} ({:?}) of another ledger",
+                other.name, other.alt_name
+            )));
+        }
+        let r = self.make_identity(&info, ledger_id);
+        slot.changed.notify_all();
+        r
+    }
+
+    fn reinit_region(&self, region: &str, ledger_id: &str) -> Result<Vec<String>> {
+        let slot = self.slot(region)?;
+        let mut lines = Vec::new();
+        {
+            let _g = relock(&slot.lock);
+            let info = self.region_info(region)?;
+            for ns in self.tree().namespaces(region)? {
+                if ns.size == 0 || ns.io {
+                    continue;
+                }
+                if let Some(id) = marked_volume(&self.cfg.marker, &ns.alt_name) {
+                    // Our volume: every byte zeroed before the space is freed.
+                    self.teardown(&info, &ns.name, Wipe::All)?;
+                    self.delete(&ns.name)?;
+                    lines.push(format!(
+                        "erased and removed namespace {} (volume {id})",
+                        ns.name
+                    ));
+                } else if ns.alt_name.starts_with(IDENTITY_PREFIX)
+                    && ns.alt_name != format!("{IDENTITY_PREFIX}{ledger_id}")
+                {
+                    self.delete(&ns.name)?;
+                    lines.push(format!(
+                        "removed identity namespace {} ({:?})",
+                        ns.name, ns.alt_name
+                    ));
+                }
+            }
+        }
+        slot.changed.notify_all();
+        self.stamp_region(region, ledger_id)?;
+        lines.push(format!("stamped {region} for ledger {ledger_id}"));
+        Ok(lines)
+    }
+
+    fn set_ledger_id(&self, ledger_id: &str) {
+        if !self.cfg.identity {
+            return;
+        }
+        let short: String = ledger_id.chars().take(8).collect();
+        *relock(&self.ledger_short) =
+            (short.len() == 8 && short.bytes().all(|b| b.is_ascii_hexdigit())).then_some(short);
+    }
+
+    fn recovered_usage(&self, item: &InventoryItem) -> Usage {
+        let sector = self
+            .tree()
+            .namespace(&item.path)
+            .ok()
+            .and_then(|ns| ns.holder)
+            .and_then(|h| self.tree().claim(&h).ok())
+            .is_some_and(|c| c.kind == ClaimKind::Btt);
+        if sector {
+            Usage::FileIo
+        } else {
+            Usage::AppDirect
+        }
     }
 }
 

@@ -13,10 +13,13 @@ const M: u64 = 1 << 20;
 const G: u64 = 1 << 30;
 const DEV: &str = "bus/nd/devices/";
 
+/// Without the identity namespace: these tests pin exact sysfs sequences
+/// and offsets; `identity_*` below run with it.
 fn cfg() -> DirectConfig {
     DirectConfig {
         device_timeout: Duration::from_millis(200),
         placement_timeout: Duration::from_secs(3),
+        identity: false,
         ..DirectConfig::default()
     }
 }
@@ -718,4 +721,164 @@ fn creates_wait_for_udevd_to_process_the_device() {
     let t = std::time::Instant::now();
     create(&a, "w", 64 * M, Usage::AppDirect).unwrap();
     assert!(t.elapsed() >= cfg().device_timeout);
+}
+
+/// The backend as the daemon runs it: with the identity namespace.
+fn identity_backend(m: &Arc<Model>) -> Arc<DirectBackend> {
+    Arc::new(
+        DirectBackend::with(
+            m.clone(),
+            m.clone(),
+            DirectConfig {
+                identity: true,
+                ..cfg()
+            },
+        )
+        .unwrap(),
+    )
+}
+
+fn identity_ns(m: &Model, region_offset_zero: bool) -> Vec<(String, u64, u64, String, String)> {
+    m.namespaces()
+        .into_iter()
+        .filter(|n| n.3.starts_with(IDENTITY_PREFIX) && (!region_offset_zero || n.1 == 0))
+        .collect()
+}
+
+#[test]
+fn identity_first_open_stamps_and_capacity_stays_exact() {
+    let m = model(&[2 * G]);
+    let b = identity_backend(&m);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &b);
+    let id = a.ledger_id().unwrap();
+    let ns = identity_ns(&m, true);
+    assert_eq!(ns.len(), 1, "{:?}", m.namespaces());
+    assert_eq!(ns[0].3, format!("{IDENTITY_PREFIX}{id}"));
+    let align = a.capacity(Usage::AppDirect).unwrap()[0].spec.align.0;
+    assert_eq!(ns[0].2, align, "one alignment unit");
+    // Capacity excludes it exactly: the largest volume offered is created,
+    // and then nothing more fits.
+    let cap = &a.capacity(Usage::AppDirect).unwrap()[0];
+    assert_eq!(cap.available, Bytes(2 * G - align));
+    let v = create(&a, "all", cap.largest.0, Usage::AppDirect).unwrap();
+    assert_eq!(v.offset, Bytes(align));
+    let e = create(&a, "more", M, Usage::AppDirect).unwrap_err();
+    assert!(matches!(e, Error::Exhausted { .. }), "{e}");
+    // Not a foreign device, not an orphan; the new namespace's marker
+    // carries the ledger's short id.
+    let rep = a.reconcile(true, false).unwrap();
+    assert!(rep.foreign.is_empty() && rep.orphans.is_empty(), "{rep:?}");
+    let marker = m
+        .namespaces()
+        .into_iter()
+        .find(|n| n.3.ends_with(&v.id))
+        .unwrap()
+        .3;
+    assert_eq!(marker, format!("{MARKER}{}:{}", &id[..8], v.id));
+    drop(a);
+    // The next open finds the stamp and creates nothing.
+    let writes = m.writes().len();
+    let a = alloc(&dir, &b);
+    assert!(a.refusal().is_none() && a.lost_regions().is_empty());
+    assert_eq!(identity_ns(&m, false).len(), 1);
+    assert!(
+        writes_since(&m, writes).is_empty(),
+        "{:?}",
+        writes_since(&m, writes)
+    );
+}
+
+#[test]
+fn identity_lost_ledger_over_our_namespaces_is_refused_then_rebuilt() {
+    let m = model(&[2 * G]);
+    let b = identity_backend(&m);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &b);
+    let v = create(&a, "sector", 64 * M, Usage::FileIo).unwrap();
+    let w = create(&a, "dax", 64 * M, Usage::AppDirect).unwrap();
+    drop(a);
+    for f in ["ledger.db", "ledger.db-wal", "ledger.db-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(f));
+    }
+    let a = Allocator::open(&dir.path().join("ledger.db"), b.clone()).unwrap();
+    let why = a.refusal().expect("refused");
+    assert!(why.contains("pmemctl ledger rebuild"), "{why}");
+    let e = create(&a, "x", 16 * M, Usage::AppDirect).unwrap_err();
+    assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+    assert!(a.reconcile(false, false).is_err());
+    let dry = a.rebuild_ledger(false).unwrap();
+    assert!(!dry.applied && a.refusal().is_some());
+    let mut got: Vec<(String, Usage, Bytes, Bytes)> = dry
+        .volumes
+        .iter()
+        .map(|x| (x.id.clone(), x.usage, x.offset, x.size))
+        .collect();
+    got.sort_by(|x, y| x.0.cmp(&y.0));
+    let mut want = vec![
+        (v.id.clone(), Usage::FileIo, v.offset, v.size),
+        (w.id.clone(), Usage::AppDirect, w.offset, w.size),
+    ];
+    want.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(got, want);
+    let rep = a.rebuild_ledger(true).unwrap();
+    assert!(rep.applied && a.refusal().is_none());
+    assert!(rep.backup.is_some());
+    let clean = a.reconcile(false, false).unwrap();
+    assert!(clean.is_clean(), "{clean:?}");
+    assert!(a.volume(&v.id).unwrap().unwrap().device.is_some());
+    a.check_invariants().unwrap();
+    // The same extents are taken; new volumes go elsewhere.
+    let x = create(&a, "x", 16 * M, Usage::AppDirect).unwrap();
+    assert!(x.offset >= w.offset + w.size || x.offset + x.size <= v.offset);
+}
+
+#[test]
+fn identity_namespace_removed_makes_the_region_lost_until_reinit() {
+    let m = model(&[2 * G, 2 * G]);
+    let b = identity_backend(&m);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &b);
+    let v = create(&a, "v", 64 * M, Usage::AppDirect).unwrap();
+    assert_eq!(v.region, "region0");
+    drop(a);
+    // An operator destroys region0's identity namespace with ndctl.
+    let ns = identity_ns(&m, true)
+        .into_iter()
+        .find(|n| n.0.starts_with("namespace0."))
+        .unwrap()
+        .0;
+    m.write(&format!("{DEV}{ns}/driver/unbind"), &ns).unwrap();
+    m.write(&format!("{DEV}{ns}/force_raw"), "0").unwrap();
+    m.write(&format!("{DEV}{ns}/size"), "0").unwrap();
+    let a = alloc(&dir, &b);
+    assert!(a.refusal().is_none());
+    assert!(a.lost_regions()["region0"].contains("stamp is gone"));
+    let caps = a.capacity(Usage::AppDirect).unwrap();
+    assert_eq!((caps[0].available, caps[0].largest), (Bytes(0), Bytes(0)));
+    assert!(caps[0].lost.is_some());
+    assert_eq!(
+        create(&a, "w", 64 * M, Usage::AppDirect).unwrap().region,
+        "region1"
+    );
+    let e = a.delete_volume(&v.id).unwrap_err();
+    assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+    let zeroed = m.zeroed().len();
+    let rec = a.reinit_region("region0").unwrap();
+    assert_eq!(rec.volumes.len(), 1);
+    assert!(a.lost_regions().is_empty());
+    // v's namespace was zeroed whole before its space was freed.
+    assert!(
+        m.zeroed()[zeroed..].iter().any(|z| z.2 == v.size.0 && z.3),
+        "{:?}",
+        m.zeroed()
+    );
+    assert!(a.volume(&v.id).unwrap().is_none());
+    assert_eq!(identity_ns(&m, false).len(), 2);
+    let big = a.capacity(Usage::AppDirect).unwrap()[0].largest;
+    assert_eq!(
+        create(&a, "big", big.0, Usage::AppDirect).unwrap().region,
+        "region0"
+    );
+    a.check_invariants().unwrap();
 }

@@ -32,7 +32,9 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::{Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, Placement};
+use crate::backend::{
+    Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, Placement, RegionStamp,
+};
 use crate::direct::sysfs::{BlockDevices, RealBlockDevices};
 use crate::error::{Error, Result};
 use crate::region::RegionSpec;
@@ -43,6 +45,9 @@ use report::{Lv, REPORT_ARGS, Snapshot, Vg};
 
 /// Tag on our volume groups and logical volumes.
 pub const TAG: &str = "pmem-agent";
+/// Prefix of the volume group tag that carries the ledger's identity
+/// (`pmem-agent-ledger.<32 hex>`, identity.rs).
+pub const LEDGER_TAG_PREFIX: &str = "pmem-agent-ledger.";
 /// Extent size of our volume groups.
 pub const EXTENT: u64 = 4 * MIB;
 /// Data alignment of our physical volumes: huge-page aligned extents.
@@ -567,5 +572,270 @@ impl Backend for LvmBackend {
             Some(lv) => self.remove(slot, &lv, id),
             None => Ok(()),
         }
+    }
+
+    fn region_stamp(&self, region: &str) -> Result<RegionStamp> {
+        let slot = self.slot(region)?;
+        self.refresh();
+        let snap = self.snapshot()?;
+        let Some(vg) = snap.vg(&slot.vg) else {
+            return Ok(RegionStamp::Missing(format!(
+                "its volume group {} is gone",
+                slot.vg
+            )));
+        };
+        let ids: Vec<&str> = vg
+            .tags
+            .iter()
+            .filter_map(|t| t.strip_prefix(LEDGER_TAG_PREFIX))
+            .collect();
+        Ok(match ids.as_slice() {
+            [] => RegionStamp::Unstamped,
+            [one] => RegionStamp::Stamped((*one).to_owned()),
+            many => RegionStamp::Stamped(format!("several ledger tags: {}", many.join(", "))),
+        })
+    }
+
+    fn stamp_region(&self, region: &str, ledger_id: &str) -> Result<()> {
+        let slot = self.slot(region)?;
+        let _g = relock(&slot.lock);
+        let snap = self.snapshot()?;
+        let vg = Self::vg(&snap, slot)?;
+        let want = format!("{LEDGER_TAG_PREFIX}{ledger_id}");
+        if vg.tags.contains(&want) {
+            return Ok(());
+        }
+        if let Some(other) = vg.tags.iter().find(|t| t.starts_with(LEDGER_TAG_PREFIX)) {
+            return Err(Error::FailedPrecondition(format!(
+                "volume group {} already carries another ledger's tag {other}",
+                slot.vg
+            )));
+        }
+        self.change("vgchange", &["--addtag", &want, &slot.vg])
+    }
+
+    fn reinit_region(&self, region: &str, ledger_id: &str) -> Result<Vec<String>> {
+        let slot = self.slot(region)?;
+        let mut lines = Vec::new();
+        {
+            let _g = relock(&slot.lock);
+            self.refresh();
+            let snap = self.snapshot()?;
+            let vg = Self::vg(&snap, slot)?;
+            for lv in vg.lvs.iter().filter(|lv| Self::ours(lv)) {
+                self.refuse_busy(lv, &lv.name)?;
+                if !self.cfg.metadata_only && !lv.active {
+                    self.change(
+                        "lvchange",
+                        &["--activate", "y", &format!("{}/{}", slot.vg, lv.name)],
+                    )?;
+                }
+                self.zero(slot, lv, lv.size, true)?;
+                self.remove(slot, lv, &lv.name)?;
+                lines.push(format!("erased and removed {}/{}", slot.vg, lv.name));
+            }
+            let want = format!("{LEDGER_TAG_PREFIX}{ledger_id}");
+            for t in vg
+                .tags
+                .iter()
+                .filter(|t| t.starts_with(LEDGER_TAG_PREFIX) && **t != want)
+            {
+                self.change("vgchange", &["--deltag", t, &slot.vg])?;
+                lines.push(format!("removed tag {t} from {}", slot.vg));
+            }
+        }
+        self.stamp_region(region, ledger_id)?;
+        lines.push(format!("tagged {} for ledger {ledger_id}", slot.vg));
+        Ok(lines)
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    //! The identity tag through a scripted lvm: what the backend runs and
+    //! how the allocator judges what the report then shows.
+
+    use super::*;
+    use crate::allocator::Allocator;
+    use pvs::PvRegion;
+    use std::collections::BTreeMap;
+
+    #[derive(Debug, Default)]
+    struct VgState {
+        tags: Vec<String>,
+    }
+
+    /// A tiny lvm: PVs, volume groups with tags, no LVs.
+    #[derive(Debug, Default)]
+    struct Scripted {
+        pvs: Mutex<BTreeMap<String, String>>,
+        vgs: Mutex<BTreeMap<String, VgState>>,
+        log: Mutex<Vec<String>>,
+    }
+
+    impl command::LvmRunner for Scripted {
+        fn run(&self, sub: &str, args: &[&str]) -> Result<String> {
+            relock(&self.log).push(format!("{sub} {}", args.join(" ")));
+            let mut vgs = relock(&self.vgs);
+            let mut pvs = relock(&self.pvs);
+            match sub {
+                "fullreport" => {
+                    let pv = |d: &str| serde_json::json!({"pv_name": d, "pe_start": "2097152", "pv_size": "1073741824"});
+                    let mut report: Vec<serde_json::Value> = vgs
+                        .iter()
+                        .map(|(name, v)| {
+                            serde_json::json!({
+                                "vg": [{"vg_name": name, "vg_tags": v.tags.join(","),
+                                        "vg_extent_size": "4194304", "vg_extent_count": "255",
+                                        "vg_free_count": "255", "vg_size": "1069547520"}],
+                                "pv": pvs.iter().filter(|(_, g)| *g == name).map(|(d, _)| pv(d)).collect::<Vec<_>>(),
+                                "lv": [], "pvseg": [], "seg": []
+                            })
+                        })
+                        .collect();
+                    report.push(serde_json::json!({
+                        "vg": [], "lv": [], "pvseg": [], "seg": [],
+                        "pv": pvs.iter().filter(|(_, g)| g.is_empty()).map(|(d, _)| pv(d)).collect::<Vec<_>>(),
+                    }));
+                    return Ok(serde_json::json!({ "report": report }).to_string());
+                }
+                "pvcreate" => {
+                    pvs.insert(args[args.len() - 1].to_owned(), String::new());
+                }
+                "vgcreate" => {
+                    // --addtag TAG --physicalextentsize N VG DEV...
+                    let vg = args[4].to_owned();
+                    for d in &args[5..] {
+                        pvs.insert((*d).to_owned(), vg.clone());
+                    }
+                    vgs.insert(
+                        vg,
+                        VgState {
+                            tags: vec![args[1].to_owned()],
+                        },
+                    );
+                }
+                "vgchange" if args[0] == "--addtag" => {
+                    vgs.get_mut(args[2]).unwrap().tags.push(args[1].to_owned());
+                }
+                "vgchange" if args[0] == "--deltag" => {
+                    vgs.get_mut(args[2]).unwrap().tags.retain(|t| t != args[1]);
+                }
+                "vgchange" => {}
+                other => panic!("unexpected lvm {other} {args:?}"),
+            }
+            Ok(String::new())
+        }
+
+        fn invocations(&self) -> u64 {
+            relock(&self.log).len() as u64
+        }
+    }
+
+    /// The regions as given (the scripted lvm has no real devices).
+    #[derive(Debug)]
+    struct Given(Vec<PvRegion>);
+
+    impl PvSource for Given {
+        fn prepare(&self) -> Result<Vec<PvRegion>> {
+            Ok(self.0.clone())
+        }
+        fn describe(&self) -> String {
+            "given".into()
+        }
+    }
+
+    fn open(lvm: &Arc<Scripted>) -> Arc<LvmBackend> {
+        let source = Given(vec![
+            PvRegion {
+                region: "region0".into(),
+                numa_node: 0,
+                devices: vec!["/dev/fake0".into()],
+            },
+            PvRegion {
+                region: "region1".into(),
+                numa_node: 0,
+                devices: vec!["/dev/fake1".into()],
+            },
+        ]);
+        Arc::new(
+            LvmBackend::open(
+                lvm.clone(),
+                &source,
+                LvmConfig {
+                    metadata_only: true,
+                    ..LvmConfig::default()
+                },
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn volume_groups_carry_the_ledger_tag_and_a_lost_one_is_reported() {
+        let lvm = Arc::new(Scripted::default());
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = dir.path().join("ledger.db");
+        let a = Allocator::open(&ledger, open(&lvm)).unwrap();
+        let id = a.ledger_id().unwrap();
+        let tag = format!("{LEDGER_TAG_PREFIX}{id}");
+        for vg in ["pmem-region0", "pmem-region1"] {
+            assert!(relock(&lvm.vgs)[vg].tags.contains(&tag));
+        }
+        assert!(
+            relock(&lvm.log)
+                .iter()
+                .any(|l| *l == format!("vgchange --addtag {tag} pmem-region0"))
+        );
+        assert!(a.lost_regions().is_empty() && a.refusal().is_none());
+        drop(a);
+
+        // region0's group removed and re-created by hand (its PV kept):
+        // the new group has no ledger tag, so region0 is lost.
+        relock(&lvm.vgs).remove("pmem-region0");
+        relock(&lvm.pvs).insert("/dev/fake0".into(), String::new());
+        let b = open(&lvm);
+        let a = Allocator::open(&ledger, b.clone()).unwrap();
+        assert!(
+            a.lost_regions()["region0"].contains("stamp is gone"),
+            "{:?}",
+            a.lost_regions()
+        );
+        assert!(!relock(&lvm.vgs)["pmem-region0"].tags.contains(&tag));
+        let caps = a.capacity(crate::volume::Usage::AppDirect).unwrap();
+        assert_eq!(caps[0].available, Bytes::ZERO);
+        assert!(caps[1].available > Bytes::ZERO);
+        // Another ledger's tag on region1: lost too, the reason says so.
+        relock(&lvm.vgs)
+            .get_mut("pmem-region1")
+            .unwrap()
+            .tags
+            .retain(|t| t != &tag);
+        relock(&lvm.vgs)
+            .get_mut("pmem-region1")
+            .unwrap()
+            .tags
+            .push(format!("{LEDGER_TAG_PREFIX}0123"));
+        drop(a);
+        let a = Allocator::open(&ledger, b.clone()).unwrap();
+        // No region carries this ledger's id and one carries another's:
+        // that is a replaced ledger, refused as a whole.
+        assert!(a.refusal().is_some_and(|r| r.contains("was replaced")));
+        drop(a);
+        // Back to one good region: reinit takes the other one back.
+        relock(&lvm.vgs)
+            .get_mut("pmem-region0")
+            .unwrap()
+            .tags
+            .push(tag.clone());
+        let a = Allocator::open(&ledger, b.clone()).unwrap();
+        assert!(a.lost_regions()["region1"].contains("another ledger (0123)"));
+        a.reinit_region("region1").unwrap();
+        assert!(a.lost_regions().is_empty());
+        let t = &relock(&lvm.vgs)["pmem-region1"].tags;
+        assert!(
+            t.contains(&tag) && !t.iter().any(|x| x.ends_with(".0123")),
+            "{t:?}"
+        );
     }
 }

@@ -5,6 +5,11 @@
 # and LVM modes on the emulated NVDIMMs once they exist).
 #
 #   agent_start [AGENT-ARG...]   start the daemon, wait until Probe is ready
+#   agent_start_refused [ARG...] start it over a refused ledger: wait until
+#                                the admin API answers in recovery
+#   lost_ledger_rebuild N        (agent stopped) move the ledger aside, check
+#                                the refusal, rebuild N volumes with
+#                                pmemctl ledger rebuild (dry run, --apply)
 #   agent_stop                   SIGTERM, wait, report the exit status
 #   csi ARG...                   pmemctl --endpoint <csi socket> csi ARG...
 #   pmemctl_csi ARG...           pmemctl --endpoint <csi socket> ARG...
@@ -67,6 +72,68 @@ agent_start() {
         sleep 0.1
     done
     ok "pmem-agent ready (pid $AGENT_PID, $((SECONDS - t0))s)"
+}
+
+# agent_start_refused: like agent_start, for a daemon that must come up in
+# recovery (ledger refused): waits until `pmemctl ledger status` reports it.
+agent_start_refused() {
+    mkdir -p "$E2E_RUN_DIR" "$E2E_STATE_DIR"
+    local args=(--endpoint "$E2E_CSI" --admin-endpoint "$E2E_ADMIN" --state-dir "$E2E_STATE_DIR"
+        --node-id "$E2E_NODE_ID" --backend "$E2E_BACKEND" --log-format text)
+    # shellcheck disable=SC2206
+    args+=(${E2E_AGENT_ARGS:-} "$@")
+    log "starting pmem-agent ${args[*]} (expecting a refused ledger)"
+    pmem-agent "${args[@]}" >>"$E2E_LOG" 2>&1 &
+    AGENT_PID=$!
+    on_exit agent_stop_quiet
+    local t0=$SECONDS st
+    # `ledger status` exits 1 while refused: that is what we wait for.
+    until st=$(pmemctl_admin --json ledger status 2>/dev/null || true) &&
+        [[ -n $(jq -r '.refused // empty' <<<"$st" 2>/dev/null) ]]; do
+        if ! kill -0 "$AGENT_PID" 2>/dev/null; then
+            AGENT_PID=
+            agent_log_tail
+            fail "pmem-agent exited instead of starting in recovery"
+        fi
+        if ((SECONDS - t0 > ${E2E_START_TIMEOUT:-30})); then
+            agent_log_tail
+            fail "pmem-agent did not report a refused ledger after ${E2E_START_TIMEOUT:-30}s"
+        fi
+        sleep 0.1
+    done
+    ok "pmem-agent in recovery (pid $AGENT_PID): $(jq -r .refused <<<"$st" | cut -c1-160)"
+}
+
+# lost_ledger_rebuild N: with the agent stopped, the ledger is lost (moved
+# aside); the next start must refuse it, and `pmemctl ledger rebuild`
+# must re-create exactly N volumes from the devices' markers.
+lost_ledger_rebuild() {
+    local n=$1 out dry
+    mkdir -p "$E2E_STATE_DIR/lost"
+    mv "$E2E_STATE_DIR"/ledger.db* "$E2E_STATE_DIR/lost/"
+    agent_start_refused
+    holds "Probe is not ready in recovery" bash -c "! pmemctl --endpoint $E2E_CSI identity >/dev/null"
+    out=$(csi create after-loss --size 16MiB 2>&1) && fail "CreateVolume over a refused ledger succeeded"
+    grep -q "FailedPrecondition" <<<"$out" && grep -q "pmemctl ledger rebuild" <<<"$out" ||
+        { indent <<<"$out"; fail "CreateVolume over a refused ledger: wrong refusal"; }
+    ok "CreateVolume refused with the recovery hint"
+    check "the log says LEDGER REFUSED" grep -q "LEDGER REFUSED" "$E2E_LOG"
+    dry=$(pmemctl_admin --json ledger rebuild) || fail "ledger rebuild (dry run)"
+    expect_eq "dry run: nothing applied" "$(jq -r .applied <<<"$dry")" false
+    expect_eq "dry run lists $n volumes" "$(jq '.volumes | length' <<<"$dry")" "$n"
+    pmemctl_admin ledger rebuild | indent
+    out=$(pmemctl_admin --json ledger rebuild --apply) || fail "ledger rebuild --apply"
+    expect_eq "rebuild applied" "$(jq -r .applied <<<"$out")" true
+    expect_eq "rebuilt $n volumes" "$(jq '.volumes | length' <<<"$out")" "$n"
+    local t0=$SECONDS
+    until pmemctl_csi identity >/dev/null 2>&1; do
+        ((SECONDS - t0 > 30)) && { agent_log_tail; fail "not ready 30s after the rebuild"; }
+        sleep 0.1
+    done
+    ok "ready after the rebuild"
+    expect_eq "the ledger's volumes are the rebuilt ones" \
+        "$(pmemctl_admin --json volumes | jq -r '[.[].id] | sort | join(",")')" \
+        "$(jq -r '[.volumes[].id] | sort | join(",")' <<<"$out")"
 }
 
 # agent_stop: graceful stop; fails the scenario when the daemon does not exit

@@ -15,15 +15,26 @@
 #          namespace made and destroyed by ndctl is noticed and capacity
 #          follows it
 #  boot 2: same DIMMs: the state comes back, reconcile is clean, the data
-#          written in boot 1 is intact, everything is deleted
+#          written in boot 1 is intact; the ledger lost: refused at start,
+#          rebuilt from the namespaces' markers (pmemctl ledger rebuild),
+#          data intact; everything is deleted
 
 # shellcheck disable=SC2034 # read by agent_start (guest/e2e.sh)
 E2E_BACKEND=direct
 MIB=$((1024 * 1024))
 STATE_NS=rig-state
 
-# ndctl's JSON for the namespace of volume ID (empty when there is none).
-ns_of() { ns_json "pmem-agent:$1"; }
+# ndctl's JSON for the namespace of volume ID (empty when there is none):
+# named pmem-agent:<ledger short id>:ID (or pmem-agent:ID before identities).
+ns_of() {
+    ndctl list --namespaces | jq -c --arg id "$1" \
+        '[.[]? // . | select((.name // "") | startswith("pmem-agent:") and endswith(":" + $id))][0] // empty'
+}
+
+# The size of our identity namespace in REGION (pmem-agent-id:<ledger id>).
+id_ns_size() {
+    ndctl list -N -r "$1" | jq -r '[.[]? // . | select((.name // "") | startswith("pmem-agent-id:"))][0].size // 0'
+}
 
 region_avail() { cat "/sys/bus/nd/devices/$1/available_size"; }
 
@@ -56,12 +67,28 @@ case $RIG_BOOT in
     regions=$(pmemctl_admin --json regions)
     pmemctl_admin regions | indent
     expect_eq "two regions, backend direct" "$(jq -r '[.[] | .backend] | join(",")' <<<"$regions")" "direct,direct"
-    expect_eq "region1 available excludes the foreign namespace" \
-        "$(jq -r '.[] | select(.id == "region1") | .available_bytes' <<<"$regions")" $((2048 * MIB - 64 * MIB))
+    # ---- the ledger's identity: one raw identity namespace per region
+    lid=$(pmemctl_admin --json ledger status | jq -r .ledger_id)
+    for r in region0 region1; do
+        expect_eq "$r has our identity namespace for ledger $lid" \
+            "$(ndctl list -N -r "$r" | jq -r '[.[]? // . | select((.name // "") | startswith("pmem-agent-id:"))] | map(.name) | join(",")')" \
+            "pmem-agent-id:$lid"
+    done
+    id0=$(id_ns_size region0)
+    id1=$(id_ns_size region1)
+    holds "the identity namespaces are small ($id0, $id1 bytes)" test "$id0" -gt 0 -a "$id0" -le $((64 * MIB))
+    expect_eq "region0 available excludes the identity namespace" \
+        "$(jq -r '.[] | select(.id == "region0") | .available_bytes' <<<"$regions")" $((2048 * MIB - id0))
+    expect_eq "region1 available excludes the foreign and the identity namespace" \
+        "$(jq -r '.[] | select(.id == "region1") | .available_bytes' <<<"$regions")" $((2048 * MIB - 64 * MIB - id1))
     cap=$(pmemctl_csi --json csi capacity)
     indent <<<"$cap"
-    # fsdax on 2 GiB: 2 GiB minus the memmap (64 bytes per 4 KiB page, 2 MiB aligned).
-    expect_eq "maximum_volume_size is the usable size of the empty region0" "$(jq -r .maximum_volume_size <<<"$cap")" 2111832064
+    # fsdax: the extent minus the memmap (64 bytes per 4 KiB page, 2 MiB
+    # aligned); the exact maximum is created below (vol-max).
+    expect_eq "maximum_volume_size is region0's largest allocatable" "$(jq -r .maximum_volume_size <<<"$cap")" \
+        "$(jq -r '.[] | select(.id == "region0") | .largest_allocatable_bytes' <<<"$regions")"
+    holds "identity costs region0's maximum at most one alignment unit and its memmap" \
+        test "$(jq -r .maximum_volume_size <<<"$cap")" -lt 2111832064
 
     # ---- an fsdax volume
     log "AppDirect volume -> fsdax namespace"
@@ -253,7 +280,7 @@ case $RIG_BOOT in
         again=$(create "crash-$step" 96MiB) || fail "retry of crash-$step"
         expect_eq "the retried CreateVolume returns the same volume" "$(jq -r .volume_id <<<"$again")" "$id"
     done
-    expect_eq "namespaces: state + vol-a + vol-s + 2 crash volumes" "$(ndctl list -N | jq length)" 5
+    expect_eq "namespaces: state + 2 identity + vol-a + vol-s + 2 crash volumes" "$(ndctl list -N | jq length)" 7
 
     # ---- sysfs vs ndctl timings (same size, same guest)
     log "timings: our sysfs path vs ndctl (256MiB fsdax, TCG guest)"
@@ -386,10 +413,21 @@ case $RIG_BOOT in
     on_exit umount_if_mounted /mnt/check-a
     expect_eq "data written in boot 1 intact" "$(sha256sum </mnt/check-a/data)" "$(cat /mnt/check-a/data.sha256)"
     check "umount vol-a" umount /mnt/check-a
+
+    # ---- a lost ledger is refused and rebuilt from the namespaces' markers
+    log "lost ledger: refusal and pmemctl ledger rebuild"
+    agent_stop
+    lost_ledger_rebuild 4
+    expect_eq "rebuilt vol-a keeps its extent" "$(vol "$va" | jq -r .offset_bytes)" "$(jq -r .offset_bytes <<<"$(jq -c --arg id "$va" '.[] | select(.id == $id)' <<<"$vols")")"
+    check "mount -o dax rebuilt vol-a" mount_dax "$(vol "$va" | jq -r .device)" /mnt/check-a xfs
+    expect_eq "data intact after the rebuild" "$(sha256sum </mnt/check-a/data)" "$(cat /mnt/check-a/data.sha256)"
+    check "umount vol-a" umount /mnt/check-a
+    vols=$(pmemctl_admin --json volumes)
     for id in $(jq -r '.[].id' <<<"$vols"); do
         check "delete $id" csi delete "$id"
     done
-    expect_eq "only the foreign namespace is left" "$(ndctl list -N | jq -r '[.[].name] | join(",")')" "$STATE_NS"
+    expect_eq "only the foreign and our identity namespaces are left" \
+        "$(ndctl list -N | jq -r '[.[].name | select(startswith("pmem-agent-id:") | not)] | join(",")')" "$STATE_NS"
     agent_stop
     ;;
 esac

@@ -10,7 +10,9 @@
 #          lvcreate and right after lvremove, restart: no orphan, no lost
 #          volume; per-operation times and lvm invocations
 #  boot 2: same DIMMs: volume groups found and activated, reconcile clean,
-#          data intact, everything deleted
+#          data intact; the ledger lost: refused at start, rebuilt with
+#          pmemctl ledger rebuild (dry run, --apply), data intact;
+#          everything deleted
 
 # shellcheck disable=SC2034 # read by agent_start (guest/e2e.sh)
 E2E_BACKEND=lvm
@@ -65,6 +67,9 @@ case $RIG_BOOT in
     vgs -o vg_name,vg_tags,vg_extent_size,vg_size,vg_free --units b | indent
     pvs -o pv_name,vg_name,pe_start --units b | indent
     expect_eq "our volume groups are tagged" "$(vgs --noheadings -o vg_name -S vg_tags=pmem-agent | awk '{print $1}' | sort | xargs)" "pmem-region0 pmem-region1"
+    lid=$(pmemctl_admin --json ledger status | jq -r .ledger_id)
+    expect_eq "our volume groups carry the ledger's identity tag" \
+        "$(vgs --noheadings -o vg_name -S "vg_tags=pmem-agent-ledger.$lid" | awk '{print $1}' | sort | xargs)" "pmem-region0 pmem-region1"
     expect_eq "extent size 4 MiB" "$(vgs --noheadings --units b --nosuffix -o vg_extent_size pmem-region0 | xargs)" $((4 * MIB))
     starts=$(pvs --noheadings --units b --nosuffix -o pe_start -S vg_tags=pmem-agent | xargs)
     expect_eq "four PVs of ours" "$(wc -w <<<"$starts")" 4
@@ -260,6 +265,16 @@ case $RIG_BOOT in
     check "mount -o dax vol-a" mount_dax "$dev_a" /mnt/check-a xfs
     on_exit umount_if_mounted /mnt/check-a
     expect_eq "data written in boot 1 intact" "$(sha256sum </mnt/check-a/data)" "$(cat /mnt/check-a/data.sha256)"
+    check "umount vol-a" umount /mnt/check-a
+
+    # ---- a lost ledger is refused and rebuilt from the LVs' tags
+    log "lost ledger: refusal and pmemctl ledger rebuild"
+    agent_stop
+    lost_ledger_rebuild 1
+    expect_eq "rebuilt vol-a is ready" "$(vol "$va" | jq -r .state)" ready
+    dev_a=$(vol "$va" | jq -r .device)
+    check "mount -o dax rebuilt vol-a" mount_dax "$dev_a" /mnt/check-a xfs
+    expect_eq "data intact after the rebuild" "$(sha256sum </mnt/check-a/data)" "$(cat /mnt/check-a/data.sha256)"
     check "umount vol-a" umount /mnt/check-a
     check "delete vol-a" csi delete "$va"
     expect_eq "no LVs of ours left" "$(our_lvs | xargs)" ""

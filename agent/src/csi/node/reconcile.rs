@@ -441,6 +441,11 @@ pub fn spawn_collector(driver: &Arc<Driver>, host: Arc<dyn Host>) -> tokio::task
                 }
             };
             let Some(d) = weak.upgrade() else { return };
+            if !d.is_ready() {
+                // Before start-up finished (or while a refused ledger
+                // waits for recovery) there is nothing to collect.
+                continue;
+            }
             let rep = collect_ephemeral(&d, host.as_ref(), false).await;
             retry = if rep.pending.is_empty() && rep.skipped.is_empty() {
                 None

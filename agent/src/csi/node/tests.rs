@@ -1548,6 +1548,8 @@ fn busy_rig(
     let alloc = Allocator::open(&cfg.ledger_path(), backend.clone()).unwrap();
     let store: Store = Arc::new(alloc);
     let driver = Arc::new(Driver::new(cfg, store, "fake", true));
+    // As after start-up: the collector works only on a ready driver.
+    driver.set_ready(true);
     let host = Arc::new(FakeHost::new());
     let node = NodeService::with_host(Arc::clone(&driver), host.clone());
     (driver, node, host, backend)

@@ -75,7 +75,8 @@ pub struct Args {
     /// Seconds in-flight calls get to finish at shutdown.
     #[arg(long, env = "PMEM_AGENT_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<u64>,
-    /// Confine staging/target paths under this directory (e.g. /var/lib/kubelet).
+    /// The kubelet directory: every staging and target path must lie
+    /// beneath it (default /var/lib/kubelet; confinement cannot be turned off).
     #[arg(long, env = "PMEM_AGENT_KUBELET_ROOT")]
     pub kubelet_root: Option<PathBuf>,
     /// Number of sim regions.
@@ -195,7 +196,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub socket_mode: u32,
     pub shutdown_timeout: std::time::Duration,
-    pub kubelet_root: Option<PathBuf>,
+    /// Staging and publish paths are confined beneath it (`mount::confine`).
+    pub kubelet_root: PathBuf,
     pub sim_regions: u32,
     pub sim_region_size: Bytes,
     pub sim_align: Bytes,
@@ -357,7 +359,10 @@ impl Config {
                     .or(file.shutdown_timeout)
                     .unwrap_or(30),
             ),
-            kubelet_root: args.kubelet_root.or(file.kubelet_root),
+            kubelet_root: args
+                .kubelet_root
+                .or(file.kubelet_root)
+                .unwrap_or_else(|| PathBuf::from(crate::mount::confine::DEFAULT_KUBELET_ROOT)),
             sim_regions: args.sim_regions.or(sim.regions).unwrap_or(2),
             sim_region_size: size(
                 "sim-region-size",
@@ -435,6 +440,18 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "driver-name {:?} must be at most 63 characters, alphanumeric, '-' or '.', starting and ending alphanumeric",
                 self.driver_name
+            )));
+        }
+        if !self.kubelet_root.is_absolute()
+            || self
+                .kubelet_root
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+            || self.kubelet_root == Path::new("/")
+        {
+            return Err(ConfigError::Invalid(format!(
+                "kubelet-root {} must be an absolute path without \"..\", other than /",
+                self.kubelet_root.display()
             )));
         }
         if self.endpoint == self.admin_endpoint {

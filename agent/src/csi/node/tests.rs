@@ -362,19 +362,11 @@ async fn stage_formats_once_and_repeats_are_ok() {
     let s2 = r.path("staging/pv2");
     r.host
         .with_device(&r.dev(&v2), |d| d.fs = Some("xfs".into()));
-    r.host
-        .mount(&MountSpec {
-            source: r.dev(&v2),
-            target: s2.clone(),
-            fs_type: "xfs".into(),
-            flags: MsFlags::empty(),
-            data: vec![],
-        })
-        .await
-        .unwrap();
+    r.host.mount_raw(&r.dev(&v2), &s2, "xfs");
     r.node.stage(stage_req(&v2.id, &s2, xfs())).await.unwrap();
-    assert_eq!(r.host.calls("mount").len(), 2, "{:?}", r.host.calls(""));
+    assert_eq!(r.host.calls("mount").len(), 1, "{:?}", r.host.calls(""));
     assert_eq!(r.pubs(&v2).len(), 1);
+    assert_eq!(r.pubs(&v2)[0].device, r.host.mount_at(&s2).map(|m| m.dev));
 }
 
 #[tokio::test]
@@ -503,16 +495,7 @@ async fn dax_is_confirmed_from_the_mount_table() {
     assert!(r.pubs(&v).is_empty());
 
     // Found mounted without dax by an earlier call: kept, and reported.
-    r.host
-        .mount(&MountSpec {
-            source: r.dev(&v),
-            target: staging.clone(),
-            fs_type: "xfs".into(),
-            flags: MsFlags::empty(),
-            data: vec![],
-        })
-        .await
-        .unwrap();
+    r.host.mount_raw(&r.dev(&v), &staging, "xfs");
     r.node
         .stage(stage_req(&v.id, &staging, xfs()))
         .await
@@ -907,22 +890,40 @@ async fn unpublish_leaves_other_devices_alone() {
     let target = r.path("pods/a/vol");
     r.host
         .with_device(&r.dev(&other), |d| d.fs = Some("xfs".into()));
-    r.host
-        .mount(&MountSpec {
-            source: r.dev(&other),
-            target: target.clone(),
-            fs_type: "xfs".into(),
-            flags: MsFlags::empty(),
-            data: vec![],
-        })
+    r.host.mount_raw(&r.dev(&other), &target, "xfs");
+    // No publication of pv recorded there: OK, and nothing is touched.
+    r.node
+        .unpublish(unpublish_req(&v.id, &target))
         .await
         .unwrap();
+    assert!(r.host.mount_at(&target).is_some());
+    assert!(r.host.calls("unmount").is_empty() && r.host.calls("remove").is_empty());
+    // Recorded there, but another device is mounted on it now.
+    let staging = r.path("staging/pv");
+    r.node
+        .stage(stage_req(&v.id, &staging, xfs()))
+        .await
+        .unwrap();
+    let t2 = r.path("pods/b/vol");
+    r.node
+        .publish(publish_req(&v.id, &staging, &t2, xfs(), false))
+        .await
+        .unwrap();
+    r.host.mount_raw(&r.dev(&other), &t2, "xfs");
     assert_fails(
-        r.node.unpublish(unpublish_req(&v.id, &target)).await,
+        r.node.unpublish(unpublish_req(&v.id, &t2)).await,
         Code::FailedPrecondition,
         "another device",
     );
-    assert!(r.host.mount_at(&target).is_some());
+    assert_eq!(
+        r.host.mount_at(&t2).unwrap().source,
+        r.dev(&other).display().to_string()
+    );
+    assert_eq!(
+        r.pubs(&v).len(),
+        2,
+        "the record stays while the mount is foreign"
+    );
 }
 
 fn ephemeral_req(id: &str, target: &Path, attrs: &[(&str, &str)]) -> csi::NodePublishVolumeRequest {
@@ -1095,16 +1096,7 @@ async fn startup_collects_ephemeral_volumes_whose_mount_is_gone() {
     r.host.state().mounts.clear();
     // Re-mount "kept" behind the service's back, as after a restart.
     let kept = r.driver.alloc.volume_by_name("kept").unwrap().unwrap();
-    r.host
-        .mount(&MountSpec {
-            source: r.dev(&kept),
-            target: tb.clone(),
-            fs_type: "xfs".into(),
-            flags: MsFlags::empty(),
-            data: vec![],
-        })
-        .await
-        .unwrap();
+    r.host.mount_raw(&r.dev(&kept), &tb, "xfs");
     let host: &dyn Host = r.host.as_ref();
     assert_eq!(collect_ephemeral(&r.driver, host).await, 1);
     assert!(r.driver.alloc.volume_by_name("gone").unwrap().is_none());
@@ -1194,15 +1186,15 @@ async fn expand_grows_filesystems() {
 
     // Recorded as staged but not mounted: grown offline.
     r.host.with_device(&r.dev(&e), |d| d.size = 3 << 30);
-    r.host.unmount(&es).await.unwrap();
+    r.host.unmount_raw(&es);
     r.node
         .expand(expand_req(&e.id, &es, None, 0))
         .await
         .unwrap();
     assert_eq!(r.host.calls("grow_offline_ext4").len(), 2);
     // An unmounted xfs cannot grow.
-    r.host.unmount(&target).await.unwrap();
-    r.host.unmount(&staging).await.unwrap();
+    r.host.unmount_raw(&target);
+    r.host.unmount_raw(&staging);
     assert_fails(
         r.node.expand(expand_req(&v.id, &staging, None, 0)).await,
         Code::FailedPrecondition,
@@ -1219,7 +1211,7 @@ async fn stats_report_missing_mounts_and_devices() {
         .stage(stage_req(&v.id, &staging, xfs()))
         .await
         .unwrap();
-    r.host.unmount(&staging).await.unwrap();
+    r.host.unmount_raw(&staging);
     let c = r
         .node
         .stats(stats_req(&v.id, &staging))

@@ -2,7 +2,7 @@
 //! comparisons. Request paths are judged and used by `mount::confine`.
 
 use std::io::ErrorKind;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// Resolves the symlinks of the longest existing prefix of `path` and
 /// appends the rest. `Err` names a dangling symlink or an unreadable

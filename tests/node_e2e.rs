@@ -986,8 +986,12 @@ async fn node_e2e_file_only_mode_and_kubelet_root() {
     let mut n = d.node().await;
     let v = create(&mut c, "pv-root", 512 * MIB, xfs(), &[]).await;
     expect_code(
-        n.node_stage_volume(stage_req(&v.volume_id, &d.dir.path().join("staging/x"), xfs()))
-            .await,
+        n.node_stage_volume(stage_req(
+            &v.volume_id,
+            &d.dir.path().join("staging/x"),
+            xfs(),
+        ))
+        .await,
         Code::InvalidArgument,
         "kubelet root",
     );

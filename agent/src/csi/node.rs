@@ -469,8 +469,7 @@ impl NodeService {
             .map_err(|e| invalid(format!("volume_capability.mount.mount_flags: {e}")))?;
         let want_dax = m.v.usage == Usage::AppDirect;
         let dax = want_dax && self.host.dax_supported(m.dev).await;
-        let mut fresh = false;
-        match self.host.inspect(m.target).await? {
+        let existing = match self.host.inspect(m.target).await? {
             Some(PathState { mount: Some(e), .. }) if e.dev != m.rdev => {
                 return Err(failed(format!(
                     "{} {} already has a mount of another device ({} from {}); refusing to mount volume {} over it",
@@ -481,67 +480,57 @@ impl NodeService {
                     m.v.id
                 )));
             }
-            Some(PathState { mount: Some(_), .. }) => {}
+            Some(PathState { mount: Some(e), .. }) => Some(e),
             Some(s) if !s.is_dir() => {
                 return Err(m.target.wrong_type("a directory", s.kind).into());
             }
-            _ => {
-                fresh = true;
-                let fs = self.prepare_fs(&m).await?;
-                self.host.make_dir(m.target).await?;
-                let mut flags = opts.flags;
-                if m.read_only {
-                    flags |= MsFlags::MS_RDONLY;
-                }
-                let mut data = opts.data.clone();
-                if dax {
-                    data.push("dax".into());
-                } else if want_dax {
-                    tracing::warn!(volume = %m.v.id, device = %m.dev.display(), "{}", no_dax(m.dev));
-                }
-                self.host
-                    .mount(&MountSpec {
-                        source: m.dev.to_owned(),
-                        device: m.rdev,
-                        target: m.target.clone(),
-                        fs_type: fs.as_str().to_owned(),
-                        flags,
-                        data,
-                    })
-                    .await
-                    .map_err(|e| mount_failed(e, m.flags))?;
-                tracing::info!(volume = %m.v.id, device = %m.dev.display(), target = %m.target.real().display(), fs = fs.as_str(), dax, "mounted");
+            _ => None,
+        };
+        if let Some(e) = existing {
+            // Mounted by an earlier (perhaps interrupted) call, and perhaps
+            // in use: report a missing dax, do not undo.
+            if dax && !e.dax() {
+                tracing::warn!(volume = %m.v.id, target = %m.target.real().display(), options = %e.super_options.join(","), "AppDirect volume is mounted without dax");
             }
+            if e.fs_type == "xfs" && !e.read_only() {
+                self.host.set_extent_hint(m.target).await?;
+            }
+            return Ok(());
         }
-        let e = self
-            .host
-            .inspect(m.target)
-            .await?
-            .and_then(|s| s.mount)
-            .filter(|e| e.dev == m.rdev)
-            .ok_or_else(|| {
-                AgentError::Internal(format!(
-                    "mounted volume {} at {} but the mount table does not show it",
-                    m.v.id,
-                    m.target.real().display()
-                ))
-            })?;
-        if dax && !e.dax() {
-            let opts = e.super_options.join(",");
-            if !fresh {
-                // Mounted earlier (and perhaps in use): report, do not undo.
-                tracing::warn!(volume = %m.v.id, target = %m.target.real().display(), options = %opts, "AppDirect volume is mounted without dax");
-            } else {
-                self.host.unmount(m.target, m.rdev).await?;
-                return Err(failed(format!(
+        let fs = self.prepare_fs(&m).await?;
+        self.host.make_dir(m.target).await?;
+        let mut flags = opts.flags;
+        if m.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        let mut data = opts.data.clone();
+        if dax {
+            data.push("dax".into());
+        } else if want_dax {
+            tracing::warn!(volume = %m.v.id, device = %m.dev.display(), "{}", no_dax(m.dev));
+        }
+        // Every check of the new mount happens inside the host call, which
+        // undoes the mount when one fails: a failed call leaves nothing.
+        self.host
+            .mount(&MountSpec {
+                source: m.dev.to_owned(),
+                device: m.rdev,
+                target: m.target.clone(),
+                fs_type: fs.as_str().to_owned(),
+                flags,
+                data,
+                dax_required: dax,
+                extent_hint: fs == FsType::Xfs,
+            })
+            .await
+            .map_err(|e| match e {
+                MountError::NoDax(opts) => failed(format!(
                     "mounted volume {} with dax but the kernel did not enable DAX (options {opts}); unmounted it",
                     m.v.id
-                )));
-            }
-        }
-        if e.fs_type == "xfs" && !e.read_only() {
-            self.host.set_extent_hint(m.target).await?;
-        }
+                )),
+                e => mount_failed(e, m.flags),
+            })?;
+        tracing::info!(volume = %m.v.id, device = %m.dev.display(), target = %m.target.real().display(), fs = fs.as_str(), dax, "mounted");
         Ok(())
     }
 

@@ -278,7 +278,7 @@ impl Host for FakeHost {
         Ok(st.state_of(&real))
     }
 
-    async fn mount(&self, spec: &MountSpec) -> Result<(), MountError> {
+    async fn mount(&self, spec: &MountSpec) -> Result<MountEntry, MountError> {
         let mut st = self.state();
         st.check("mount")?;
         let target = st.confine(&spec.target)?;
@@ -331,7 +331,21 @@ impl Host for FakeHost {
             source: spec.source.display().to_string(),
             super_options: sup,
         });
-        Ok(())
+        let e = st.mounts.last().cloned().expect("just pushed");
+        if spec.dax_required && !e.dax() {
+            st.mounts.pop();
+            st.calls.push(format!("unmount {}", target.display()));
+            return Err(MountError::NoDax(e.super_options.join(",")));
+        }
+        if spec.extent_hint && e.fs_type == "xfs" && !e.read_only() {
+            if let Err(err) = st.check("set_extent_hint") {
+                st.mounts.pop();
+                st.calls.push(format!("unmount {}", target.display()));
+                return Err(err);
+            }
+            st.calls.push(format!("extsize {}", target.display()));
+        }
+        Ok(e)
     }
 
     async fn bind(

@@ -146,12 +146,12 @@ impl Host for RealHost {
         blocking("inspect", move || inspect(&path)).await
     }
 
-    async fn mount(&self, spec: &MountSpec) -> Result<(), MountError> {
+    async fn mount(&self, spec: &MountSpec) -> Result<MountEntry, MountError> {
         let spec = spec.clone();
         blocking("mount", move || {
             let data = spec.data.join(",");
             let device = spec.device;
-            attach(
+            let (dir, name, ours) = attach(
                 &spec.target,
                 libc::S_IFDIR,
                 |leaf| {
@@ -177,8 +177,27 @@ impl Host for RealHost {
                     })
                 },
                 |st| st.dev == device,
-            )
-            .map(drop)
+            )?;
+            let undo = |e: MountError| -> MountError {
+                detach(dir.as_fd(), &name);
+                e
+            };
+            let e = entry(ours.mnt_id)
+                .map_err(undo)?
+                .ok_or_else(|| {
+                    MountError::Parse(format!(
+                        "the new mount {} is not in /proc/self/mountinfo",
+                        ours.mnt_id
+                    ))
+                })
+                .map_err(undo)?;
+            if spec.dax_required && !e.dax() {
+                return Err(undo(MountError::NoDax(e.super_options.join(","))));
+            }
+            if spec.extent_hint && e.fs_type == "xfs" && !e.read_only() {
+                extent_hint_below(dir.as_fd(), &name, &spec.target).map_err(undo)?;
+            }
+            Ok(e)
         })
         .await
     }
@@ -197,7 +216,7 @@ impl Host for RealHost {
                 BindSource::Device(_) => st.kind() == libc::S_IFBLK && st.rdev == device,
                 BindSource::Staging(_) => st.dev == device,
             };
-            let (dir, name) = attach(
+            let (dir, name, _) = attach(
                 &target,
                 want,
                 |leaf| {
@@ -419,13 +438,14 @@ fn inspect(path: &Confined) -> Result<Option<PathState>, MountError> {
 /// Mounts onto the descriptor of an existing `target` of type `want` with
 /// `op`, then checks that the path, resolved afresh beneath the root, leads
 /// to the new mount and that `check` accepts it; otherwise the mount is
-/// undone. Returns the parent's fd and the name for further work.
+/// undone. Returns the parent's fd and the name for further work, and the
+/// new mount's root.
 fn attach(
     target: &Confined,
     want: u32,
     op: impl FnOnce(BorrowedFd<'_>) -> Result<(), MountError>,
     check: impl Fn(&Stat) -> bool,
-) -> Result<(OwnedFd, OsString), MountError> {
+) -> Result<(OwnedFd, OsString, Stat), MountError> {
     let vanished = || {
         MountError::Refused(format!(
             "{} {} vanished while it was being mounted on",
@@ -478,7 +498,7 @@ fn attach(
             quote(&target.lexical().to_string_lossy())
         ))));
     }
-    Ok((dir, name))
+    Ok((dir, name, ours))
 }
 
 /// The fd of a bind source after checking that it shows `device`, the
@@ -627,9 +647,18 @@ fn set_extent_hint(dir: &Confined) -> Result<(), MountError> {
     let (parent, name) = dir
         .parent(false)?
         .ok_or_else(|| MountError::Refused(format!("{} vanished", dir.real().display())))?;
+    extent_hint_below(parent.as_fd(), &name, dir)
+}
+
+/// The hint on the mount root reached as `name` in `parent`.
+fn extent_hint_below(
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    dir: &Confined,
+) -> Result<(), MountError> {
     let fd = nix::fcntl::openat2(
-        parent.as_fd(),
-        name.as_os_str(),
+        parent,
+        name,
         nix::fcntl::OpenHow::new()
             .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
             .resolve(

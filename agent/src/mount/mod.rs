@@ -66,6 +66,10 @@ pub enum MountError {
     /// the wrong type, a foreign mount, a device in use.
     #[error("{0}")]
     Refused(String),
+    /// Mounted with dax but the kernel did not enable it (undone); the
+    /// mount's superblock options.
+    #[error("the kernel did not enable DAX (options {0})")]
+    NoDax(String),
 }
 
 impl MountError {
@@ -129,6 +133,11 @@ pub struct MountSpec {
     pub flags: MsFlags,
     /// Filesystem-specific options, comma-joined into the data argument.
     pub data: Vec<String>,
+    /// The new mount must run with DAX; otherwise it is undone
+    /// ([`MountError::NoDax`]).
+    pub dax_required: bool,
+    /// Set the 2 MiB extent size hint on its root (xfs, read-write).
+    pub extent_hint: bool,
 }
 
 /// What a bind mount shows.
@@ -214,8 +223,9 @@ pub trait Host: Send + Sync + Debug {
     async fn inspect(&self, path: &Confined) -> Result<Option<PathState>, MountError>;
     /// Mounts a filesystem onto the (existing) directory `spec.target`
     /// through its descriptor and checks that the new mount is the one the
-    /// path now leads to; otherwise undoes it.
-    async fn mount(&self, spec: &MountSpec) -> Result<(), MountError>;
+    /// path now leads to (and has DAX when required); otherwise, or when a
+    /// later step fails, the mount is undone. Returns the new mount.
+    async fn mount(&self, spec: &MountSpec) -> Result<MountEntry, MountError>;
     /// Bind-mounts `source` (which must show `device`) on `target` (an
     /// existing directory or file), then applies the per-mount `flags`
     /// (read-only, nosuid, ...) with a bind remount when there are any.

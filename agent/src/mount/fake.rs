@@ -292,6 +292,27 @@ impl Host for FakeHost {
                 )));
             }
         }
+        // A device a test marked as held by someone else: EBUSY.
+        if st
+            .fail
+            .contains_key(&format!("busy:{}", spec.source.display()))
+        {
+            return Err(MountError::sys(
+                format!("mount {}", spec.source.display()),
+                nix::errno::Errno::EBUSY,
+            ));
+        }
+        // Options a test marked as unknown to the "kernel": EINVAL.
+        if let Some(o) = spec
+            .data
+            .iter()
+            .find(|o| st.fail.contains_key(&format!("option:{o}")))
+        {
+            return Err(MountError::sys(
+                format!("mount with option {o}"),
+                nix::errno::Errno::EINVAL,
+            ));
+        }
         let dax_asked = spec.data.iter().any(|d| d == "dax" || d == "dax=always");
         let d = st.device(&spec.source)?.clone();
         if d.fs.as_deref() != Some(spec.fs_type.as_str()) {

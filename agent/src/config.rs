@@ -607,6 +607,18 @@ mod tests {
     }
 
     #[test]
+    fn the_kubelet_root_is_always_set() {
+        let c = Config::load(args(&[])).unwrap();
+        assert_eq!(c.kubelet_root, PathBuf::from("/var/lib/kubelet"));
+        let c = Config::load(args(&["--kubelet-root", "/srv/kubelet"])).unwrap();
+        assert_eq!(c.kubelet_root, PathBuf::from("/srv/kubelet"));
+        for bad in ["relative", "/a/../b", "/"] {
+            let e = Config::load(args(&["--kubelet-root", bad])).unwrap_err();
+            assert!(e.to_string().contains("kubelet-root"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
     fn rejects_bad_values() {
         assert!(Config::load(args(&["--endpoint", "tcp://1.2.3.4:5"])).is_err());
         assert!(Config::load(args(&["--socket-mode", "999"])).is_err());

@@ -9,6 +9,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 
+use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
@@ -151,7 +152,7 @@ impl Host for RealHost {
         blocking("mount", move || {
             let data = spec.data.join(",");
             let device = spec.device;
-            let (dir, name, ours) = attach(
+            let (dir, name, u, ours) = attach(
                 &spec.target,
                 libc::S_IFDIR,
                 |leaf| {
@@ -179,7 +180,7 @@ impl Host for RealHost {
                 |st| st.dev == device,
             )?;
             let undo = |e: MountError| -> MountError {
-                detach(dir.as_fd(), &name);
+                undo_new(dir.as_fd(), &name, &u.before, &|st| st.dev == device);
                 e
             };
             let e = entry(ours.mnt_id)
@@ -216,7 +217,7 @@ impl Host for RealHost {
                 BindSource::Device(_) => st.kind() == libc::S_IFBLK && st.rdev == device,
                 BindSource::Staging(_) => st.dev == device,
             };
-            let (dir, name, _) = attach(
+            let (dir, name, u, _) = attach(
                 &target,
                 want,
                 |leaf| {
@@ -249,7 +250,7 @@ impl Host for RealHost {
             );
             if let Err(e) = remount {
                 // Do not leave a mount without the asked-for protection.
-                detach(dir.as_fd(), &name);
+                undo_new(dir.as_fd(), &name, &u.before, &check);
                 return Err(MountError::sys(
                     format!("remount bind {} with {flags:?}", target.real().display()),
                     e,
@@ -409,10 +410,33 @@ fn below(dir: BorrowedFd<'_>, name: &OsStr) -> PathBuf {
     fd_path(dir).join(name)
 }
 
-/// Lazily unmounts the top mount on `name` in `dir` (undo after a failed
-/// check; nothing may stay mounted).
-fn detach(dir: BorrowedFd<'_>, name: &OsStr) {
+/// Undoes a mount this call just made (a check after it failed): the top
+/// mount on `name` in `dir`, if it is a mount that did not exist `before`
+/// and passes `check`; nothing else is ever unmounted. A mount point cannot
+/// be renamed or removed (EBUSY), so the mount is always reachable there,
+/// wherever a rename of an ancestor moved the directory.
+fn undo_new(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    before: &HashSet<u64>,
+    check: &dyn Fn(&Stat) -> bool,
+) {
+    let how = nix::fcntl::OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(
+            nix::fcntl::ResolveFlag::RESOLVE_BENEATH
+                | nix::fcntl::ResolveFlag::RESOLVE_NO_SYMLINKS
+                | nix::fcntl::ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        );
     let at = below(dir, name);
+    let ours = nix::fcntl::openat2(dir, name, how)
+        .ok()
+        .and_then(|fd| statx_fd(fd.as_fd()).ok())
+        .is_some_and(|st| st.mount_root && !before.contains(&st.mnt_id) && check(&st));
+    if !ours {
+        tracing::error!(path = %at.display(), "the mount to undo is not there");
+        return;
+    }
     if let Err(e) = nix::mount::umount2(&at, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
         tracing::error!(path = %at.display(), error = %e, "cannot undo a mount");
     }
@@ -445,7 +469,7 @@ fn attach(
     want: u32,
     op: impl FnOnce(BorrowedFd<'_>) -> Result<(), MountError>,
     check: impl Fn(&Stat) -> bool,
-) -> Result<(OwnedFd, OsString, Stat), MountError> {
+) -> Result<(OwnedFd, OsString, Undo, Stat), MountError> {
     let vanished = || {
         MountError::Refused(format!(
             "{} {} vanished while it was being mounted on",
@@ -466,11 +490,15 @@ fn attach(
             st.kind(),
         ));
     }
+    let before: HashSet<u64> = mount_table()?
+        .iter()
+        .map(|m| u64::from(m.mount_id))
+        .collect();
     op(leaf.as_fd())?;
     drop(leaf);
     // The new mount, reached through the parent we mounted in.
     let undo = |why: MountError| -> MountError {
-        detach(dir.as_fd(), &name);
+        undo_new(dir.as_fd(), &name, &before, &check);
         why
     };
     let ours = match target.open_in(dir.as_fd(), &name) {
@@ -498,7 +526,12 @@ fn attach(
             quote(&target.lexical().to_string_lossy())
         ))));
     }
-    Ok((dir, name, ours))
+    Ok((dir, name, Undo { before }, ours))
+}
+
+/// What [`undo_new`] needs to recognise a mount made by [`attach`].
+struct Undo {
+    before: HashSet<u64>,
 }
 
 /// The fd of a bind source after checking that it shows `device`, the
@@ -683,6 +716,49 @@ fn extent_hint_below(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Root: when a rename moves an ancestor out of the root right after
+    /// the mount(2), the re-walk sees it and the mount is undone where it
+    /// went; nothing stays mounted.
+    #[test]
+    fn a_mount_moved_by_a_race_is_undone() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().canonicalize().unwrap();
+        let k = base.join("kubelet");
+        std::fs::create_dir_all(k.join("a/leaf")).unwrap();
+        let root = super::super::KubeletRoot::new(&k);
+        let t = root
+            .check("target_path", k.join("a/leaf").to_str().unwrap())
+            .unwrap();
+        let moved = base.join("outside-a");
+        let err = attach(
+            &t,
+            libc::S_IFDIR,
+            |leaf| {
+                nix::mount::mount(
+                    Some("tmpfs"),
+                    &fd_path(leaf),
+                    Some("tmpfs"),
+                    MsFlags::empty(),
+                    Some("size=1m"),
+                )
+                .map_err(|e| MountError::sys("mount tmpfs", e))?;
+                std::fs::rename(k.join("a"), &moved).unwrap();
+                Ok(())
+            },
+            |st| st.mount_root,
+        )
+        .map(drop)
+        .unwrap_err();
+        assert!(matches!(err, MountError::Refused(_)), "{err}");
+        let left: Vec<MountEntry> = mount_table()
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.mount_point.starts_with(&base))
+            .collect();
+        assert!(left.is_empty(), "{left:#?}");
+        assert!(moved.is_dir());
+    }
 
     #[test]
     fn blkid_output() {

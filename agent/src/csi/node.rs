@@ -163,7 +163,7 @@ fn mount_failed(e: MountError, flags: &[String]) -> AgentError {
         .any(|o| !o.is_empty() && o != "defaults");
     if client && e.errno() == Some(nix::errno::Errno::EINVAL) {
         return invalid(format!(
-            "volume_capability.mount.mount_flags {} were rejected by the kernel: {e}",
+            "volume_capability.mount.mount_flags {} were rejected by the kernel (EINVAL)",
             quote(&flags.join(","))
         ));
     }
@@ -690,7 +690,13 @@ impl NodeService {
                     // Unreadable now (e.g. an ancestor became a symlink): keep it.
                     Err(_) => true,
                 },
-                Err(_) => true,
+                // A row from before confinement (outside the root): judged
+                // from the mount table only, never touched.
+                Err(_) => {
+                    let mounts = self.host.mounts().await?;
+                    top_mount(&mounts, &resolved(&p.path))
+                        .is_some_and(|e| dev.is_none_or(|d| e.dev == d))
+                }
             };
             if mounted {
                 live.push(quote(&p.path));

@@ -166,12 +166,12 @@ impl Host for RealHost {
                     .map_err(|e| {
                         MountError::sys(
                             format!(
-                                "mount {} on {} (type {}, flags {:?}, options {:?})",
+                                "mount {} on {} (type {}, flags {:?}, options {})",
                                 spec.source.display(),
-                                spec.target.real().display(),
+                                quote(&spec.target.real().to_string_lossy()),
                                 spec.fs_type,
                                 spec.flags,
-                                data
+                                quote(&data)
                             ),
                             e,
                         )

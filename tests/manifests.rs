@@ -740,7 +740,7 @@ fn manifests_driver_name_sockets_and_paths_agree_with_the_binary() {
         );
 
         // Mounts made by pmem-agent under the kubelet root reach the host.
-        let root = cfg.kubelet_root.clone().expect("--kubelet-root");
+        let root = cfg.kubelet_root.clone();
         for sub in ["pods", "plugins"] {
             let p = root.join(sub).display().to_string();
             let m = agent["volumeMounts"]

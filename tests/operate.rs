@@ -217,8 +217,8 @@ async fn operate_pmemctl_every_subcommand() {
     let grown = ok(&["csi", "expand", &id, "128MiB"]);
     assert!(grown.contains(&(128u64 << 20).to_string()), "{grown}");
     // Node subcommands on the raw block volume (no mkfs needed).
-    let staging = d.dir.path().join("staging");
-    let target = d.dir.path().join("target");
+    let staging = d.kpath("staging");
+    let target = d.kpath("target");
     let (staging, target) = (staging.to_str().unwrap(), target.to_str().unwrap());
     assert!(ok(&["csi", "stage", &id, staging, "--block"]).contains("staged"));
     assert!(ok(&["csi", "publish", &id, staging, target, "--block"]).contains("published"));
@@ -233,7 +233,7 @@ async fn operate_pmemctl_every_subcommand() {
     assert!(ok(&["csi", "unstage", &id, staging]).contains("unstaged"));
     ok(&["csi", "delete", &id]);
     // An ephemeral inline volume: made at publish, gone at unpublish.
-    let eph = d.dir.path().join("eph");
+    let eph = d.kpath("eph");
     let eph = eph.to_str().unwrap();
     let ephemeral = |d: &Daemon| -> usize {
         let (code, out, err) = pmemctl(d, &["--json", "volumes", "--persistency", "ephemeral"]);

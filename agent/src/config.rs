@@ -79,7 +79,8 @@ pub struct Args {
     /// Seconds in-flight calls get to finish at shutdown.
     #[arg(long, env = "PMEM_AGENT_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<u64>,
-    /// Confine staging/target paths under this directory (e.g. /var/lib/kubelet).
+    /// The kubelet directory: every staging and target path must lie
+    /// beneath it (default /var/lib/kubelet; confinement cannot be turned off).
     #[arg(long, env = "PMEM_AGENT_KUBELET_ROOT")]
     pub kubelet_root: Option<PathBuf>,
     /// Seconds between collections of unused CSI ephemeral inline volumes
@@ -214,7 +215,8 @@ pub struct Config {
     /// `socket_mode` may have other bits (checked in `validate`).
     pub allow_world_socket: bool,
     pub shutdown_timeout: std::time::Duration,
-    pub kubelet_root: Option<PathBuf>,
+    /// Staging and publish paths are confined beneath it (`mount::confine`).
+    pub kubelet_root: PathBuf,
     /// Period of the ephemeral inline volume collection (zero: none).
     pub ephemeral_collect_interval: std::time::Duration,
     pub sim_regions: u32,
@@ -384,7 +386,10 @@ impl Config {
                     .or(file.shutdown_timeout)
                     .unwrap_or(30),
             ),
-            kubelet_root: args.kubelet_root.or(file.kubelet_root),
+            kubelet_root: args
+                .kubelet_root
+                .or(file.kubelet_root)
+                .unwrap_or_else(|| PathBuf::from(crate::mount::confine::DEFAULT_KUBELET_ROOT)),
             ephemeral_collect_interval: std::time::Duration::from_secs(
                 args.ephemeral_collect_interval
                     .or(file.ephemeral_collect_interval)
@@ -478,6 +483,18 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "driver-name {:?} must be at most 63 characters, alphanumeric, '-' or '.', starting and ending alphanumeric",
                 self.driver_name
+            )));
+        }
+        if !self.kubelet_root.is_absolute()
+            || self
+                .kubelet_root
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+            || self.kubelet_root == Path::new("/")
+        {
+            return Err(ConfigError::Invalid(format!(
+                "kubelet-root {} must be an absolute path without \"..\", other than /",
+                self.kubelet_root.display()
             )));
         }
         if self.endpoint == self.admin_endpoint {
@@ -690,6 +707,18 @@ mod tests {
         assert!(Config::load(args(&["--config", file, "--allow-world-socket=false"])).is_err());
         std::fs::write(&p, "socket-mode = \"0666\"\n").unwrap();
         assert!(Config::load(args(&["--config", file])).is_err());
+    }
+
+    #[test]
+    fn the_kubelet_root_is_always_set() {
+        let c = Config::load(args(&[])).unwrap();
+        assert_eq!(c.kubelet_root, PathBuf::from("/var/lib/kubelet"));
+        let c = Config::load(args(&["--kubelet-root", "/srv/kubelet"])).unwrap();
+        assert_eq!(c.kubelet_root, PathBuf::from("/srv/kubelet"));
+        for bad in ["relative", "/a/../b", "/"] {
+            let e = Config::load(args(&["--kubelet-root", bad])).unwrap_err();
+            assert!(e.to_string().contains("kubelet-root"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -333,6 +333,7 @@ impl VolumeStore for RemoteStore {
             readonly: false,
             volume_id: volume_id.to_owned(),
             capability: String::new(),
+            device: 0,
         };
         self.call(|mut c| async move { c.delete_publication(w).await })
             .map(|_| ())

@@ -86,6 +86,7 @@ pub fn publication_to_wire(p: &Publication) -> admin::Publication {
         readonly: p.readonly,
         volume_id: p.volume_id.clone(),
         capability: p.capability.clone(),
+        device: p.device.unwrap_or(0),
     }
 }
 
@@ -99,6 +100,7 @@ pub fn publication_from_wire(w: &admin::Publication) -> Result<Publication, Erro
         path: w.path.clone(),
         readonly: w.readonly,
         capability: w.capability.clone(),
+        device: (w.device != 0).then_some(w.device),
     })
 }
 

@@ -82,6 +82,10 @@ CREATE TABLE region_stamps (
     stamped_at INTEGER NOT NULL DEFAULT (unixepoch())
 ) STRICT;
 "#,
+    // The device a stage/publish mounted, so the node unmounts only that.
+    r#"
+ALTER TABLE publications ADD COLUMN device INTEGER;
+"#,
 ];
 
 /// A pending device operation, durable before the device is touched.
@@ -627,16 +631,18 @@ impl Ledger {
     pub fn put_publication(&mut self, p: &Publication) -> Result<()> {
         self.conn
             .execute(
-                "INSERT INTO publications (volume_id, kind, path, readonly, capability)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO publications (volume_id, kind, path, readonly, capability, device)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT(volume_id, kind, path) DO UPDATE SET readonly = excluded.readonly,
-                   capability = excluded.capability",
+                   capability = excluded.capability, device = excluded.device",
                 params![
                     p.volume_id,
                     p.kind.as_str(),
                     p.path,
                     p.readonly,
-                    p.capability
+                    p.capability,
+                    // Device numbers fit in 63 bits; stored bit for bit.
+                    p.device.map(|d| d.cast_signed())
                 ],
             )
             .map(|_| ())
@@ -663,7 +669,7 @@ impl Ledger {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT volume_id, kind, path, readonly, capability FROM publications
+                "SELECT volume_id, kind, path, readonly, capability, device FROM publications
                  WHERE ?1 IS NULL OR volume_id = ?1 ORDER BY volume_id, kind, path",
             )
             .map_err(|e| self.err(e))?;
@@ -682,6 +688,7 @@ impl Ledger {
                     path: r.get(2)?,
                     readonly: r.get(3)?,
                     capability: r.get(4)?,
+                    device: r.get::<_, Option<i64>>(5)?.map(i64::cast_unsigned),
                 })
             })
             .map_err(|e| self.err(e))?;
@@ -867,6 +874,43 @@ mod tests {
         drop(c);
         let e = Ledger::open(&p).unwrap_err().to_string();
         assert!(e.contains("newer"), "{e}");
+    }
+
+    #[test]
+    fn publications_keep_their_device_across_the_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.db");
+        // A ledger at the schema before publications had a device.
+        let c = Connection::open(&p).unwrap();
+        c.execute_batch(MIGRATIONS[0]).unwrap();
+        c.execute_batch(
+            "PRAGMA user_version = 1;
+             INSERT INTO regions VALUES ('region0', 'sim', 1073741824, 16777216, 10, 0, '/x');
+             INSERT INTO volumes (id, name, region, offset, size, requested, usage, erase_after,
+               parameters, persistency, context, state, device)
+             VALUES ('v1', 'n1', 'region0', 0, 16777216, 16777216, 'AppDirect', 0, '{}',
+               'persistent', '{}', 'ready', '/dev/loop9');
+             INSERT INTO publications VALUES ('v1', 'stage', '/k/s', 0, 'mount');",
+        )
+        .unwrap();
+        drop(c);
+        let mut l = Ledger::open(&p).unwrap();
+        let old = l.publications(Some("v1")).unwrap();
+        assert_eq!(old.len(), 1);
+        assert_eq!(old[0].device, None, "unknown for old rows");
+        let mut new = old[0].clone();
+        new.kind = PublicationKind::Publish;
+        new.path = "/k/t".into();
+        // makedev(259, 3)
+        new.device = Some((259 << 8) | 3);
+        l.put_publication(&new).unwrap();
+        drop(l);
+        let l = Ledger::open(&p).unwrap();
+        let got = l.publications(Some("v1")).unwrap();
+        assert_eq!(
+            got.iter().find(|p| p.path == "/k/t").unwrap().device,
+            new.device
+        );
     }
 
     #[test]

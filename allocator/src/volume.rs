@@ -169,6 +169,10 @@ pub struct Publication {
     pub readonly: bool,
     /// Opaque description of the capability the node used (for idempotency).
     pub capability: String,
+    /// `st_rdev` of the volume's block device when it was staged or
+    /// published: a mount found at `path` is ours only if it shows this
+    /// device. `None` for rows written before it was recorded.
+    pub device: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -77,6 +77,25 @@ impl Daemon {
         d
     }
 
+    /// The daemon's kubelet root (`--kubelet-root`), inside its temp dir,
+    /// unless the test passes its own.
+    pub fn kubelet_root(&self) -> PathBuf {
+        match self.extra.iter().position(|a| a == "--kubelet-root") {
+            Some(i) => PathBuf::from(&self.extra[i + 1]),
+            None => self
+                .dir
+                .path()
+                .canonicalize()
+                .expect("temp dir")
+                .join("kubelet"),
+        }
+    }
+
+    /// A staging or publish path beneath the kubelet root.
+    pub fn kpath(&self, rel: &str) -> PathBuf {
+        self.kubelet_root().join(rel)
+    }
+
     pub fn csi_sock(&self) -> PathBuf {
         self.dir.path().join("csi.sock")
     }
@@ -131,6 +150,11 @@ impl Daemon {
             .args(["--shutdown-timeout", "10"]);
         if !self.extra.iter().any(|a| a == "--sim-region-size") {
             cmd.args(["--sim-region-size", "1GiB"]);
+        }
+        if !self.extra.iter().any(|a| a == "--kubelet-root") {
+            let root = self.kubelet_root();
+            std::fs::create_dir_all(&root).expect("kubelet root");
+            cmd.arg("--kubelet-root").arg(root);
         }
         cmd.args(&self.extra);
         cmd

@@ -34,8 +34,12 @@ use crate::csi::params::{
 };
 use crate::driver::{Driver, VolumeGuard};
 use crate::error::{AgentError, AgentResult, invalid};
+use crate::mount::confine::quote;
 use crate::mount::host::RealHost;
-use crate::mount::{Host, MountEntry, MountSpec, Probe, XFS_MIN_BYTES, parse_options, paths};
+use crate::mount::{
+    BindSource, Confined, Host, KubeletRoot, Leaf, MountEntry, MountError, MountSpec, PathError,
+    PathState, Probe, Removed, Unmounted, XFS_MIN_BYTES, parse_options, paths,
+};
 use crate::rpc::{blocking, call};
 
 mod reconcile;
@@ -77,6 +81,8 @@ const MAX_STACKED: usize = 8;
 #[derive(Debug, Clone)]
 pub struct NodeService {
     driver: Arc<Driver>,
+    /// Every staging and publish path lies beneath it.
+    root: KubeletRoot,
     host: Arc<dyn Host>,
 }
 
@@ -129,6 +135,40 @@ fn top_mount<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry
 /// A ledger path as the OS sees it (symlinks of ancestors resolved).
 fn resolved(p: &str) -> PathBuf {
     paths::resolve(Path::new(p)).unwrap_or_else(|_| PathBuf::from(p))
+}
+
+fn path_error(e: PathError) -> AgentError {
+    match e {
+        PathError::Invalid(m) => AgentError::InvalidArgument(m),
+        PathError::Precondition(m) => AgentError::FailedPrecondition(m),
+    }
+}
+
+/// A confined path for a message (bounded).
+fn shown(p: &Confined) -> String {
+    quote(&p.lexical().to_string_lossy())
+}
+
+fn cap_flags(cap: &Capability) -> &[String] {
+    match &cap.access {
+        Access::Mount { flags, .. } => flags,
+        Access::Block => &[],
+    }
+}
+
+/// A failed mount(2): EINVAL with client mount_flags is their mistake.
+fn mount_failed(e: MountError, flags: &[String]) -> AgentError {
+    let client = flags
+        .iter()
+        .flat_map(|f| f.split(','))
+        .any(|o| !o.is_empty() && o != "defaults");
+    if client && e.errno() == Some(nix::errno::Errno::EINVAL) {
+        return invalid(format!(
+            "volume_capability.mount.mount_flags {} were rejected by the kernel (EINVAL)",
+            quote(&flags.join(","))
+        ));
+    }
+    e.into()
 }
 
 fn is_block(p: &Publication) -> bool {
@@ -256,7 +296,7 @@ struct FsMount<'a> {
     fs: FsType,
     explicit: bool,
     flags: &'a [String],
-    target: &'a Path,
+    target: &'a Confined,
     read_only: bool,
 }
 
@@ -275,7 +315,11 @@ impl NodeService {
 
     /// A node service on another host implementation (tests).
     pub fn with_host(driver: Arc<Driver>, host: Arc<dyn Host>) -> NodeService {
-        NodeService { driver, host }
+        NodeService {
+            root: KubeletRoot::new(driver.cfg.kubelet_root.clone()),
+            driver,
+            host,
+        }
     }
 
     /// Claims `id` for this call with the driver's per-volume lock (shared
@@ -284,8 +328,14 @@ impl NodeService {
         self.driver.lock_volume(id)
     }
 
-    fn check_path(&self, field: &str, raw: &str) -> AgentResult<PathBuf> {
-        paths::check(field, raw, self.driver.cfg.kubelet_root.as_deref()).map_err(invalid)
+    /// A request path confined beneath the kubelet root.
+    fn confine(&self, field: &'static str, raw: &str) -> AgentResult<Confined> {
+        self.root.check(field, raw).map_err(path_error)
+    }
+
+    /// The same, as the path the mount table shows (for read-only use).
+    fn check_path(&self, field: &'static str, raw: &str) -> AgentResult<PathBuf> {
+        self.confine(field, raw).map(|c| c.real().to_owned())
     }
 
     async fn volume(&self, id: &str) -> AgentResult<Option<Volume>> {
@@ -417,112 +467,126 @@ impl NodeService {
             .map_err(|e| invalid(format!("volume_capability.mount.mount_flags: {e}")))?;
         let want_dax = m.v.usage == Usage::AppDirect;
         let dax = want_dax && self.host.dax_supported(m.dev).await;
-        let mounts = self.host.mounts().await?;
-        let mut fresh = false;
-        match top_mount(&mounts, m.target) {
-            Some(e) if e.dev != m.rdev => {
+        let existing = match self.host.inspect(m.target).await? {
+            Some(PathState { mount: Some(e), .. }) if e.dev != m.rdev => {
                 return Err(failed(format!(
-                    "{} already has a mount of another device ({} from {}); refusing to mount volume {} over it",
-                    m.target.display(),
+                    "{} {} already has a mount of another device ({} from {}); refusing to mount volume {} over it",
+                    m.target.field(),
+                    shown(m.target),
                     e.fs_type,
-                    e.source,
+                    quote(&e.source),
                     m.v.id
                 )));
             }
-            Some(_) => {}
-            None => {
-                fresh = true;
-                let fs = self.prepare_fs(&m).await?;
-                self.host.make_dir(m.target).await?;
-                let mut flags = opts.flags;
-                if m.read_only {
-                    flags |= MsFlags::MS_RDONLY;
-                }
-                let mut data = opts.data.clone();
-                if dax {
-                    data.push("dax".into());
-                } else if want_dax {
-                    tracing::warn!(volume = %m.v.id, device = %m.dev.display(), "{}", no_dax(m.dev));
-                }
-                self.host
-                    .mount(&MountSpec {
-                        source: m.dev.to_owned(),
-                        target: m.target.to_owned(),
-                        fs_type: fs.as_str().to_owned(),
-                        flags,
-                        data,
-                    })
-                    .await?;
-                tracing::info!(volume = %m.v.id, device = %m.dev.display(), target = %m.target.display(), fs = fs.as_str(), dax, "mounted");
+            Some(PathState { mount: Some(e), .. }) => Some(e),
+            Some(s) if !s.is_dir() => {
+                return Err(m.target.wrong_type("a directory", s.kind).into());
             }
+            _ => None,
+        };
+        if let Some(e) = existing {
+            // Mounted by an earlier (perhaps interrupted) call, and perhaps
+            // in use: report a missing dax, do not undo.
+            if dax && !e.dax() {
+                tracing::warn!(volume = %m.v.id, target = %m.target.real().display(), options = %e.super_options.join(","), "AppDirect volume is mounted without dax");
+            }
+            if e.fs_type == "xfs" && !e.read_only() {
+                self.host.set_extent_hint(m.target).await?;
+            }
+            return Ok(());
         }
-        let mounts = self.host.mounts().await?;
-        let e = top_mount(&mounts, m.target)
-            .filter(|e| e.dev == m.rdev)
-            .ok_or_else(|| {
-                AgentError::Internal(format!(
-                    "mounted volume {} at {} but the mount table does not show it",
-                    m.v.id,
-                    m.target.display()
-                ))
-            })?;
-        if dax && !e.dax() {
-            let opts = e.super_options.join(",");
-            if !fresh {
-                // Mounted earlier (and perhaps in use): report, do not undo.
-                tracing::warn!(volume = %m.v.id, target = %m.target.display(), options = %opts, "AppDirect volume is mounted without dax");
-            } else {
-                self.host.unmount(m.target).await?;
-                return Err(failed(format!(
+        let fs = self.prepare_fs(&m).await?;
+        self.host.make_dir(m.target).await?;
+        let mut flags = opts.flags;
+        if m.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        let mut data = opts.data.clone();
+        if dax {
+            data.push("dax".into());
+        } else if want_dax {
+            tracing::warn!(volume = %m.v.id, device = %m.dev.display(), "{}", no_dax(m.dev));
+        }
+        // Every check of the new mount happens inside the host call, which
+        // undoes the mount when one fails: a failed call leaves nothing.
+        self.host
+            .mount(&MountSpec {
+                source: m.dev.to_owned(),
+                device: m.rdev,
+                target: m.target.clone(),
+                fs_type: fs.as_str().to_owned(),
+                flags,
+                data,
+                dax_required: dax,
+                extent_hint: fs == FsType::Xfs,
+            })
+            .await
+            .map_err(|e| match e {
+                MountError::NoDax(opts) => failed(format!(
                     "mounted volume {} with dax but the kernel did not enable DAX (options {opts}); unmounted it",
                     m.v.id
-                )));
-            }
-        }
-        if e.fs_type == "xfs" && !e.read_only() {
-            self.host.set_extent_hint(m.target).await?;
-        }
+                )),
+                e => mount_failed(e, m.flags),
+            })?;
+        tracing::info!(volume = %m.v.id, device = %m.dev.display(), target = %m.target.real().display(), fs = fs.as_str(), dax, "mounted");
         Ok(())
     }
 
-    /// Unmounts every mount of the volume at `path` (refusing one of another
-    /// device), then removes the path when asked.
-    async fn release(&self, v: &Volume, path: &Path, remove: bool) -> AgentResult<()> {
-        let rdev = match &v.device {
-            Some(d) => self.host.device_number(Path::new(d)).await?,
-            None => None,
-        };
+    /// The device a recorded stage/publish mounted: as recorded, or for
+    /// rows from before it was recorded the volume's device now.
+    async fn recorded_device(&self, p: &Publication, v: &Volume) -> AgentResult<Option<u64>> {
+        if p.device.is_some() {
+            return Ok(p.device);
+        }
+        match &v.device {
+            Some(d) => Ok(self.host.device_number(Path::new(d)).await?),
+            None => Ok(None),
+        }
+    }
+
+    /// Unmounts the mounts of `device` at `path` (a recorded stage or
+    /// publish path of `v`). A mount of anything else, or any mount when no
+    /// device is known, is FAILED_PRECONDITION and stays.
+    async fn release(&self, v: &Volume, path: &Confined, device: Option<u64>) -> AgentResult<()> {
         let mut peeled = 0;
         loop {
-            let mounts = self.host.mounts().await?;
-            let Some(e) = top_mount(&mounts, path) else {
-                break;
+            let Some(PathState { mount: Some(e), .. }) = self.host.inspect(path).await? else {
+                return Ok(());
+            };
+            let Some(dev) = device else {
+                return Err(failed(format!(
+                    "{} {} has a mount ({} from {}) but no device of volume {} is known (it has no block device, or is not ready); refusing to unmount it",
+                    path.field(),
+                    shown(path),
+                    e.fs_type,
+                    quote(&e.source),
+                    v.id
+                )));
             };
             if peeled == MAX_STACKED {
                 return Err(AgentError::Internal(format!(
                     "{} is still mounted after {MAX_STACKED} unmounts",
-                    path.display()
+                    path.real().display()
                 )));
             }
-            if let Some(r) = rdev
-                && !self.holds(e, path, r).await?
-            {
-                return Err(failed(format!(
-                    "{} is a mount of another device ({} from {}), not of volume {}; refusing to unmount it",
-                    path.display(),
-                    e.fs_type,
-                    e.source,
-                    v.id
-                )));
+            match self.host.unmount(path, dev).await? {
+                Unmounted::Done => {
+                    tracing::info!(volume = %v.id, path = %path.real().display(), "unmounted");
+                    peeled += 1;
+                }
+                Unmounted::NotMounted => return Ok(()),
+                Unmounted::Foreign(e) => {
+                    return Err(failed(format!(
+                        "{} {} is a mount of another device ({} from {}), not of volume {}; refusing to unmount it",
+                        path.field(),
+                        shown(path),
+                        e.fs_type,
+                        quote(&e.source),
+                        v.id
+                    )));
+                }
             }
-            self.host.unmount(path).await?;
-            tracing::info!(volume = %v.id, path = %path.display(), "unmounted");
-            peeled += 1;
         }
-        if remove {
-            self.host.remove(path).await?;
-        }
-        Ok(())
     }
 
     async fn stage(
@@ -530,7 +594,7 @@ impl NodeService {
         req: csi::NodeStageVolumeRequest,
     ) -> AgentResult<csi::NodeStageVolumeResponse> {
         require("volume_id", &req.volume_id)?;
-        let staging = self.check_path("staging_target_path", &req.staging_target_path)?;
+        let staging = self.confine("staging_target_path", &req.staging_target_path)?;
         let (cap, explicit) = capability(req.volume_capability.as_ref())?;
         let _busy = self.begin(&req.volume_id)?;
         let v = self
@@ -542,18 +606,32 @@ impl NodeService {
         let desc = cap.describe();
         let pubs = self.publications(&v.id).await?;
         if let Some(p) = pubs.iter().find(|p| p.kind == PublicationKind::Stage) {
-            if p.path != req.staging_target_path {
+            if !staging.same_as(&p.path) {
                 return Err(exists(format!(
                     "volume {} is already staged at {}; unstage it before staging it at {}",
-                    v.id, p.path, req.staging_target_path
+                    v.id,
+                    quote(&p.path),
+                    shown(&staging)
                 )));
             }
             if !same_capability(p, &desc) {
                 return Err(exists(format!(
                     "volume {} is already staged at {} as {} but this call asks for {desc}",
-                    v.id, p.path, p.capability
+                    v.id,
+                    quote(&p.path),
+                    p.capability
                 )));
             }
+        }
+        if let Some(p) = pubs
+            .iter()
+            .find(|p| p.kind == PublicationKind::Publish && staging.same_as(&p.path))
+        {
+            return Err(invalid(format!(
+                "staging_target_path {} is where volume {} is published; the two paths must differ",
+                quote(&p.path),
+                v.id
+            )));
         }
         let rdev = self.rdev(&v, &dev).await?;
         if let Access::Mount { fs, flags } = &cap.access {
@@ -575,6 +653,7 @@ impl NodeService {
             path: req.staging_target_path.clone(),
             readonly: false,
             capability: desc,
+            device: Some(rdev),
         })
         .await?;
         Ok(csi::NodeStageVolumeResponse {})
@@ -585,19 +664,40 @@ impl NodeService {
         req: csi::NodeUnstageVolumeRequest,
     ) -> AgentResult<csi::NodeUnstageVolumeResponse> {
         require("volume_id", &req.volume_id)?;
-        let staging = self.check_path("staging_target_path", &req.staging_target_path)?;
+        let staging = self.confine("staging_target_path", &req.staging_target_path)?;
         let _busy = self.begin(&req.volume_id)?;
         let Some(v) = self.volume(&req.volume_id).await? else {
             return Ok(csi::NodeUnstageVolumeResponse {});
         };
-        let mounts = self.host.mounts().await?;
+        let pubs = self.publications(&v.id).await?;
+        let Some(stage) = pubs
+            .iter()
+            .find(|p| p.kind == PublicationKind::Stage && staging.same_as(&p.path))
+        else {
+            // Not staged there by us: nothing of ours to undo.
+            tracing::info!(volume = %v.id, path = %staging.real().display(), "no stage of the volume is recorded at this path; nothing to do");
+            return Ok(csi::NodeUnstageVolumeResponse {});
+        };
         let mut live = Vec::new();
-        for p in self.publications(&v.id).await? {
-            if p.kind != PublicationKind::Publish {
-                continue;
-            }
-            if top_mount(&mounts, &resolved(&p.path)).is_some() {
-                live.push(p.path);
+        for p in pubs.iter().filter(|p| p.kind == PublicationKind::Publish) {
+            let dev = self.recorded_device(p, &v).await?;
+            let mounted = match self.root.check("target_path", &p.path) {
+                Ok(c) => match self.host.inspect(&c).await {
+                    Ok(Some(s)) => s.mount.is_some() && dev.is_none_or(|d| s.shows(d)),
+                    Ok(None) => false,
+                    // Unreadable now (e.g. an ancestor became a symlink): keep it.
+                    Err(_) => true,
+                },
+                // A row from before confinement (outside the root): judged
+                // from the mount table only, never touched.
+                Err(_) => {
+                    let mounts = self.host.mounts().await?;
+                    top_mount(&mounts, &resolved(&p.path))
+                        .is_some_and(|e| dev.is_none_or(|d| e.dev == d))
+                }
+            };
+            if mounted {
+                live.push(quote(&p.path));
             } else {
                 tracing::warn!(volume = %v.id, target = %p.path, "publication is no longer mounted; forgetting it");
                 self.unrecord(&v.id, PublicationKind::Publish, &p.path)
@@ -611,8 +711,10 @@ impl NodeService {
                 live.join(", ")
             )));
         }
-        self.release(&v, &staging, false).await?;
-        self.unrecord(&v.id, PublicationKind::Stage, &req.staging_target_path)
+        let dev = self.recorded_device(stage, &v).await?;
+        // The staging directory belongs to the CO: unmounted, never removed.
+        self.release(&v, &staging, dev).await?;
+        self.unrecord(&v.id, PublicationKind::Stage, &stage.path)
             .await?;
         Ok(csi::NodeUnstageVolumeResponse {})
     }
@@ -622,7 +724,7 @@ impl NodeService {
         req: csi::NodePublishVolumeRequest,
     ) -> AgentResult<csi::NodePublishVolumeResponse> {
         require("volume_id", &req.volume_id)?;
-        let target = self.check_path("target_path", &req.target_path)?;
+        let target = self.confine("target_path", &req.target_path)?;
         let (cap, explicit) = capability(req.volume_capability.as_ref())?;
         if is_ephemeral(&req.volume_context)? {
             return self.publish_ephemeral(&req, &cap, explicit, &target).await;
@@ -632,7 +734,13 @@ impl NodeService {
                 "staging_target_path is required: pmem-agent stages volumes (STAGE_UNSTAGE_VOLUME)",
             ));
         }
-        let staging = self.check_path("staging_target_path", &req.staging_target_path)?;
+        let staging = self.confine("staging_target_path", &req.staging_target_path)?;
+        if staging.real() == target.real() {
+            return Err(invalid(format!(
+                "target_path {} is the staging_target_path; the two paths must differ",
+                shown(&target)
+            )));
+        }
         let _busy = self.begin(&req.volume_id)?;
         let v = self
             .volume(&req.volume_id)
@@ -650,10 +758,12 @@ impl NodeService {
                     v.id
                 ))
             })?;
-        if stage.path != req.staging_target_path {
+        if !staging.same_as(&stage.path) {
             return Err(failed(format!(
                 "volume {} is staged at {}, not at {}",
-                v.id, stage.path, req.staging_target_path
+                v.id,
+                quote(&stage.path),
+                shown(&staging)
             )));
         }
         let block = cap.access == Access::Block;
@@ -670,18 +780,21 @@ impl NodeService {
         let desc = cap.describe();
         if let Some(p) = pubs
             .iter()
-            .find(|p| p.kind == PublicationKind::Publish && p.path == req.target_path)
+            .find(|p| p.kind == PublicationKind::Publish && target.same_as(&p.path))
             && (!same_capability(p, &desc) || p.readonly != readonly)
         {
             return Err(exists(format!(
                 "volume {} is already published at {} as {} readonly={} but this call asks for {desc} readonly={readonly}",
-                v.id, p.path, p.capability, p.readonly
+                v.id,
+                quote(&p.path),
+                p.capability,
+                p.readonly
             )));
         }
         let single = Mode::SingleNodeSingleWriter.as_str_name();
         let others: Vec<&Publication> = pubs
             .iter()
-            .filter(|p| p.kind == PublicationKind::Publish && p.path != req.target_path)
+            .filter(|p| p.kind == PublicationKind::Publish && !target.same_as(&p.path))
             .collect();
         if !others.is_empty()
             && (cap.mode == Mode::SingleNodeSingleWriter
@@ -692,13 +805,12 @@ impl NodeService {
                 v.id,
                 others
                     .iter()
-                    .map(|p| p.path.as_str())
+                    .map(|p| quote(&p.path))
                     .collect::<Vec<_>>()
                     .join(", ")
             )));
         }
         let rdev = self.rdev(&v, &dev).await?;
-        let mounts = self.host.mounts().await?;
         let mut flags = match &cap.access {
             Access::Mount { flags, .. } => parse_options(flags)
                 .map_err(|e| invalid(format!("volume_capability.mount.mount_flags: {e}")))?
@@ -709,42 +821,59 @@ impl NodeService {
             flags |= MsFlags::MS_RDONLY;
         }
         let (source, source_ro) = if block {
-            (dev.clone(), false)
+            (BindSource::Device(dev.clone()), false)
         } else {
-            match top_mount(&mounts, &staging) {
-                Some(e) if e.dev == rdev => (staging.clone(), e.read_only()),
+            match self.host.inspect(&staging).await? {
+                Some(PathState { mount: Some(e), .. }) if e.dev == rdev => {
+                    (BindSource::Staging(staging.clone()), e.read_only())
+                }
                 _ => {
                     return Err(failed(format!(
                         "volume {} is recorded as staged at {} but it is not mounted there; stage it again",
-                        v.id, req.staging_target_path
+                        v.id,
+                        shown(&staging)
                     )));
                 }
             }
         };
-        match top_mount(&mounts, &target) {
-            Some(e) => {
-                if !self.holds(e, &target, rdev).await? {
+        match self.host.inspect(&target).await? {
+            Some(s) if s.mount.is_some() => {
+                let e = s.mount.as_ref().expect("checked");
+                if !s.shows(rdev) {
                     return Err(failed(format!(
-                        "{} already has a mount of another device ({} from {}); refusing to publish volume {} there",
-                        req.target_path, e.fs_type, e.source, v.id
+                        "target_path {} already has a mount of another device ({} from {}); refusing to publish volume {} there",
+                        shown(&target),
+                        e.fs_type,
+                        quote(&e.source),
+                        v.id
                     )));
                 }
                 let ro_now = e.mount_options.iter().any(|o| o == "ro");
                 if ro_now != readonly && !(ro_now && source_ro) {
                     return Err(exists(format!(
                         "volume {} is already mounted at {} with read-only={ro_now} but this call asks for read-only={readonly}",
-                        v.id, req.target_path
+                        v.id,
+                        shown(&target)
                     )));
                 }
             }
-            None => {
+            Some(s) if block && s.kind != libc::S_IFREG => {
+                return Err(target.wrong_type("a regular file", s.kind).into());
+            }
+            Some(s) if !block && !s.is_dir() => {
+                return Err(target.wrong_type("a directory", s.kind).into());
+            }
+            _ => {
                 if block {
                     self.host.make_file(&target).await?;
                 } else {
                     self.host.make_dir(&target).await?;
                 }
-                self.host.bind(&source, &target, flags).await?;
-                tracing::info!(volume = %v.id, source = %source.display(), target = %target.display(), readonly, "published");
+                self.host
+                    .bind(&source, &target, rdev, flags)
+                    .await
+                    .map_err(|e| mount_failed(e, cap_flags(&cap)))?;
+                tracing::info!(volume = %v.id, target = %target.real().display(), readonly, "published");
             }
         }
         self.record(Publication {
@@ -753,6 +882,7 @@ impl NodeService {
             path: req.target_path.clone(),
             readonly,
             capability: desc,
+            device: Some(rdev),
         })
         .await?;
         Ok(csi::NodePublishVolumeResponse {})
@@ -765,7 +895,7 @@ impl NodeService {
         req: &csi::NodePublishVolumeRequest,
         cap: &Capability,
         explicit: bool,
-        target: &Path,
+        target: &Confined,
     ) -> AgentResult<csi::NodePublishVolumeResponse> {
         let Access::Mount { fs, .. } = &cap.access else {
             return Err(invalid(
@@ -789,7 +919,7 @@ impl NodeService {
         req: &csi::NodePublishVolumeRequest,
         cap: &Capability,
         explicit: bool,
-        target: &Path,
+        target: &Confined,
         v: &Volume,
     ) -> AgentResult<()> {
         let Access::Mount { fs, flags } = &cap.access else {
@@ -801,16 +931,22 @@ impl NodeService {
         let desc = cap.describe();
         let pubs = self.publications(&v.id).await?;
         if let Some(p) = pubs.iter().find(|p| p.kind == PublicationKind::Publish) {
-            if p.path != req.target_path {
+            if !target.same_as(&p.path) {
                 return Err(exists(format!(
                     "ephemeral volume {} ({}) is already published at {}",
-                    v.name, v.id, p.path
+                    quote(&v.name),
+                    v.id,
+                    quote(&p.path)
                 )));
             }
             if !same_capability(p, &desc) || p.readonly != readonly {
                 return Err(exists(format!(
                     "ephemeral volume {} ({}) is already published at {} as {} readonly={} but this call asks for {desc} readonly={readonly}",
-                    v.name, v.id, p.path, p.capability, p.readonly
+                    quote(&v.name),
+                    v.id,
+                    quote(&p.path),
+                    p.capability,
+                    p.readonly
                 )));
             }
         }
@@ -832,17 +968,22 @@ impl NodeService {
             path: req.target_path.clone(),
             readonly,
             capability: desc,
+            device: Some(rdev),
         })
         .await
     }
 
     /// After a failed ephemeral publish: a volume nobody uses must not leak.
-    async fn discard_unused_ephemeral(&self, v: &Volume, target: &Path) {
+    async fn discard_unused_ephemeral(&self, v: &Volume, target: &Confined) {
         match self.publications(&v.id).await {
             Ok(p) if p.is_empty() => {}
             _ => return,
         }
-        if let Err(e) = self.release(v, target, false).await {
+        let dev = match &v.device {
+            Some(d) => self.host.device_number(Path::new(d)).await.ok().flatten(),
+            None => None,
+        };
+        if let Err(e) = self.release(v, target, dev).await {
             tracing::warn!(volume = %v.id, error = %e, "cannot unmount the target of a failed ephemeral publish; start-up will collect the volume");
             return;
         }
@@ -857,18 +998,39 @@ impl NodeService {
         }
     }
 
+    /// Undoes exactly the publication the ledger records for this volume at
+    /// this path: unmounts it (only a mount of the recorded device) and
+    /// removes the target it created. Anything else at the path, or a path
+    /// without a record, is left alone.
     async fn unpublish(
         &self,
         req: csi::NodeUnpublishVolumeRequest,
     ) -> AgentResult<csi::NodeUnpublishVolumeResponse> {
         require("volume_id", &req.volume_id)?;
-        let target = self.check_path("target_path", &req.target_path)?;
+        let target = self.confine("target_path", &req.target_path)?;
         let _busy = self.begin(&req.volume_id)?;
         let Some(v) = self.volume_or_ephemeral(&req.volume_id).await? else {
             return Ok(csi::NodeUnpublishVolumeResponse {});
         };
-        self.release(&v, &target, true).await?;
-        self.unrecord(&v.id, PublicationKind::Publish, &req.target_path)
+        let pubs = self.publications(&v.id).await?;
+        let Some(p) = pubs
+            .iter()
+            .find(|p| p.kind == PublicationKind::Publish && target.same_as(&p.path))
+        else {
+            tracing::info!(volume = %v.id, target = %target.real().display(), "no publication of the volume is recorded at this path; nothing to do");
+            return Ok(csi::NodeUnpublishVolumeResponse {});
+        };
+        let dev = self.recorded_device(p, &v).await?;
+        self.release(&v, &target, dev).await?;
+        let leaf = if is_block(p) { Leaf::File } else { Leaf::Dir };
+        match self.host.remove(&target, leaf).await? {
+            Removed::Yes | Removed::Absent => {}
+            // Unmounted, so no longer published; what is left is not ours.
+            Removed::Kept(why) => {
+                tracing::warn!(volume = %v.id, target = %target.real().display(), reason = %why, "unpublished; the target stays")
+            }
+        }
+        self.unrecord(&v.id, PublicationKind::Publish, &p.path)
             .await?;
         if v.persistency == Persistency::Ephemeral {
             self.delete_unused_ephemeral(&v, &req.volume_id).await?;

@@ -9,7 +9,10 @@ use std::sync::{Mutex, MutexGuard};
 use nix::mount::MsFlags;
 use nix::sys::stat::makedev;
 
-use super::{FsStats, FsType, Host, MountEntry, MountError, MountSpec, Probe};
+use super::{
+    BindSource, Confined, FsStats, FsType, Host, Leaf, MountEntry, MountError, MountSpec,
+    PathState, Probe, Removed, Unmounted,
+};
 
 /// Devices under this directory appear on first use.
 pub const FAKE_DEV_DIR: &str = "/dev/fake/";
@@ -36,6 +39,9 @@ pub struct FakeState {
     pub block_binds: BTreeMap<PathBuf, u64>,
     pub dirs: BTreeSet<PathBuf>,
     pub files: BTreeSet<PathBuf>,
+    /// Paths that are symbolic links: a confined path through one of them
+    /// is refused, as the real host refuses it.
+    pub symlinks: BTreeSet<PathBuf>,
     /// Every mutating call, e.g. `mkfs /dev/fake/x xfs`.
     pub calls: Vec<String>,
     /// Operations (`mount`, `bind`, `unmount`, `mkfs`, `grow_online`, ...)
@@ -116,6 +122,40 @@ impl FakeHost {
         st.devices.get_mut(dev).map(f)
     }
 
+    /// A mount made by someone else (no confinement, no checks): a
+    /// filesystem on a fake device, or a tmpfs when `source` is no device.
+    pub fn mount_raw(&self, source: &Path, target: &Path, fs: &str) {
+        let mut st = self.state();
+        FakeState::ensure(&mut st, source);
+        let dev = match st.devices.get(source) {
+            Some(d) => d.rdev,
+            None => makedev(0, 77),
+        };
+        st.dirs.insert(target.to_owned());
+        st.push_mount(MountEntry {
+            mount_id: 0,
+            parent_id: 1,
+            dev,
+            root: PathBuf::from("/"),
+            mount_point: target.to_owned(),
+            mount_options: opts(false),
+            fs_type: fs.to_owned(),
+            source: source.display().to_string(),
+            super_options: vec!["rw".into()],
+        });
+    }
+
+    /// Someone else unmounts the top mount at `target`.
+    pub fn unmount_raw(&self, target: &Path) {
+        let mut st = self.state();
+        if let Some(i) = st.mounts.iter().rposition(|m| m.mount_point == target) {
+            st.mounts.remove(i);
+            if !st.mounts.iter().any(|m| m.mount_point == target) {
+                st.block_binds.remove(target);
+            }
+        }
+    }
+
     /// Makes a device vanish (as if its namespace were destroyed).
     pub fn remove_device(&self, dev: &Path) {
         let mut st = self.state();
@@ -146,6 +186,49 @@ impl FakeState {
             other_signature: None,
         };
         st.devices.insert(dev.to_owned(), d);
+    }
+
+    /// What the real host's resolution beneath the root would refuse.
+    fn confine(&self, p: &Confined) -> Result<PathBuf, MountError> {
+        let real = p.real().to_owned();
+        if let Some(l) = self.symlinks.iter().find(|l| real.starts_with(l)) {
+            return Err(MountError::Invalid(format!(
+                "{} {}: {} is a symbolic link",
+                p.field(),
+                p.lexical().display(),
+                l.display()
+            )));
+        }
+        if let Some(f) = real.ancestors().skip(1).find(|a| self.files.contains(*a)) {
+            return Err(MountError::Refused(format!(
+                "{} {}: {} exists and is not a directory",
+                p.field(),
+                p.lexical().display(),
+                f.display()
+            )));
+        }
+        Ok(real)
+    }
+
+    fn state_of(&self, real: &Path) -> Option<PathState> {
+        let mount = self
+            .mounts
+            .iter()
+            .rev()
+            .find(|m| m.mount_point == real)
+            .cloned();
+        let (kind, rdev) = if let Some(r) = self.block_binds.get(real) {
+            (libc::S_IFBLK, *r)
+        } else if self.dirs.contains(real) {
+            (libc::S_IFDIR, 0)
+        } else if self.files.contains(real) {
+            (libc::S_IFREG, 0)
+        } else if mount.is_some() {
+            (libc::S_IFDIR, 0)
+        } else {
+            return None;
+        };
+        Some(PathState { kind, rdev, mount })
     }
 
     fn check(&self, op: &str) -> Result<(), MountError> {
@@ -189,9 +272,47 @@ impl Host for FakeHost {
         Ok(st.mounts.clone())
     }
 
-    async fn mount(&self, spec: &MountSpec) -> Result<(), MountError> {
+    async fn inspect(&self, path: &Confined) -> Result<Option<PathState>, MountError> {
+        let st = self.state();
+        let real = st.confine(path)?;
+        Ok(st.state_of(&real))
+    }
+
+    async fn mount(&self, spec: &MountSpec) -> Result<MountEntry, MountError> {
         let mut st = self.state();
         st.check("mount")?;
+        let target = st.confine(&spec.target)?;
+        match st.state_of(&target) {
+            Some(s) if s.is_dir() => {}
+            Some(s) => return Err(spec.target.wrong_type("a directory", s.kind)),
+            None => {
+                return Err(MountError::Refused(format!(
+                    "{} does not exist",
+                    target.display()
+                )));
+            }
+        }
+        // A device a test marked as held by someone else: EBUSY.
+        if st
+            .fail
+            .contains_key(&format!("busy:{}", spec.source.display()))
+        {
+            return Err(MountError::sys(
+                format!("mount {}", spec.source.display()),
+                nix::errno::Errno::EBUSY,
+            ));
+        }
+        // Options a test marked as unknown to the "kernel": EINVAL.
+        if let Some(o) = spec
+            .data
+            .iter()
+            .find(|o| st.fail.contains_key(&format!("option:{o}")))
+        {
+            return Err(MountError::sys(
+                format!("mount with option {o}"),
+                nix::errno::Errno::EINVAL,
+            ));
+        }
         let dax_asked = spec.data.iter().any(|d| d == "dax" || d == "dax=always");
         let d = st.device(&spec.source)?.clone();
         if d.fs.as_deref() != Some(spec.fs_type.as_str()) {
@@ -210,10 +331,13 @@ impl Host for FakeHost {
             sup.push("dax=never".into());
         }
         sup.extend(spec.data.iter().filter(|o| !o.starts_with("dax")).cloned());
+        if d.rdev != spec.device {
+            return Err(MountError::Refused("not the expected device".into()));
+        }
         st.calls.push(format!(
             "mount {} {} {} {}",
             spec.source.display(),
-            spec.target.display(),
+            target.display(),
             spec.fs_type,
             spec.data.join(",")
         ));
@@ -222,35 +346,85 @@ impl Host for FakeHost {
             parent_id: 1,
             dev: d.rdev,
             root: PathBuf::from("/"),
-            mount_point: spec.target.clone(),
+            mount_point: target.clone(),
             mount_options: opts(spec.flags.contains(MsFlags::MS_RDONLY)),
             fs_type: spec.fs_type.clone(),
             source: spec.source.display().to_string(),
             super_options: sup,
         });
-        Ok(())
+        let e = st.mounts.last().cloned().expect("just pushed");
+        if spec.dax_required && !e.dax() {
+            st.mounts.pop();
+            st.calls.push(format!("unmount {}", target.display()));
+            return Err(MountError::NoDax(e.super_options.join(",")));
+        }
+        if spec.extent_hint && e.fs_type == "xfs" && !e.read_only() {
+            if let Err(err) = st.check("set_extent_hint") {
+                st.mounts.pop();
+                st.calls.push(format!("unmount {}", target.display()));
+                return Err(err);
+            }
+            st.calls.push(format!("extsize {}", target.display()));
+        }
+        Ok(e)
     }
 
-    async fn bind(&self, source: &Path, target: &Path, flags: MsFlags) -> Result<(), MountError> {
+    async fn bind(
+        &self,
+        source: &BindSource,
+        target: &Confined,
+        device: u64,
+        flags: MsFlags,
+    ) -> Result<(), MountError> {
         let mut st = self.state();
         st.check("bind")?;
         let ro = flags.contains(MsFlags::MS_RDONLY);
+        let tgt = st.confine(target)?;
+        let want_file = matches!(source, BindSource::Device(_));
+        match st.state_of(&tgt) {
+            Some(s) if s.kind == libc::S_IFREG && want_file => {}
+            Some(s) if s.is_dir() && !want_file => {}
+            Some(s) => {
+                return Err(target.wrong_type(
+                    if want_file {
+                        "a regular file"
+                    } else {
+                        "a directory"
+                    },
+                    s.kind,
+                ));
+            }
+            None => {
+                return Err(MountError::Refused(format!(
+                    "{} does not exist",
+                    tgt.display()
+                )));
+            }
+        }
+        let src_path = match source {
+            BindSource::Device(p) => p.clone(),
+            BindSource::Staging(c) => st.confine(c)?,
+        };
         st.calls.push(format!(
             "bind {} {}{}",
-            source.display(),
-            target.display(),
+            src_path.display(),
+            tgt.display(),
             if ro { " ro" } else { "" }
         ));
-        FakeState::ensure(&mut st, source);
-        if let Some(d) = st.devices.get(source).cloned() {
-            st.block_binds.insert(target.to_owned(), d.rdev);
-            let name = source.file_name().unwrap_or_default();
+        if let BindSource::Device(dev) = source {
+            FakeState::ensure(&mut st, dev);
+            let d = st.device(dev)?.clone();
+            if d.rdev != device {
+                return Err(MountError::Refused("not the expected device".into()));
+            }
+            st.block_binds.insert(tgt.clone(), d.rdev);
+            let name = dev.file_name().unwrap_or_default();
             st.push_mount(MountEntry {
                 mount_id: 0,
                 parent_id: 1,
                 dev: makedev(0, 5),
                 root: Path::new("/").join(name),
-                mount_point: target.to_owned(),
+                mount_point: tgt,
                 mount_options: opts(ro),
                 fs_type: "devtmpfs".into(),
                 source: "udev".into(),
@@ -262,33 +436,43 @@ impl Host for FakeHost {
             .mounts
             .iter()
             .rev()
-            .find(|m| m.mount_point == source)
+            .find(|m| m.mount_point == src_path && m.dev == device)
             .cloned()
         else {
-            return Err(MountError::sys(
-                format!("bind {} (fake: only mounts and devices)", source.display()),
-                nix::errno::Errno::ENOENT,
-            ));
+            return Err(MountError::Refused(format!(
+                "{} is not a mount of the volume",
+                src_path.display()
+            )));
         };
         st.push_mount(MountEntry {
-            mount_point: target.to_owned(),
+            mount_point: tgt,
             mount_options: opts(ro),
             ..src
         });
         Ok(())
     }
 
-    async fn unmount(&self, target: &Path) -> Result<(), MountError> {
+    async fn unmount(&self, target: &Confined, device: u64) -> Result<Unmounted, MountError> {
         let mut st = self.state();
         st.check("unmount")?;
-        if let Some(i) = st.mounts.iter().rposition(|m| m.mount_point == target) {
+        let tgt = st.confine(target)?;
+        let Some(s) = st.state_of(&tgt) else {
+            return Ok(Unmounted::NotMounted);
+        };
+        let Some(m) = s.mount.clone() else {
+            return Ok(Unmounted::NotMounted);
+        };
+        if !s.shows(device) {
+            return Ok(Unmounted::Foreign(m));
+        }
+        if let Some(i) = st.mounts.iter().rposition(|m| m.mount_point == tgt) {
             st.mounts.remove(i);
-            st.calls.push(format!("unmount {}", target.display()));
-            if !st.mounts.iter().any(|m| m.mount_point == target) {
-                st.block_binds.remove(target);
+            st.calls.push(format!("unmount {}", tgt.display()));
+            if !st.mounts.iter().any(|m| m.mount_point == tgt) {
+                st.block_binds.remove(&tgt);
             }
         }
-        Ok(())
+        Ok(Unmounted::Done)
     }
 
     async fn device_number(&self, path: &Path) -> Result<Option<u64>, MountError> {
@@ -330,10 +514,11 @@ impl Host for FakeHost {
         Ok(())
     }
 
-    async fn set_extent_hint(&self, dir: &Path) -> Result<(), MountError> {
+    async fn set_extent_hint(&self, dir: &Confined) -> Result<(), MountError> {
         let mut st = self.state();
         st.check("set_extent_hint")?;
-        st.calls.push(format!("extsize {}", dir.display()));
+        let d = st.confine(dir)?;
+        st.calls.push(format!("extsize {}", d.display()));
         Ok(())
     }
 
@@ -394,33 +579,55 @@ impl Host for FakeHost {
         Ok(())
     }
 
-    async fn make_dir(&self, path: &Path) -> Result<(), MountError> {
+    async fn make_dir(&self, path: &Confined) -> Result<(), MountError> {
         let mut st = self.state();
         st.check("make_dir")?;
-        st.dirs.insert(path.to_owned());
-        Ok(())
+        let p = st.confine(path)?;
+        match st.state_of(&p) {
+            Some(s) if s.is_dir() => Ok(()),
+            Some(s) => Err(path.wrong_type("a directory", s.kind)),
+            None => {
+                st.dirs.insert(p);
+                Ok(())
+            }
+        }
     }
 
-    async fn make_file(&self, path: &Path) -> Result<(), MountError> {
+    async fn make_file(&self, path: &Confined) -> Result<(), MountError> {
         let mut st = self.state();
         st.check("make_file")?;
-        st.files.insert(path.to_owned());
-        Ok(())
+        let p = st.confine(path)?;
+        match st.state_of(&p) {
+            Some(s) if s.kind == libc::S_IFREG || s.kind == libc::S_IFBLK => Ok(()),
+            Some(s) => Err(path.wrong_type("a regular file", s.kind)),
+            None => {
+                st.files.insert(p);
+                Ok(())
+            }
+        }
     }
 
-    async fn remove(&self, path: &Path) -> Result<(), MountError> {
+    async fn remove(&self, path: &Confined, leaf: Leaf) -> Result<Removed, MountError> {
         let mut st = self.state();
         st.check("remove")?;
-        if st.mounts.iter().any(|m| m.mount_point == path) {
-            return Err(MountError::sys(
-                format!("remove {}", path.display()),
-                nix::errno::Errno::EBUSY,
-            ));
+        let p = st.confine(path)?;
+        if st.mounts.iter().any(|m| m.mount_point == p) {
+            return Ok(Removed::Kept("something is mounted on it".into()));
         }
-        let had = st.dirs.remove(path) | st.files.remove(path);
+        if st.fail.contains_key(&format!("not-empty:{}", p.display())) {
+            return Ok(Removed::Kept("the directory is not empty".into()));
+        }
+        let had = match leaf {
+            Leaf::Dir => st.dirs.remove(&p),
+            Leaf::File => st.files.remove(&p),
+        };
         if had {
-            st.calls.push(format!("remove {}", path.display()));
+            st.calls.push(format!("remove {}", p.display()));
+            Ok(Removed::Yes)
+        } else if st.dirs.contains(&p) || st.files.contains(&p) {
+            Ok(Removed::Kept("it has another type".into()))
+        } else {
+            Ok(Removed::Absent)
         }
-        Ok(())
     }
 }

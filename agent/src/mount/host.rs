@@ -9,8 +9,19 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::fcntl::OFlag;
+use nix::unistd::UnlinkatFlags;
+
+use super::confine::{Stat, fd_path, quote, statx_fd};
 use super::exec::{self, run, run_ok};
-use super::{FsStats, FsType, Host, MountEntry, MountError, MountSpec, Probe, mountinfo};
+use super::{
+    BindSource, Confined, FsStats, FsType, Host, Leaf, MountEntry, MountError, MountSpec,
+    PathState, Probe, Removed, Unmounted, mountinfo,
+};
 
 const BLKID_DEADLINE: Duration = Duration::from_secs(30);
 const MKFS_DEADLINE: Duration = Duration::from_secs(600);
@@ -131,65 +142,117 @@ impl Host for RealHost {
         .await
     }
 
-    async fn mount(&self, spec: &MountSpec) -> Result<(), MountError> {
+    async fn inspect(&self, path: &Confined) -> Result<Option<PathState>, MountError> {
+        let path = path.clone();
+        blocking("inspect", move || inspect(&path)).await
+    }
+
+    async fn mount(&self, spec: &MountSpec) -> Result<MountEntry, MountError> {
         let spec = spec.clone();
         blocking("mount", move || {
             let data = spec.data.join(",");
-            nix::mount::mount(
-                Some(&spec.source),
+            let device = spec.device;
+            let (dir, name, u, ours) = attach(
                 &spec.target,
-                Some(spec.fs_type.as_str()),
-                spec.flags,
-                (!data.is_empty()).then_some(data.as_str()),
-            )
-            .map_err(|e| {
-                MountError::sys(
-                    format!(
-                        "mount {} on {} (type {}, flags {:?}, options {:?})",
-                        spec.source.display(),
-                        spec.target.display(),
-                        spec.fs_type,
+                libc::S_IFDIR,
+                |leaf| {
+                    nix::mount::mount(
+                        Some(&spec.source),
+                        &fd_path(leaf),
+                        Some(spec.fs_type.as_str()),
                         spec.flags,
-                        data
-                    ),
-                    e,
-                )
-            })
+                        (!data.is_empty()).then_some(data.as_str()),
+                    )
+                    .map_err(|e| {
+                        MountError::sys(
+                            format!(
+                                "mount {} on {} (type {}, flags {:?}, options {})",
+                                spec.source.display(),
+                                quote(&spec.target.real().to_string_lossy()),
+                                spec.fs_type,
+                                spec.flags,
+                                quote(&data)
+                            ),
+                            e,
+                        )
+                    })
+                },
+                |st| st.dev == device,
+            )?;
+            let undo = |e: MountError| -> MountError {
+                undo_new(dir.as_fd(), &name, &u.before, &|st| st.dev == device);
+                e
+            };
+            let e = entry(ours.mnt_id)
+                .map_err(undo)?
+                .ok_or_else(|| {
+                    MountError::Parse(format!(
+                        "the new mount {} is not in /proc/self/mountinfo",
+                        ours.mnt_id
+                    ))
+                })
+                .map_err(undo)?;
+            if spec.dax_required && !e.dax() {
+                return Err(undo(MountError::NoDax(e.super_options.join(","))));
+            }
+            if spec.extent_hint && e.fs_type == "xfs" && !e.read_only() {
+                extent_hint_below(dir.as_fd(), &name, &spec.target).map_err(undo)?;
+            }
+            Ok(e)
         })
         .await
     }
 
-    async fn bind(&self, source: &Path, target: &Path, flags: MsFlags) -> Result<(), MountError> {
-        let (source, target) = (source.to_owned(), target.to_owned());
+    async fn bind(
+        &self,
+        source: &BindSource,
+        target: &Confined,
+        device: u64,
+        flags: MsFlags,
+    ) -> Result<(), MountError> {
+        let (source, target) = (source.clone(), target.clone());
         blocking("bind mount", move || {
-            nix::mount::mount(
-                Some(&source),
+            let (src, want, shown) = open_source(&source, device)?;
+            let check = |st: &Stat| match source {
+                BindSource::Device(_) => st.kind() == libc::S_IFBLK && st.rdev == device,
+                BindSource::Staging(_) => st.dev == device,
+            };
+            let (dir, name, u, _) = attach(
                 &target,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .map_err(|e| {
-                MountError::sys(
-                    format!("bind mount {} on {}", source.display(), target.display()),
-                    e,
-                )
-            })?;
+                want,
+                |leaf| {
+                    nix::mount::mount(
+                        Some(&fd_path(src.as_fd())),
+                        &fd_path(leaf),
+                        None::<&str>,
+                        MsFlags::MS_BIND,
+                        None::<&str>,
+                    )
+                    .map_err(|e| {
+                        MountError::sys(
+                            format!("bind mount {shown} on {}", target.real().display()),
+                            e,
+                        )
+                    })
+                },
+                check,
+            )?;
             if flags.is_empty() {
                 return Ok(());
             }
+            let at = below(dir.as_fd(), &name);
             let remount = nix::mount::mount(
                 None::<&str>,
-                &target,
+                &at,
                 None::<&str>,
                 MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
                 None::<&str>,
             );
             if let Err(e) = remount {
                 // Do not leave a mount without the asked-for protection.
-                let _ = nix::mount::umount2(&target, MntFlags::UMOUNT_NOFOLLOW);
+                undo_new(dir.as_fd(), &name, &u.before, &check);
                 return Err(MountError::sys(
-                    format!("remount bind {} with {flags:?}", target.display()),
+                    format!("remount bind {} with {flags:?}", target.real().display()),
                     e,
                 ));
             }
@@ -198,15 +261,9 @@ impl Host for RealHost {
         .await
     }
 
-    async fn unmount(&self, target: &Path) -> Result<(), MountError> {
-        let target = target.to_owned();
-        blocking("unmount", move || {
-            match nix::mount::umount2(&target, MntFlags::UMOUNT_NOFOLLOW) {
-                Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
-                Err(e) => Err(MountError::sys(format!("unmount {}", target.display()), e)),
-            }
-        })
-        .await
+    async fn unmount(&self, target: &Confined, device: u64) -> Result<Unmounted, MountError> {
+        let target = target.clone();
+        blocking("unmount", move || unmount(&target, device)).await
     }
 
     async fn device_number(&self, path: &Path) -> Result<Option<u64>, MountError> {
@@ -260,13 +317,9 @@ impl Host for RealHost {
         run_ok(&argv, MKFS_DEADLINE).await.map(|_| ())
     }
 
-    async fn set_extent_hint(&self, dir: &Path) -> Result<(), MountError> {
-        run_ok(
-            &["xfs_io", "-c", "extsize 2m", path_str(dir)?],
-            TOOL_DEADLINE,
-        )
-        .await
-        .map(|_| ())
+    async fn set_extent_hint(&self, dir: &Confined) -> Result<(), MountError> {
+        let dir = dir.clone();
+        blocking("extent size hint", move || set_extent_hint(&dir)).await
     }
 
     async fn statvfs(&self, path: &Path) -> Result<FsStats, MountError> {
@@ -321,55 +374,391 @@ impl Host for RealHost {
         run_ok(&["resize2fs", d], GROW_DEADLINE).await.map(|_| ())
     }
 
-    async fn make_dir(&self, path: &Path) -> Result<(), MountError> {
-        let path = path.to_owned();
-        blocking("mkdir", move || {
-            std::fs::create_dir_all(&path)
-                .map_err(|e| MountError::io(format!("create directory {}", path.display()), e))
-        })
-        .await
+    async fn make_dir(&self, path: &Confined) -> Result<(), MountError> {
+        let path = path.clone();
+        blocking("mkdir", move || path.make_dir().map(drop)).await
     }
 
-    async fn make_file(&self, path: &Path) -> Result<(), MountError> {
-        let path = path.to_owned();
-        blocking("create file", move || {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| {
-                    MountError::io(format!("create directory {}", parent.display()), e)
-                })?;
+    async fn make_file(&self, path: &Confined) -> Result<(), MountError> {
+        let path = path.clone();
+        blocking("create file", move || path.make_file().map(drop)).await
+    }
+
+    async fn remove(&self, path: &Confined, leaf: Leaf) -> Result<Removed, MountError> {
+        let path = path.clone();
+        blocking("remove", move || remove(&path, leaf)).await
+    }
+}
+
+fn mount_table() -> Result<Vec<MountEntry>, MountError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| MountError::io("read /proc/self/mountinfo", e))?;
+    mountinfo::parse(&text)
+}
+
+fn entry(id: u64) -> Result<Option<MountEntry>, MountError> {
+    Ok(mount_table()?
+        .into_iter()
+        .find(|m| u64::from(m.mount_id) == id))
+}
+
+/// `/proc/self/fd/<dir>/<name>`: reaches the top mount on `name` in the
+/// directory `dir` refers to, wherever that directory is now, and pins
+/// only the parent's mount (an fd of the mount itself would make every
+/// unmount of it EBUSY).
+fn below(dir: BorrowedFd<'_>, name: &OsStr) -> PathBuf {
+    fd_path(dir).join(name)
+}
+
+/// Undoes a mount this call just made (a check after it failed): the top
+/// mount on `name` in `dir`, if it is a mount that did not exist `before`
+/// and passes `check`; nothing else is ever unmounted. A mount point cannot
+/// be renamed or removed (EBUSY), so the mount is always reachable there,
+/// wherever a rename of an ancestor moved the directory.
+fn undo_new(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    before: &HashSet<u64>,
+    check: &dyn Fn(&Stat) -> bool,
+) {
+    let how = nix::fcntl::OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(
+            nix::fcntl::ResolveFlag::RESOLVE_BENEATH
+                | nix::fcntl::ResolveFlag::RESOLVE_NO_SYMLINKS
+                | nix::fcntl::ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        );
+    let at = below(dir, name);
+    let ours = nix::fcntl::openat2(dir, name, how)
+        .ok()
+        .and_then(|fd| statx_fd(fd.as_fd()).ok())
+        .is_some_and(|st| st.mount_root && !before.contains(&st.mnt_id) && check(&st));
+    if !ours {
+        tracing::error!(path = %at.display(), "the mount to undo is not there");
+        return;
+    }
+    if let Err(e) = nix::mount::umount2(&at, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
+        tracing::error!(path = %at.display(), error = %e, "cannot undo a mount");
+    }
+}
+
+fn inspect(path: &Confined) -> Result<Option<PathState>, MountError> {
+    let Some(fd) = path.open()? else {
+        return Ok(None);
+    };
+    let st = statx_fd(fd.as_fd())?;
+    let mount = if st.mount_root {
+        entry(st.mnt_id)?
+    } else {
+        None
+    };
+    Ok(Some(PathState {
+        kind: st.kind(),
+        rdev: st.rdev,
+        mount,
+    }))
+}
+
+/// Mounts onto the descriptor of an existing `target` of type `want` with
+/// `op`, then checks that the path, resolved afresh beneath the root, leads
+/// to the new mount and that `check` accepts it; otherwise the mount is
+/// undone. Returns the parent's fd and the name for further work, and the
+/// new mount's root.
+fn attach(
+    target: &Confined,
+    want: u32,
+    op: impl FnOnce(BorrowedFd<'_>) -> Result<(), MountError>,
+    check: impl Fn(&Stat) -> bool,
+) -> Result<(OwnedFd, OsString, Undo, Stat), MountError> {
+    let vanished = || {
+        MountError::Refused(format!(
+            "{} {} vanished while it was being mounted on",
+            target.field(),
+            quote(&target.lexical().to_string_lossy())
+        ))
+    };
+    let (dir, name) = target.parent(false)?.ok_or_else(vanished)?;
+    let leaf = target.open_in(dir.as_fd(), &name)?.ok_or_else(vanished)?;
+    let st = statx_fd(leaf.as_fd())?;
+    if st.kind() != want {
+        return Err(target.wrong_type(
+            if want == libc::S_IFDIR {
+                "a directory"
+            } else {
+                "a regular file"
+            },
+            st.kind(),
+        ));
+    }
+    let before: HashSet<u64> = mount_table()?
+        .iter()
+        .map(|m| u64::from(m.mount_id))
+        .collect();
+    op(leaf.as_fd())?;
+    drop(leaf);
+    // The new mount, reached through the parent we mounted in.
+    let undo = |why: MountError| -> MountError {
+        undo_new(dir.as_fd(), &name, &before, &check);
+        why
+    };
+    let ours = match target.open_in(dir.as_fd(), &name) {
+        Ok(Some(fd)) => statx_fd(fd.as_fd()).map_err(undo)?,
+        Ok(None) => return Err(undo(vanished())),
+        Err(e) => return Err(undo(e)),
+    };
+    if !ours.mount_root || !check(&ours) {
+        return Err(undo(MountError::Refused(format!(
+            "{} {} changed while it was being mounted on; the mount was undone",
+            target.field(),
+            quote(&target.lexical().to_string_lossy())
+        ))));
+    }
+    // The path itself, walked again from the root, must lead there too.
+    let now = match target.open() {
+        Ok(Some(fd)) => statx_fd(fd.as_fd()).map_err(undo)?,
+        Ok(None) => return Err(undo(vanished())),
+        Err(e) => return Err(undo(e)),
+    };
+    if now.mnt_id != ours.mnt_id {
+        return Err(undo(MountError::Refused(format!(
+            "{} {} was moved while it was being mounted on; the mount was undone",
+            target.field(),
+            quote(&target.lexical().to_string_lossy())
+        ))));
+    }
+    Ok((dir, name, Undo { before }, ours))
+}
+
+/// What [`undo_new`] needs to recognise a mount made by [`attach`].
+struct Undo {
+    before: HashSet<u64>,
+}
+
+/// The fd of a bind source after checking that it shows `device`, the
+/// file type the target needs, and a name for messages.
+fn open_source(source: &BindSource, device: u64) -> Result<(OwnedFd, u32, String), MountError> {
+    match source {
+        BindSource::Device(p) => {
+            let fd = nix::fcntl::open(
+                p,
+                OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(|e| MountError::sys(format!("open {}", p.display()), e))?;
+            let st = statx_fd(fd.as_fd())?;
+            if st.kind() != libc::S_IFBLK || st.rdev != device {
+                return Err(MountError::Refused(format!(
+                    "{} is no longer the volume's block device",
+                    p.display()
+                )));
             }
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map(drop)
-                .map_err(|e| MountError::io(format!("create file {}", path.display()), e))
-        })
-        .await
-    }
-
-    async fn remove(&self, path: &Path) -> Result<(), MountError> {
-        let path = path.to_owned();
-        blocking("remove", move || {
-            let res = match std::fs::symlink_metadata(&path) {
-                Ok(m) if m.is_dir() => std::fs::remove_dir(&path),
-                Ok(_) => std::fs::remove_file(&path),
-                Err(e) => Err(e),
+            Ok((fd, libc::S_IFREG, p.display().to_string()))
+        }
+        BindSource::Staging(c) => {
+            let shown = c.real().display().to_string();
+            let not = || {
+                MountError::Refused(format!(
+                    "{} {} is not a mount of the volume",
+                    c.field(),
+                    quote(&c.lexical().to_string_lossy())
+                ))
             };
-            match res {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(MountError::io(format!("remove {}", path.display()), e)),
+            let fd = c.open()?.ok_or_else(not)?;
+            let st = statx_fd(fd.as_fd())?;
+            if !st.mount_root || st.dev != device {
+                return Err(not());
             }
-        })
-        .await
+            Ok((fd, libc::S_IFDIR, shown))
+        }
     }
+}
+
+fn unmount(target: &Confined, device: u64) -> Result<Unmounted, MountError> {
+    let Some((dir, name)) = target.parent(false)? else {
+        return Ok(Unmounted::NotMounted);
+    };
+    let st = match target.open_in(dir.as_fd(), &name)? {
+        Some(fd) => statx_fd(fd.as_fd())?,
+        None => return Ok(Unmounted::NotMounted),
+    };
+    if !st.mount_root {
+        return Ok(Unmounted::NotMounted);
+    }
+    let e = entry(st.mnt_id)?.ok_or_else(|| {
+        MountError::Parse(format!(
+            "mount {} of {} is not in /proc/self/mountinfo",
+            st.mnt_id,
+            target.real().display()
+        ))
+    })?;
+    let shows = st.dev == device || (st.kind() == libc::S_IFBLK && st.rdev == device);
+    if !shows {
+        return Ok(Unmounted::Foreign(e));
+    }
+    let at = below(dir.as_fd(), &name);
+    match nix::mount::umount2(&at, MntFlags::UMOUNT_NOFOLLOW) {
+        Ok(()) => Ok(Unmounted::Done),
+        Err(Errno::EBUSY) => Err(MountError::Refused(format!(
+            "{} {} is busy (a process still uses the mount); retry when it is released",
+            target.field(),
+            quote(&target.lexical().to_string_lossy())
+        ))),
+        Err(e) => Err(MountError::sys(
+            format!("unmount {}", target.real().display()),
+            e,
+        )),
+    }
+}
+
+fn remove(path: &Confined, leaf: Leaf) -> Result<Removed, MountError> {
+    let Some((dir, name)) = path.parent(false)? else {
+        return Ok(Removed::Absent);
+    };
+    let Some(fd) = path.open_in(dir.as_fd(), &name)? else {
+        return Ok(Removed::Absent);
+    };
+    let st = statx_fd(fd.as_fd())?;
+    drop(fd);
+    if st.mount_root {
+        return Ok(Removed::Kept("something is mounted on it".into()));
+    }
+    let flag = match (leaf, st.kind()) {
+        (Leaf::Dir, libc::S_IFDIR) => UnlinkatFlags::RemoveDir,
+        (Leaf::File, libc::S_IFREG) if st.size == 0 => UnlinkatFlags::NoRemoveDir,
+        (Leaf::File, libc::S_IFREG) => {
+            return Ok(Removed::Kept(format!(
+                "it is a regular file of {} bytes, not the empty file a block publish creates",
+                st.size
+            )));
+        }
+        (_, k) => {
+            return Ok(Removed::Kept(format!(
+                "it is {}",
+                match k {
+                    libc::S_IFDIR => "a directory",
+                    libc::S_IFREG => "a regular file",
+                    _ => "neither a directory nor a regular file",
+                }
+            )));
+        }
+    };
+    match nix::unistd::unlinkat(dir.as_fd(), name.as_os_str(), flag) {
+        Ok(()) => Ok(Removed::Yes),
+        Err(Errno::ENOENT) => Ok(Removed::Absent),
+        Err(Errno::ENOTEMPTY | Errno::EEXIST) => {
+            Ok(Removed::Kept("the directory is not empty".into()))
+        }
+        Err(Errno::EBUSY) => Ok(Removed::Kept("something is mounted on it".into())),
+        Err(e) => Err(MountError::sys(
+            format!("remove {}", path.real().display()),
+            e,
+        )),
+    }
+}
+
+/// `struct fsxattr` of `FS_IOC_FSGETXATTR` / `FS_IOC_FSSETXATTR`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct FsXattr {
+    xflags: u32,
+    extsize: u32,
+    nextents: u32,
+    projid: u32,
+    cowextsize: u32,
+    pad: [u8; 8],
+}
+
+/// New files in a directory with it inherit the extent size hint.
+const FS_XFLAG_EXTSZINHERIT: u32 = 0x0000_1000;
+
+nix::ioctl_read!(fs_get_xattr, b'X', 31, FsXattr);
+nix::ioctl_write_ptr!(fs_set_xattr, b'X', 32, FsXattr);
+
+/// The 2 MiB extent size hint (what `xfs_io -c "extsize 2m"` sets), on the
+/// root of the mount at `dir`, through an fd opened beneath the root.
+fn set_extent_hint(dir: &Confined) -> Result<(), MountError> {
+    let (parent, name) = dir
+        .parent(false)?
+        .ok_or_else(|| MountError::Refused(format!("{} vanished", dir.real().display())))?;
+    extent_hint_below(parent.as_fd(), &name, dir)
+}
+
+/// The hint on the mount root reached as `name` in `parent`.
+fn extent_hint_below(
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    dir: &Confined,
+) -> Result<(), MountError> {
+    let fd = nix::fcntl::openat2(
+        parent,
+        name,
+        nix::fcntl::OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+            .resolve(
+                nix::fcntl::ResolveFlag::RESOLVE_BENEATH
+                    | nix::fcntl::ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | nix::fcntl::ResolveFlag::RESOLVE_NO_MAGICLINKS,
+            ),
+    )
+    .map_err(|e| MountError::sys(format!("open {}", dir.real().display()), e))?;
+    let mut x = FsXattr::default();
+    // SAFETY: a directory fd and a correctly sized struct fsxattr.
+    unsafe { fs_get_xattr(fd.as_raw_fd(), &mut x) }
+        .map_err(|e| MountError::sys(format!("FS_IOC_FSGETXATTR {}", dir.real().display()), e))?;
+    x.extsize = 2 << 20;
+    x.xflags |= FS_XFLAG_EXTSZINHERIT;
+    // SAFETY: as above; the kernel only reads the struct.
+    unsafe { fs_set_xattr(fd.as_raw_fd(), &x) }
+        .map_err(|e| MountError::sys(format!("FS_IOC_FSSETXATTR {}", dir.real().display()), e))?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Root: when a rename moves an ancestor out of the root right after
+    /// the mount(2), the re-walk sees it and the mount is undone where it
+    /// went; nothing stays mounted.
+    #[test]
+    fn a_mount_moved_by_a_race_is_undone() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().canonicalize().unwrap();
+        let k = base.join("kubelet");
+        std::fs::create_dir_all(k.join("a/leaf")).unwrap();
+        let root = super::super::KubeletRoot::new(&k);
+        let t = root
+            .check("target_path", k.join("a/leaf").to_str().unwrap())
+            .unwrap();
+        let moved = base.join("outside-a");
+        let err = attach(
+            &t,
+            libc::S_IFDIR,
+            |leaf| {
+                nix::mount::mount(
+                    Some("tmpfs"),
+                    &fd_path(leaf),
+                    Some("tmpfs"),
+                    MsFlags::empty(),
+                    Some("size=1m"),
+                )
+                .map_err(|e| MountError::sys("mount tmpfs", e))?;
+                std::fs::rename(k.join("a"), &moved).unwrap();
+                Ok(())
+            },
+            |st| st.mount_root,
+        )
+        .map(drop)
+        .unwrap_err();
+        assert!(matches!(err, MountError::Refused(_)), "{err}");
+        let left: Vec<MountEntry> = mount_table()
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.mount_point.starts_with(&base))
+            .collect();
+        assert!(left.is_empty(), "{left:#?}");
+        assert!(moved.is_dir());
+    }
 
     #[test]
     fn blkid_output() {

@@ -4,6 +4,7 @@
 //! sysfs and the filesystem tools; `fake::FakeHost` (tests) keeps all of it
 //! in memory and records every call.
 
+pub mod confine;
 pub mod exec;
 #[cfg(test)]
 pub mod fake;
@@ -19,6 +20,7 @@ use nix::mount::MsFlags;
 
 pub use crate::csi::params::FsType;
 use crate::error::AgentError;
+pub use confine::{Confined, KubeletRoot, PathError};
 pub use mountinfo::MountEntry;
 
 /// xfs refuses filesystems below 300 MiB (xfsprogs ≥ 5.19).
@@ -57,6 +59,17 @@ pub enum MountError {
     },
     #[error("{0}")]
     Parse(String),
+    /// A malformed request path (InvalidArgument).
+    #[error("{0}")]
+    Invalid(String),
+    /// The node's state refuses the call (FailedPrecondition): a path of
+    /// the wrong type, a foreign mount, a device in use.
+    #[error("{0}")]
+    Refused(String),
+    /// Mounted with dax but the kernel did not enable it (undone); the
+    /// mount's superblock options.
+    #[error("the kernel did not enable DAX (options {0})")]
+    NoDax(String),
 }
 
 impl MountError {
@@ -85,7 +98,15 @@ impl MountError {
 
 impl From<MountError> for AgentError {
     fn from(e: MountError) -> AgentError {
-        AgentError::Internal(e.to_string())
+        match e {
+            MountError::Invalid(m) => AgentError::InvalidArgument(m),
+            MountError::Refused(m) => AgentError::FailedPrecondition(m),
+            MountError::Sys {
+                source: nix::errno::Errno::EBUSY,
+                ..
+            } => AgentError::FailedPrecondition(format!("{e} (in use)")),
+            e => AgentError::Internal(e.to_string()),
+        }
     }
 }
 
@@ -103,12 +124,83 @@ pub enum Probe {
 /// A filesystem mount to perform.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountSpec {
+    /// The block device (a path the backend reported, not a request path).
     pub source: PathBuf,
-    pub target: PathBuf,
+    /// Its `st_rdev`: the new mount must show this device.
+    pub device: u64,
+    pub target: Confined,
     pub fs_type: String,
     pub flags: MsFlags,
     /// Filesystem-specific options, comma-joined into the data argument.
     pub data: Vec<String>,
+    /// The new mount must run with DAX; otherwise it is undone
+    /// ([`MountError::NoDax`]).
+    pub dax_required: bool,
+    /// Set the 2 MiB extent size hint on its root (xfs, read-write).
+    pub extent_hint: bool,
+}
+
+/// What a bind mount shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindSource {
+    /// A device node (for raw block volumes).
+    Device(PathBuf),
+    /// The root of the staging mount at this path.
+    Staging(Confined),
+}
+
+/// A confined path as it is now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathState {
+    /// File type bits (`libc::S_IFDIR`, `S_IFREG`, `S_IFBLK`, ...).
+    pub kind: u32,
+    /// `st_rdev` when it is a device node.
+    pub rdev: u64,
+    /// The top mount, when the path is the root of one.
+    pub mount: Option<MountEntry>,
+}
+
+impl PathState {
+    /// Whether the top mount shows device `dev`: a filesystem on it, or a
+    /// bind of its device node.
+    pub fn shows(&self, dev: u64) -> bool {
+        self.mount
+            .as_ref()
+            .is_some_and(|m| m.dev == dev || (self.kind == libc::S_IFBLK && self.rdev == dev))
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.kind == libc::S_IFDIR
+    }
+}
+
+/// What an unmount found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unmounted {
+    /// The top mount showed the device and is gone.
+    Done,
+    /// Nothing is mounted there (or the path does not exist).
+    NotMounted,
+    /// Something else is mounted there; left alone.
+    Foreign(MountEntry),
+}
+
+/// What is removed at a confined path after its mount is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leaf {
+    /// An empty directory (a filesystem publish target).
+    Dir,
+    /// An empty regular file (a block publish target).
+    File,
+}
+
+/// What a removal did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removed {
+    Yes,
+    Absent,
+    /// Left in place, and why (not empty, another type, still mounted).
+    Kept(String),
 }
 
 /// `statvfs` numbers, in fragments (`block_size` bytes) and inodes.
@@ -127,14 +219,25 @@ pub struct FsStats {
 pub trait Host: Send + Sync + Debug {
     /// The mount table of this process's namespace.
     async fn mounts(&self) -> Result<Vec<MountEntry>, MountError>;
-    /// Mounts a filesystem.
-    async fn mount(&self, spec: &MountSpec) -> Result<(), MountError>;
-    /// Bind-mounts `source` (directory or device node) on `target`, then
-    /// applies the per-mount `flags` (read-only, nosuid, ...) with a bind
-    /// remount when there are any.
-    async fn bind(&self, source: &Path, target: &Path, flags: MsFlags) -> Result<(), MountError>;
-    /// Unmounts the top mount at `target`; not mounted or absent is success.
-    async fn unmount(&self, target: &Path) -> Result<(), MountError>;
+    /// What is at a confined path now (`None`: it does not exist).
+    async fn inspect(&self, path: &Confined) -> Result<Option<PathState>, MountError>;
+    /// Mounts a filesystem onto the (existing) directory `spec.target`
+    /// through its descriptor and checks that the new mount is the one the
+    /// path now leads to (and has DAX when required); otherwise, or when a
+    /// later step fails, the mount is undone. Returns the new mount.
+    async fn mount(&self, spec: &MountSpec) -> Result<MountEntry, MountError>;
+    /// Bind-mounts `source` (which must show `device`) on `target` (an
+    /// existing directory or file), then applies the per-mount `flags`
+    /// (read-only, nosuid, ...) with a bind remount when there are any.
+    async fn bind(
+        &self,
+        source: &BindSource,
+        target: &Confined,
+        device: u64,
+        flags: MsFlags,
+    ) -> Result<(), MountError>;
+    /// Unmounts the top mount at `target` if it shows `device`.
+    async fn unmount(&self, target: &Confined, device: u64) -> Result<Unmounted, MountError>;
     /// `st_rdev` when `path` is (or is a bind mount of) a block device;
     /// `None` when it does not exist or is something else.
     async fn device_number(&self, path: &Path) -> Result<Option<u64>, MountError>;
@@ -146,8 +249,9 @@ pub trait Host: Send + Sync + Debug {
     async fn probe(&self, dev: &Path) -> Result<Probe, MountError>;
     /// Makes a filesystem laid out for 2 MiB pages.
     async fn mkfs(&self, dev: &Path, fs: FsType) -> Result<(), MountError>;
-    /// Sets a 2 MiB extent size hint on an xfs directory (inherited by new files).
-    async fn set_extent_hint(&self, dir: &Path) -> Result<(), MountError>;
+    /// Sets a 2 MiB extent size hint on the root of the xfs mount at
+    /// `dir` (inherited by new files).
+    async fn set_extent_hint(&self, dir: &Confined) -> Result<(), MountError>;
     async fn statvfs(&self, path: &Path) -> Result<FsStats, MountError>;
     /// Size of the ext4 filesystem on `dev` in bytes (from its superblock).
     async fn ext4_size(&self, dev: &Path) -> Result<u64, MountError>;
@@ -160,12 +264,15 @@ pub trait Host: Send + Sync + Debug {
     ) -> Result<(), MountError>;
     /// Checks and grows an unmounted ext4 filesystem to the device size.
     async fn grow_offline_ext4(&self, dev: &Path) -> Result<(), MountError>;
-    /// Creates a directory and its parents.
-    async fn make_dir(&self, path: &Path) -> Result<(), MountError>;
-    /// Creates an empty file (and its parent directories) if it is missing.
-    async fn make_file(&self, path: &Path) -> Result<(), MountError>;
-    /// Removes a file or empty directory; absent is success.
-    async fn remove(&self, path: &Path) -> Result<(), MountError>;
+    /// Creates a directory (and missing parents) beneath the root; an
+    /// existing directory is fine, anything else is FailedPrecondition.
+    async fn make_dir(&self, path: &Confined) -> Result<(), MountError>;
+    /// Creates an empty regular file (and missing parent directories);
+    /// an existing one is fine.
+    async fn make_file(&self, path: &Confined) -> Result<(), MountError>;
+    /// Removes an empty directory or an empty regular file that is not
+    /// mounted on; anything else stays.
+    async fn remove(&self, path: &Confined, leaf: Leaf) -> Result<Removed, MountError>;
 }
 
 /// Mount flags split into syscall flags and filesystem data.

@@ -49,7 +49,10 @@ agent_start() {
     have_agent || fail "pmem-agent/pmemctl are not in the guest (build them: cargo build --bins)"
     mkdir -p "$E2E_RUN_DIR" "$E2E_STATE_DIR"
     local args=(--endpoint "$E2E_CSI" --admin-endpoint "$E2E_ADMIN" --state-dir "$E2E_STATE_DIR"
-        --node-id "$E2E_NODE_ID" --backend "$E2E_BACKEND" --log-format text)
+        --node-id "$E2E_NODE_ID" --backend "$E2E_BACKEND" --log-format text
+        # Staging and publish paths of the scenarios live under /mnt; the
+        # agent confines every request path beneath its kubelet root.
+        --kubelet-root "${E2E_KUBELET_ROOT:-/mnt}")
     # shellcheck disable=SC2206
     args+=(${E2E_AGENT_ARGS:-} "$@")
     log "starting pmem-agent ${args[*]}"

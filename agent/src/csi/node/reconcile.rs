@@ -92,11 +92,7 @@ impl NodeReconcileLog {
 
 /// The directory staging and target paths live under.
 fn kubelet_root(driver: &Driver) -> PathBuf {
-    let root = driver
-        .cfg
-        .kubelet_root
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("/var/lib/kubelet"));
+    let root = driver.cfg.kubelet_root.clone();
     paths::resolve(&root).unwrap_or(root)
 }
 
@@ -250,6 +246,7 @@ pub async fn scan_mounts(driver: &Arc<Driver>, host: &dyn Host, dry_run: bool) -
                     if block { "block" } else { "mount" },
                     if block { "" } else { m.fs_type.as_str() }
                 ),
+                device: Some(rdev),
             };
             let line = format!("recorded unrecorded {} mount {what}", kind.as_str());
             if dry_run {

@@ -362,19 +362,11 @@ async fn stage_formats_once_and_repeats_are_ok() {
     let s2 = r.path("staging/pv2");
     r.host
         .with_device(&r.dev(&v2), |d| d.fs = Some("xfs".into()));
-    r.host
-        .mount(&MountSpec {
-            source: r.dev(&v2),
-            target: s2.clone(),
-            fs_type: "xfs".into(),
-            flags: MsFlags::empty(),
-            data: vec![],
-        })
-        .await
-        .unwrap();
+    r.host.mount_raw(&r.dev(&v2), &s2, "xfs");
     r.node.stage(stage_req(&v2.id, &s2, xfs())).await.unwrap();
-    assert_eq!(r.host.calls("mount").len(), 2, "{:?}", r.host.calls(""));
+    assert_eq!(r.host.calls("mount").len(), 1, "{:?}", r.host.calls(""));
     assert_eq!(r.pubs(&v2).len(), 1);
+    assert_eq!(r.pubs(&v2)[0].device, r.host.mount_at(&s2).map(|m| m.dev));
 }
 
 #[tokio::test]
@@ -503,16 +495,7 @@ async fn dax_is_confirmed_from_the_mount_table() {
     assert!(r.pubs(&v).is_empty());
 
     // Found mounted without dax by an earlier call: kept, and reported.
-    r.host
-        .mount(&MountSpec {
-            source: r.dev(&v),
-            target: staging.clone(),
-            fs_type: "xfs".into(),
-            flags: MsFlags::empty(),
-            data: vec![],
-        })
-        .await
-        .unwrap();
+    r.host.mount_raw(&r.dev(&v), &staging, "xfs");
     r.node
         .stage(stage_req(&v.id, &staging, xfs()))
         .await
@@ -907,22 +890,40 @@ async fn unpublish_leaves_other_devices_alone() {
     let target = r.path("pods/a/vol");
     r.host
         .with_device(&r.dev(&other), |d| d.fs = Some("xfs".into()));
-    r.host
-        .mount(&MountSpec {
-            source: r.dev(&other),
-            target: target.clone(),
-            fs_type: "xfs".into(),
-            flags: MsFlags::empty(),
-            data: vec![],
-        })
+    r.host.mount_raw(&r.dev(&other), &target, "xfs");
+    // No publication of pv recorded there: OK, and nothing is touched.
+    r.node
+        .unpublish(unpublish_req(&v.id, &target))
         .await
         .unwrap();
+    assert!(r.host.mount_at(&target).is_some());
+    assert!(r.host.calls("unmount").is_empty() && r.host.calls("remove").is_empty());
+    // Recorded there, but another device is mounted on it now.
+    let staging = r.path("staging/pv");
+    r.node
+        .stage(stage_req(&v.id, &staging, xfs()))
+        .await
+        .unwrap();
+    let t2 = r.path("pods/b/vol");
+    r.node
+        .publish(publish_req(&v.id, &staging, &t2, xfs(), false))
+        .await
+        .unwrap();
+    r.host.mount_raw(&r.dev(&other), &t2, "xfs");
     assert_fails(
-        r.node.unpublish(unpublish_req(&v.id, &target)).await,
+        r.node.unpublish(unpublish_req(&v.id, &t2)).await,
         Code::FailedPrecondition,
         "another device",
     );
-    assert!(r.host.mount_at(&target).is_some());
+    assert_eq!(
+        r.host.mount_at(&t2).unwrap().source,
+        r.dev(&other).display().to_string()
+    );
+    assert_eq!(
+        r.pubs(&v).len(),
+        2,
+        "the record stays while the mount is foreign"
+    );
 }
 
 fn ephemeral_req(id: &str, target: &Path, attrs: &[(&str, &str)]) -> csi::NodePublishVolumeRequest {
@@ -1105,16 +1106,7 @@ async fn startup_collects_ephemeral_volumes_whose_mount_is_gone() {
     r.host.state().mounts.clear();
     // Re-mount "kept" behind the service's back, as after a restart.
     let kept = r.driver.alloc.volume_by_name("kept").unwrap().unwrap();
-    r.host
-        .mount(&MountSpec {
-            source: r.dev(&kept),
-            target: tb.clone(),
-            fs_type: "xfs".into(),
-            flags: MsFlags::empty(),
-            data: vec![],
-        })
-        .await
-        .unwrap();
+    r.host.mount_raw(&r.dev(&kept), &tb, "xfs");
     let host: &dyn Host = r.host.as_ref();
     assert_eq!(
         collect_ephemeral(&r.driver, host, false)
@@ -1216,15 +1208,15 @@ async fn expand_grows_filesystems() {
 
     // Recorded as staged but not mounted: grown offline.
     r.host.with_device(&r.dev(&e), |d| d.size = 3 << 30);
-    r.host.unmount(&es).await.unwrap();
+    r.host.unmount_raw(&es);
     r.node
         .expand(expand_req(&e.id, &es, None, 0))
         .await
         .unwrap();
     assert_eq!(r.host.calls("grow_offline_ext4").len(), 2);
     // An unmounted xfs cannot grow.
-    r.host.unmount(&target).await.unwrap();
-    r.host.unmount(&staging).await.unwrap();
+    r.host.unmount_raw(&target);
+    r.host.unmount_raw(&staging);
     assert_fails(
         r.node.expand(expand_req(&v.id, &staging, None, 0)).await,
         Code::FailedPrecondition,
@@ -1241,7 +1233,7 @@ async fn stats_report_missing_mounts_and_devices() {
         .stage(stage_req(&v.id, &staging, xfs()))
         .await
         .unwrap();
-    r.host.unmount(&staging).await.unwrap();
+    r.host.unmount_raw(&staging);
     let c = r
         .node
         .stats(stats_req(&v.id, &staging))
@@ -1409,16 +1401,8 @@ async fn mount_scan_records_interrupted_mounts_and_reports_the_rest() {
     let odd = r.path("elsewhere/m");
     r.host.mkfs(&r.dev(&v), FsType::Xfs).await.unwrap();
     for target in [&staging, &odd] {
-        r.host
-            .mount(&MountSpec {
-                source: r.dev(&v),
-                target: target.clone(),
-                fs_type: "xfs".into(),
-                flags: MsFlags::empty(),
-                data: vec![],
-            })
-            .await
-            .unwrap();
+        // As a daemon killed between mount and record left it.
+        r.host.mount_raw(&r.dev(&v), target, "xfs");
     }
     let host: &dyn Host = r.host.as_ref();
     let dry = scan_mounts(&r.driver, host, true).await;
@@ -1619,4 +1603,217 @@ async fn the_collection_runs_periodically() {
     host.state().mounts.clear();
     wait_gone(&driver, "eph").await;
     collector.abort();
+}
+
+#[tokio::test]
+async fn unpublish_and_unstage_touch_only_recorded_publications() {
+    let r = Rig::new();
+    let v = r.create("pv", 512);
+    let staging = r.path("staging/pv");
+    let target = r.path("pods/a/vol");
+    // Someone's file and directory under the root: never removed.
+    r.host.state().files.insert(r.path("pods/a/important.conf"));
+    r.host.state().dirs.insert(r.path("pods/a/empty"));
+    for p in ["pods/a/important.conf", "pods/a/empty"] {
+        r.node
+            .unpublish(unpublish_req(&v.id, &r.path(p)))
+            .await
+            .unwrap();
+        r.node
+            .unstage(unstage_req(&v.id, &r.path(p)))
+            .await
+            .unwrap();
+    }
+    assert!(r.host.calls("remove").is_empty() && r.host.calls("unmount").is_empty());
+    r.node
+        .stage(stage_req(&v.id, &staging, xfs()))
+        .await
+        .unwrap();
+    r.node
+        .publish(publish_req(&v.id, &staging, &target, xfs(), false))
+        .await
+        .unwrap();
+    // The publication's target, and only it, is unmounted and removed.
+    r.node
+        .unpublish(unpublish_req(&v.id, &target))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.host.calls("remove"),
+        vec![format!("remove {}", target.display())]
+    );
+    // Unstage unmounts and never removes the CO's staging directory.
+    r.node.unstage(unstage_req(&v.id, &staging)).await.unwrap();
+    assert!(r.host.mount_at(&staging).is_none());
+    assert_eq!(r.host.calls("remove").len(), 1);
+    assert!(r.host.state().dirs.contains(&staging));
+    assert!(
+        r.host
+            .state()
+            .files
+            .contains(&r.path("pods/a/important.conf"))
+    );
+    assert!(r.pubs(&v).is_empty());
+}
+
+#[tokio::test]
+async fn a_mount_is_never_unmounted_when_no_device_is_known() {
+    let r = Rig::new();
+    let v = r.create("pv", 512);
+    let target = r.path("pods/a/vol");
+    // A record from before devices were recorded, and the volume's device
+    // is gone: nothing tells ours from foreign.
+    r.driver
+        .alloc
+        .put_publication(&Publication {
+            volume_id: v.id.clone(),
+            kind: PublicationKind::Publish,
+            path: target.display().to_string(),
+            readonly: false,
+            capability: "mount;xfs;SINGLE_NODE_WRITER".into(),
+            device: None,
+        })
+        .unwrap();
+    r.host.remove_device(&r.dev(&v));
+    r.host.mount_raw(Path::new("tmpfs"), &target, "tmpfs");
+    assert_fails(
+        r.node.unpublish(unpublish_req(&v.id, &target)).await,
+        Code::FailedPrecondition,
+        "no device of volume",
+    );
+    assert!(r.host.mount_at(&target).is_some());
+    assert_eq!(r.pubs(&v).len(), 1);
+    // Gone by itself: the call succeeds and forgets the record.
+    r.host.unmount_raw(&target);
+    r.node
+        .unpublish(unpublish_req(&v.id, &target))
+        .await
+        .unwrap();
+    assert!(r.pubs(&v).is_empty());
+}
+
+/// One code per path mistake; the table in ARCHITECTURE.md ("Error codes").
+#[tokio::test]
+async fn path_error_codes_table() {
+    let r = Rig::new();
+    let v = r.create("pv", 512);
+    let b = r.create("pvb", 512);
+    let staging = r.path("staging/pv");
+    let bstaging = r.path("staging/pvb");
+    r.node
+        .stage(stage_req(&b.id, &bstaging, block_cap()))
+        .await
+        .unwrap();
+    r.host.state().symlinks.insert(r.path("link"));
+    r.host.state().files.insert(r.path("a-file"));
+    r.host.state().dirs.insert(r.path("a-dir"));
+    r.host
+        .mount_raw(Path::new("tmpfs"), &r.path("foreign"), "tmpfs");
+    r.host.fail("option:no_such_option", "");
+    let long = format!("{}/{}", r.path("").display(), "d/".repeat(2100));
+    let outside = r.base.join("elsewhere/x");
+    let flags = mount_cap("xfs", Mode::SingleNodeWriter, &["no_such_option"]);
+    let st = |p: &str| stage_req(&v.id, Path::new(p), xfs());
+    let kp = |p: &str| r.path(p).display().to_string();
+    type Case = (&'static str, csi::NodeStageVolumeRequest, Code);
+    let stage_cases: Vec<Case> = vec![
+        ("relative path", st("staging/rel"), Code::InvalidArgument),
+        ("longer than PATH_MAX", st(&long), Code::InvalidArgument),
+        (
+            "outside the root",
+            st(outside.to_str().unwrap()),
+            Code::InvalidArgument,
+        ),
+        (
+            "through a symlink",
+            st(&kp("link/s")),
+            Code::InvalidArgument,
+        ),
+        (
+            "mount_flags the kernel rejects",
+            stage_req(&v.id, &staging, flags),
+            Code::InvalidArgument,
+        ),
+        (
+            "a file where a directory is needed",
+            st(&kp("a-file")),
+            Code::FailedPrecondition,
+        ),
+        (
+            "a foreign mount at the path",
+            st(&kp("foreign")),
+            Code::FailedPrecondition,
+        ),
+    ];
+    for (what, req, want) in stage_cases {
+        let (code, msg) = fails(r.node.stage(req).await);
+        assert_eq!(code, want, "{what}: {msg}");
+        assert!(msg.len() < 400, "{what}: {} bytes", msg.len());
+        assert!(r.pubs(&v).is_empty(), "{what}");
+        assert!(r.host.mount_at(&staging).is_none(), "{what}");
+    }
+    r.node
+        .stage(stage_req(&v.id, &staging, xfs()))
+        .await
+        .unwrap();
+    let publish_cases = vec![
+        (
+            "target_path equal to staging_target_path",
+            publish_req(&v.id, &staging, &staging, xfs(), false),
+            Code::InvalidArgument,
+        ),
+        (
+            "publish through a symlink",
+            publish_req(&v.id, &staging, &r.path("link/t"), xfs(), false),
+            Code::InvalidArgument,
+        ),
+        (
+            "a file where a directory is needed",
+            publish_req(&v.id, &staging, &r.path("a-file"), xfs(), false),
+            Code::FailedPrecondition,
+        ),
+        (
+            "a directory where a file is needed",
+            publish_req(&b.id, &bstaging, &r.path("a-dir"), block_cap(), false),
+            Code::FailedPrecondition,
+        ),
+        (
+            "a foreign mount at the target",
+            publish_req(&v.id, &staging, &r.path("foreign"), xfs(), false),
+            Code::FailedPrecondition,
+        ),
+    ];
+    for (what, req, want) in publish_cases {
+        let (code, msg) = fails(r.node.publish(req).await);
+        assert_eq!(code, want, "{what}: {msg}");
+        assert_eq!(r.pubs(&v).len(), 1, "{what}");
+    }
+    // A device in use (the kernel says EBUSY).
+    r.node.unstage(unstage_req(&v.id, &staging)).await.unwrap();
+    let busy = format!("busy:{}", r.dev(&v).display());
+    r.host.fail(&busy, "");
+    let (code, msg) = fails(r.node.stage(stage_req(&v.id, &staging, xfs())).await);
+    assert_eq!(code, Code::FailedPrecondition, "a device in use: {msg}");
+    assert!(r.pubs(&v).is_empty());
+    r.host.unfail(&busy);
+    // Unpublish of a target not empty beneath the mount: OK, no record left.
+    let target = r.path("pods/full/vol");
+    r.node
+        .stage(stage_req(&v.id, &staging, xfs()))
+        .await
+        .unwrap();
+    r.node
+        .publish(publish_req(&v.id, &staging, &target, xfs(), false))
+        .await
+        .unwrap();
+    r.host.fail(&format!("not-empty:{}", target.display()), "");
+    for _ in 0..2 {
+        r.node
+            .unpublish(unpublish_req(&v.id, &target))
+            .await
+            .unwrap();
+    }
+    assert!(r.host.mount_at(&target).is_none());
+    assert_eq!(r.pubs(&v).len(), 1, "only the stage record is left");
+    r.node.unstage(unstage_req(&v.id, &staging)).await.unwrap();
 }

@@ -851,7 +851,7 @@ mod tests {
             l.insert_creating(&vol("v1", "n1"), "{}").unwrap();
         }
         let mut l = Ledger::open(&p).unwrap();
-        assert_eq!(Ledger::SCHEMA_VERSION, 2);
+        assert_eq!(Ledger::SCHEMA_VERSION, 3);
         let id = l.ledger_id().unwrap();
         assert_eq!(id.len(), 32);
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));

@@ -5,6 +5,7 @@
 pub mod allocator;
 pub mod backend;
 pub mod direct;
+pub mod erase;
 pub mod error;
 pub mod ledger;
 pub mod loopdev;
@@ -18,6 +19,7 @@ pub mod volume;
 
 pub use allocator::{Allocator, CreateRequest, Holder, RegionCapacity};
 pub use backend::{Backend, Device, DeviceRequest, InventoryItem, Owner};
+pub use erase::{ErasePolicy, EraseStats};
 pub use error::{Error, Result};
 pub use reconcile::ReconcileReport;
 pub use region::{ExtentMap, RegionSpec};

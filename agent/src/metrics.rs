@@ -85,6 +85,11 @@ pub struct Metrics {
     build: Family<BuildLabels, Gauge>,
     in_flight: Gauge<i64, AtomicI64>,
     device_events: DeviceEventCounter,
+    erase_pending: Gauge,
+    erased: Counter,
+    /// The allocator's erased total at the last refresh (the counter moves
+    /// by the difference; a restarted pmem-allocd starts again from 0).
+    erased_seen: Mutex<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -115,6 +120,9 @@ impl Metrics {
             build: Family::default(),
             in_flight: Gauge::default(),
             device_events: DeviceEventCounter::default(),
+            erase_pending: Gauge::default(),
+            erased: Counter::default(),
+            erased_seen: Mutex::new(0),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -161,6 +169,16 @@ impl Metrics {
                 "calls_in_flight",
                 "RPCs being served now",
                 m.in_flight.clone(),
+            );
+            p.register(
+                "erase_pending_bytes",
+                "Bytes of deleted volumes' extents the background eraser has still to zero (neither free nor in capacity)",
+                m.erase_pending.clone(),
+            );
+            p.register(
+                "erased_bytes",
+                "Bytes of deleted volumes' extents zeroed and freed",
+                m.erased.clone(),
             );
             p.register(
                 "device_events",
@@ -237,6 +255,17 @@ impl Metrics {
             self.region_free_slots
                 .get_or_create(&l)
                 .set(i64::from(c.free_slots));
+        }
+        let erase = alloc.erase_stats()?;
+        self.erase_pending.set(to(erase.pending_bytes));
+        {
+            let mut seen = self.erased_seen.lock().unwrap_or_else(|e| e.into_inner());
+            let delta = erase
+                .erased_bytes_total
+                .checked_sub(*seen)
+                .unwrap_or(erase.erased_bytes_total);
+            self.erased.inc_by(delta);
+            *seen = erase.erased_bytes_total;
         }
         let vols = alloc.volumes()?;
         self.volumes.clear();

@@ -11,8 +11,8 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use pmem_allocator::{
-    Allocator, Bytes, CreateRequest, Device, DeviceRequest, Error, Publication, PublicationKind,
-    ReconcileReport, RegionCapacity, Result, Usage, Volume,
+    Allocator, Bytes, CreateRequest, Device, DeviceRequest, EraseStats, Error, Publication,
+    PublicationKind, ReconcileReport, RegionCapacity, Result, Usage, Volume,
 };
 use pmem_proto::admin;
 use pmem_proto::admin::allocator_client::AllocatorClient;
@@ -51,6 +51,8 @@ pub trait VolumeStore: Send + Sync + Debug {
     fn reconcile(&self, dry_run: bool, remove_orphans: bool) -> Result<ReconcileReport>;
     /// The volume's device as the backend finds it now.
     fn find_device(&self, v: &Volume) -> Result<Option<Device>>;
+    /// The background eraser's backlog and progress.
+    fn erase_stats(&self) -> Result<EraseStats>;
 }
 
 fn device_request(v: &Volume) -> DeviceRequest {
@@ -131,6 +133,10 @@ impl VolumeStore for Allocator {
 
     fn find_device(&self, v: &Volume) -> Result<Option<Device>> {
         self.backend().find(&device_request(v))
+    }
+
+    fn erase_stats(&self) -> Result<EraseStats> {
+        Allocator::erase_stats(self)
     }
 }
 
@@ -328,6 +334,15 @@ impl VolumeStore for RemoteStore {
             path: (!r.path.is_empty()).then_some(r.path),
             size: Bytes(r.size_bytes),
         }))
+    }
+
+    fn erase_stats(&self) -> Result<EraseStats> {
+        let r = self.call(|mut c| async move { c.erase_status(admin::Empty {}).await })?;
+        Ok(EraseStats {
+            volumes: r.erasing_volumes,
+            pending_bytes: r.pending_bytes,
+            erased_bytes_total: r.erased_bytes_total,
+        })
     }
 }
 

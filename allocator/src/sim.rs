@@ -399,15 +399,25 @@ impl Backend for SimBackend {
                 }
             })?;
         }
-        // The kernel defers a detach while someone holds the device open
-        // (autoclear): it is not gone, so its extent must not be erased or
-        // reused yet. It goes at the last close; retry then.
-        if let Some(d) = self.devices_of(req)?.into_iter().find(ours) {
-            return Err(Error::Busy(format!(
-                "device {} of volume {} is still open by some process; it is detached when that process closes it; retry the delete then",
-                d.path.display(),
-                req.volume_id
-            )));
+        // The kernel defers a detach while someone else holds the device
+        // open (it only sets autoclear): the tenant could still write behind
+        // an erase. Take the detach back so the volume stays as it was, and
+        // refuse like a busy device.
+        for d in self.devices_of(req)?.into_iter().filter(ours) {
+            let kept = loopdev::cancel_autoclear(&d.path, &marker).map_err(|e| {
+                Error::Device(format!(
+                    "take back the deferred detach of {} (volume {}): {e}",
+                    d.path.display(),
+                    req.volume_id
+                ))
+            })?;
+            if kept {
+                return Err(Error::FailedPrecondition(format!(
+                    "device {} of volume {} is in use (open by another process)",
+                    d.path.display(),
+                    req.volume_id
+                )));
+            }
         }
         Ok(())
     }
@@ -475,13 +485,11 @@ impl Backend for SimBackend {
         }
         loopdev::detach(Path::new(&item.path))
             .map_err(|e| Error::Device(format!("detach orphan {}: {e}", item.path)))?;
-        if loopdev::list()
-            .map_err(|e| Error::io("list loop devices", e))?
-            .iter()
-            .any(|d| d.path.display().to_string() == item.path && d.name == item_name(item))
+        if loopdev::cancel_autoclear(Path::new(&item.path), &item_name(item))
+            .map_err(|e| Error::Device(format!("take back the detach of orphan {}: {e}", item.path)))?
         {
-            return Err(Error::Busy(format!(
-                "orphan {} is still open by some process; not erasing its extent yet",
+            return Err(Error::FailedPrecondition(format!(
+                "orphan {} is in use (open by another process); not removing it",
                 item.path
             )));
         }

@@ -315,6 +315,12 @@ impl Allocator {
         if req.name.is_empty() {
             return Err(Error::InvalidArgument("volume name is empty".into()));
         }
+        if req.name.starts_with(crate::erase::ERASING_NAME) {
+            return Err(Error::InvalidArgument(format!(
+                "volume names starting with {:?} are reserved for volumes being erased",
+                crate::erase::ERASING_NAME
+            )));
+        }
         self.with_name(&req.name, || self.create_locked(req))
     }
 
@@ -737,9 +743,14 @@ impl Allocator {
             }
             self.backend.retire(&req)?;
             fail::fail_point!("delete:after-destroy");
-            self.state()
-                .ledger
-                .transition(&v.id, VolumeState::Erasing, None, "{}")?;
+            {
+                let mut st = self.state();
+                st.ledger
+                    .transition(&v.id, VolumeState::Erasing, None, "{}")?;
+                // The CSI name is free again once DeleteVolume returned.
+                st.ledger
+                    .rename(&v.id, &format!("{}{}", crate::erase::ERASING_NAME, v.id))?;
+            }
             fail::fail_point!("delete:after-erase-intent");
         }
         self.eraser.kick();

@@ -28,6 +28,10 @@ use crate::error::{Error, Result};
 use crate::units::Bytes;
 use crate::volume::{Volume, VolumeState};
 
+/// Name prefix of a volume being erased: its CSI name is given back when
+/// DeleteVolume returns (clients cannot create names with this prefix).
+pub const ERASING_NAME: &str = "erasing:";
+
 /// How long the worker waits before retrying erases that failed.
 pub const RETRY: Duration = Duration::from_secs(30);
 /// Longest sleep between two checks of the stop flag while pacing.
@@ -432,19 +436,28 @@ mod tests {
         assert_eq!((st.volumes, st.pending_bytes), (1, 2 * A));
         // A second delete is idempotent and does not wait either.
         a.delete_volume(&v.id).unwrap();
-        // The name stays taken until the extent is free.
+        // The name is free again: a new volume, elsewhere.
+        let w = a.create_volume(&CreateRequest::new("v", Bytes(A))).unwrap();
+        assert_ne!(w.id, v.id);
+        assert_eq!(w.offset, Bytes(2 * A));
         let e = a
-            .create_volume(&CreateRequest::new("v", Bytes(2 * A)))
+            .create_volume(&CreateRequest::new(format!("{ERASING_NAME}x"), Bytes(A)))
             .unwrap_err();
-        assert!(matches!(e, Error::Busy(_)), "{e}");
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
         b.release();
         wait_until("the erase to finish", || a.volume(&v.id).unwrap().is_none());
+        assert_eq!(avail(&a), Bytes(3 * A));
+        a.delete_volume(&w.id).unwrap();
+        wait_until("the second erase", || a.volume(&w.id).unwrap().is_none());
         assert_eq!(avail(&a), Bytes(4 * A));
         let st = a.erase_stats().unwrap();
-        assert_eq!((st.volumes, st.pending_bytes, st.erased_bytes_total), (0, 0, 2 * A));
+        assert_eq!((st.volumes, st.pending_bytes, st.erased_bytes_total), (0, 0, 3 * A));
         assert_eq!(
             *relock(&b.calls),
-            ["create 0", "retire 0", "erase 0", "destroy 0"]
+            [
+                "create 0", "retire 0", "erase 0", "create 2", "destroy 0", "retire 2", "erase 2",
+                "destroy 2"
+            ]
         );
         a.check_invariants().unwrap();
         a.stop_eraser();

@@ -299,15 +299,18 @@ impl NodeService {
     }
 
     /// By id, or for an ephemeral inline volume by the kubelet's id, which
-    /// is its name.
+    /// is its name. A deleted volume whose extent is still being erased
+    /// does not exist any more.
     async fn volume_or_ephemeral(&self, id: &str) -> AgentResult<Option<Volume>> {
         let id = id.to_owned();
         blocking(&self.driver.alloc, move |a| {
-            if let Some(v) = a.volume(&id)? {
-                return Ok(Some(v));
-            }
-            Ok(a.volume_by_name(&id)?
-                .filter(|v| v.persistency == Persistency::Ephemeral))
+            let v = match a.volume(&id)? {
+                Some(v) => Some(v),
+                None => a
+                    .volume_by_name(&id)?
+                    .filter(|v| v.persistency == Persistency::Ephemeral),
+            };
+            Ok(v.filter(|v| v.state != VolumeState::Erasing))
         })
         .await
     }
@@ -1176,7 +1179,8 @@ pub async fn collect_ephemeral(driver: &Arc<Driver>, host: &dyn Host) -> usize {
     };
     let eph: Vec<Volume> = vols
         .into_iter()
-        .filter(|v| v.persistency == Persistency::Ephemeral)
+        // Erasing ones are deleted already; the eraser finishes them.
+        .filter(|v| v.persistency == Persistency::Ephemeral && v.state != VolumeState::Erasing)
         .collect();
     if eph.is_empty() {
         return 0;

@@ -48,9 +48,6 @@ impl Backend for FakeBackend {
             location: "memory".into(),
         }])
     }
-    fn wipe_head(&self, _req: &DeviceRequest) -> AllocResult<()> {
-        Ok(())
-    }
     fn create(&self, req: &DeviceRequest) -> AllocResult<Device> {
         Ok(fake_device(req))
     }
@@ -60,7 +57,11 @@ impl Backend for FakeBackend {
     fn destroy(&self, _req: &DeviceRequest) -> AllocResult<()> {
         Ok(())
     }
-    fn erase(&self, _req: &DeviceRequest) -> AllocResult<()> {
+    fn erase(
+        &self,
+        _req: &DeviceRequest,
+        _progress: pmem_allocator::backend::Progress<'_>,
+    ) -> AllocResult<()> {
         Ok(())
     }
     fn resize(&self, req: &DeviceRequest) -> AllocResult<Device> {
@@ -994,7 +995,7 @@ async fn ephemeral_inline_lifecycle() {
         .await
         .unwrap();
     assert!(r.host.mount_at(&target).is_none());
-    assert!(r.driver.alloc.volume_by_name("csi-abc").unwrap().is_none());
+    assert!(deleted(&r, "csi-abc"));
     r.node
         .unpublish(unpublish_req("csi-abc", &target))
         .await
@@ -1061,7 +1062,14 @@ async fn ephemeral_inline_errors() {
         Code::Internal,
         "mkfs exploded",
     );
-    assert!(r.driver.alloc.volumes().unwrap().is_empty());
+    assert!(
+        r.driver
+            .alloc
+            .volumes()
+            .unwrap()
+            .iter()
+            .all(|v| v.state == pmem_allocator::VolumeState::Erasing)
+    );
     r.host.unfail("mkfs");
     r.node
         .publish(ephemeral_req("e1", &t, &[("size", "1Gi")]))
@@ -1107,7 +1115,7 @@ async fn startup_collects_ephemeral_volumes_whose_mount_is_gone() {
         .unwrap();
     let host: &dyn Host = r.host.as_ref();
     assert_eq!(collect_ephemeral(&r.driver, host).await, 1);
-    assert!(r.driver.alloc.volume_by_name("gone").unwrap().is_none());
+    assert!(deleted(&r, "gone"));
     assert!(r.driver.alloc.volume_by_name("kept").unwrap().is_some());
     assert!(r.driver.alloc.volume(&p.id).unwrap().is_some());
     assert_eq!(r.pubs(&p).len(), 1);
@@ -1256,4 +1264,13 @@ fn ephemeral_request_maps_attributes() {
     assert_eq!(c.persistency, Persistency::Ephemeral);
     assert_eq!(c.context.len(), 1);
     assert_eq!(c.parameters.get("eraseAfter").unwrap(), "false");
+}
+
+/// Deleted: gone, or left to the background eraser (its extent reserved).
+fn deleted(r: &Rig, name: &str) -> bool {
+    r.driver
+        .alloc
+        .volume_by_name(name)
+        .unwrap()
+        .is_none_or(|v| v.state == pmem_allocator::VolumeState::Erasing)
 }

@@ -51,7 +51,9 @@ async fn create(d: &Daemon, name: &str, size: u64, erase_after: bool) -> admin::
         .into_inner()
         .volume
         .unwrap();
-    get(d, &v.volume_id).await.expect("created volume in the ledger")
+    get(d, &v.volume_id)
+        .await
+        .expect("created volume in the ledger")
 }
 
 async fn delete(d: &Daemon, id: &str) -> Result<(), tonic::Status> {
@@ -327,7 +329,10 @@ async fn hostile_erase_a_delete_racing_an_exclusive_holder_never_sticks_in_delet
             let (stop, dev, region) = (stop.clone(), v.device.clone(), region.clone());
             let name = format!("pmem-agent:{}", v.id);
             std::thread::spawn(move || {
-                let sys = format!("/sys/block/{}/loop/backing_file", dev.trim_start_matches("/dev/"));
+                let sys = format!(
+                    "/sys/block/{}/loop/backing_file",
+                    dev.trim_start_matches("/dev/")
+                );
                 while !stop.load(Ordering::Relaxed) {
                     // Only while it is still this volume's device: loop
                     // numbers are reused by other tests once it is gone.
@@ -353,7 +358,9 @@ async fn hostile_erase_a_delete_racing_an_exclusive_holder_never_sticks_in_delet
                 Err(e) => {
                     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
                     refused += 1;
-                    let now = get(&d, &v.id).await.expect("refused delete removed the row");
+                    let now = get(&d, &v.id)
+                        .await
+                        .expect("refused delete removed the row");
                     assert_eq!(now.state, "ready", "refused delete left {now:?}");
                 }
             }

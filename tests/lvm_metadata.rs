@@ -438,7 +438,10 @@ fn lvm_delete_renames_the_lv_and_the_eraser_zeroes_it_all() {
     let v = create(&a, "v", 8).unwrap();
     let (dev, at) = lv_head(&rig, &v.id);
     // Nothing is zeroed at create.
-    assert!(read_at(&dev, at).iter().all(|&b| b == 0xA5), "zeroed at create");
+    assert!(
+        read_at(&dev, at).iter().all(|&b| b == 0xA5),
+        "zeroed at create"
+    );
     a.delete_volume(&v.id).unwrap();
     // DeleteVolume returned: the LV holds its extents under the erasing
     // name (lvcreate cannot take them), nothing is zeroed yet, and the
@@ -457,7 +460,10 @@ fn lvm_delete_renames_the_lv_and_the_eraser_zeroes_it_all() {
     assert!(rep.is_clean() && rep.orphans.is_empty(), "{rep:?}");
     assert_eq!(a.erase_pending().unwrap(), 1);
     for off in [0, 5 * MIB, 8 * MIB - 4096] {
-        assert!(read_at(&dev, at + off).iter().all(|&b| b == 0), "not erased at {off}");
+        assert!(
+            read_at(&dev, at + off).iter().all(|&b| b == 0),
+            "not erased at {off}"
+        );
     }
     // Only the LV's extents: the next extent on the PV is untouched.
     assert!(read_at(&dev, at + 8 * MIB).iter().all(|&b| b == 0xA5));

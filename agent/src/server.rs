@@ -183,7 +183,9 @@ pub async fn open_allocator(cfg: &Config) -> anyhow::Result<Arc<Allocator>> {
         rate: cfg.erase_rate,
     });
     if cfg.allow_unerased_reuse {
-        tracing::warn!("--allow-unerased-reuse: this node is declared single-tenant; volumes created with eraseAfter=false are not zeroed when deleted, and the next volume on their extent can read their data");
+        tracing::warn!(
+            "--allow-unerased-reuse: this node is declared single-tenant; volumes created with eraseAfter=false are not zeroed when deleted, and the next volume on their extent can read their data"
+        );
     }
     let alloc = Arc::new(alloc);
     // Erases left by an earlier run resume now, in the background.

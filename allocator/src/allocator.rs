@@ -1117,8 +1117,8 @@ mod hook_tests {
         for (i, n) in [1u64, 1, 1, 1, 3, 1].iter().enumerate() {
             a.create_volume(&req(&format!("v{i}"), *n, "r0")).unwrap();
         }
-        del(&a, &a.volume_by_name("v1").unwrap().unwrap().id);
-        del(&a, &a.volume_by_name("v4").unwrap().unwrap().id);
+        del(a, &a.volume_by_name("v1").unwrap().unwrap().id);
+        del(a, &a.volume_by_name("v4").unwrap().unwrap().id);
     }
 
     #[test]
@@ -1222,7 +1222,10 @@ mod hook_tests {
         let (a, fake) = open(&dir, Fake::default());
         let v = a.create_volume(&req("v", 1, "r0")).unwrap();
         a.delete_volume(&v.id).unwrap();
-        assert_eq!(a.volume(&v.id).unwrap().unwrap().state, VolumeState::Erasing);
+        assert_eq!(
+            a.volume(&v.id).unwrap().unwrap().state,
+            VolumeState::Erasing
+        );
         assert_eq!(a.erase_pending().unwrap(), 1);
         // Without a single-tenant declaration eraseAfter=false erases too.
         let keep = a
@@ -1318,7 +1321,10 @@ mod hook_tests {
         let v = a.create_volume(&req("v", 1, "r0")).unwrap();
         for _ in 0..3 {
             let e = a.delete_volume(&v.id).unwrap_err();
-            assert!(matches!(&e, Error::FailedPrecondition(m) if m.contains("in use")), "{e}");
+            assert!(
+                matches!(&e, Error::FailedPrecondition(m) if m.contains("in use")),
+                "{e}"
+            );
             let now = a.volume(&v.id).unwrap().unwrap();
             assert_eq!(now.state, VolumeState::Ready);
             assert_eq!(now.device, v.device);

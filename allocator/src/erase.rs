@@ -424,10 +424,15 @@ mod tests {
         *relock(&b.hold) = true;
         let a = open(&dir, &b);
         a.start_eraser().unwrap();
-        let v = a.create_volume(&CreateRequest::new("v", Bytes(2 * A))).unwrap();
+        let v = a
+            .create_volume(&CreateRequest::new("v", Bytes(2 * A)))
+            .unwrap();
         a.delete_volume(&v.id).unwrap();
         // DeleteVolume is back; the erase is held in the backend.
-        assert_eq!(a.volume(&v.id).unwrap().unwrap().state, VolumeState::Erasing);
+        assert_eq!(
+            a.volume(&v.id).unwrap().unwrap().state,
+            VolumeState::Erasing
+        );
         wait_until("the erase to start", || {
             relock(&b.calls).iter().any(|c| c == "erase 0")
         });
@@ -451,11 +456,20 @@ mod tests {
         wait_until("the second erase", || a.volume(&w.id).unwrap().is_none());
         assert_eq!(avail(&a), Bytes(4 * A));
         let st = a.erase_stats().unwrap();
-        assert_eq!((st.volumes, st.pending_bytes, st.erased_bytes_total), (0, 0, 3 * A));
+        assert_eq!(
+            (st.volumes, st.pending_bytes, st.erased_bytes_total),
+            (0, 0, 3 * A)
+        );
         assert_eq!(
             *relock(&b.calls),
             [
-                "create 0", "retire 0", "erase 0", "create 2", "destroy 0", "retire 2", "erase 2",
+                "create 0",
+                "retire 0",
+                "erase 0",
+                "create 2",
+                "destroy 0",
+                "retire 2",
+                "erase 2",
                 "destroy 2"
             ]
         );
@@ -474,7 +488,10 @@ mod tests {
         };
         let v = a.create_volume(&keep).unwrap();
         a.delete_volume(&v.id).unwrap();
-        assert_eq!(a.volume(&v.id).unwrap().unwrap().state, VolumeState::Erasing);
+        assert_eq!(
+            a.volume(&v.id).unwrap().unwrap().state,
+            VolumeState::Erasing
+        );
         assert_eq!(a.erase_pending().unwrap(), 1);
         a.set_erase_policy(ErasePolicy {
             allow_unerased_reuse: true,
@@ -482,7 +499,10 @@ mod tests {
         });
         let v = a.create_volume(&keep).unwrap();
         a.delete_volume(&v.id).unwrap();
-        assert!(a.volume(&v.id).unwrap().is_none(), "single-tenant: no erase");
+        assert!(
+            a.volume(&v.id).unwrap().is_none(),
+            "single-tenant: no erase"
+        );
         // eraseAfter=true still erases on a single-tenant node.
         let v = a.create_volume(&CreateRequest::new("e", Bytes(A))).unwrap();
         a.delete_volume(&v.id).unwrap();
@@ -490,8 +510,16 @@ mod tests {
         assert_eq!(
             *relock(&b.calls),
             [
-                "create 0", "retire 0", "erase 0", "destroy 0", "create 0", "destroy 0",
-                "create 0", "retire 0", "erase 0", "destroy 0"
+                "create 0",
+                "retire 0",
+                "erase 0",
+                "destroy 0",
+                "create 0",
+                "destroy 0",
+                "create 0",
+                "retire 0",
+                "erase 0",
+                "destroy 0"
             ]
         );
     }
@@ -505,7 +533,10 @@ mod tests {
         let v = a.create_volume(&CreateRequest::new("v", Bytes(A))).unwrap();
         a.delete_volume(&v.id).unwrap();
         assert!(a.erase_pending().is_err());
-        assert_eq!(a.volume(&v.id).unwrap().unwrap().state, VolumeState::Erasing);
+        assert_eq!(
+            a.volume(&v.id).unwrap().unwrap().state,
+            VolumeState::Erasing
+        );
         assert_eq!(avail(&a), Bytes(3 * A));
         drop(a);
         // After a restart the worker finds the erasing row on its own.
@@ -537,7 +568,10 @@ mod tests {
         });
         a.stop_eraser();
         // Interrupted, not lost: still erasing, still reserved.
-        assert_eq!(a.volume(&v.id).unwrap().unwrap().state, VolumeState::Erasing);
+        assert_eq!(
+            a.volume(&v.id).unwrap().unwrap().state,
+            VolumeState::Erasing
+        );
         assert_eq!(avail(&a), Bytes(3 * A));
     }
 }

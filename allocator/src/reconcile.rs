@@ -80,14 +80,21 @@ impl Allocator {
                     // Removing an orphan zeroes its extent: never where a
                     // volume of the ledger lives (pools have no offsets).
                     let pooled = self.backend().placement() == Placement::Pooled;
-                    let end = item.offset.0.checked_add(item.size.0).filter(|_| item.size.0 > 0);
+                    let end = item
+                        .offset
+                        .0
+                        .checked_add(item.size.0)
+                        .filter(|_| item.size.0 > 0);
                     let overlaps = known.iter().find(|(_, region, offset, size)| {
                         !pooled
                             && *region == item.region
                             && end.is_none_or(|e| offset.0 < e)
                             && offset.0 + size.0 > item.offset.0
                     });
-                    if remove_orphans && !dry_run && let Some((kid, ..)) = overlaps {
+                    if remove_orphans
+                        && !dry_run
+                        && let Some((kid, ..)) = overlaps
+                    {
                         rep.errors.push(format!(
                             "orphan {} (volume {id}) overlaps the extent of volume {kid}; not removing it",
                             item.path

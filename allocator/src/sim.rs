@@ -485,9 +485,9 @@ impl Backend for SimBackend {
         }
         loopdev::detach(Path::new(&item.path))
             .map_err(|e| Error::Device(format!("detach orphan {}: {e}", item.path)))?;
-        if loopdev::cancel_autoclear(Path::new(&item.path), &item_name(item))
-            .map_err(|e| Error::Device(format!("take back the detach of orphan {}: {e}", item.path)))?
-        {
+        if loopdev::cancel_autoclear(Path::new(&item.path), &item_name(item)).map_err(|e| {
+            Error::Device(format!("take back the detach of orphan {}: {e}", item.path))
+        })? {
             return Err(Error::FailedPrecondition(format!(
                 "orphan {} is in use (open by another process); not removing it",
                 item.path

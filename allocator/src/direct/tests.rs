@@ -273,10 +273,18 @@ fn delete_retires_the_namespace_and_the_eraser_zeroes_then_destroys_it() {
     assert_eq!(ns[0].3, format!("pmem-agent-erasing:{}", v.id));
     assert_eq!(ns[0].4, "raw");
     assert!(!m.info_block_at(0, 0));
-    assert_eq!(verified(&m, "pmem0"), 0, "zeroed before DeleteVolume returned");
+    assert_eq!(
+        verified(&m, "pmem0"),
+        0,
+        "zeroed before DeleteVolume returned"
+    );
     let vol = a.volume(&v.id).unwrap().unwrap();
     assert_eq!(vol.state, crate::VolumeState::Erasing);
-    assert!(b.find(&crate::allocator::device_request(&vol)).unwrap().is_none());
+    assert!(
+        b.find(&crate::allocator::device_request(&vol))
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(
         a.capacity(Usage::AppDirect).unwrap()[0].available,
         Bytes(G - v.size.0)
@@ -364,7 +372,10 @@ fn a_busy_device_refuses_the_retire_and_the_volume_stays_ready() {
     for _ in 0..3 {
         let e = a.delete_volume(&v.id).unwrap_err();
         assert!(matches!(&e, Error::FailedPrecondition(_)), "{e}");
-        assert_eq!(a.volume(&v.id).unwrap().unwrap().state, crate::VolumeState::Ready);
+        assert_eq!(
+            a.volume(&v.id).unwrap().unwrap().state,
+            crate::VolumeState::Ready
+        );
         assert_eq!(m.namespaces()[0].4, "memory");
     }
     m.set_busy("pmem0", false);

@@ -220,4 +220,3 @@ mod tests {
         assert!(inv.iter().all(|i| matches!(i.owner, Owner::Foreign(_))));
     }
 }
-

@@ -531,6 +531,20 @@ impl Backend for LvmBackend {
             return Ok(());
         };
         self.refuse_busy(&lv, &req.volume_id)?;
+        if !self.cfg.metadata_only && lv.active {
+            // Deactivating fails while anyone has the device open, so no
+            // descriptor of the tenant's survives to write behind the erase
+            // (O_EXCL only sees mounts and exclusive holders).
+            let full = format!("{}/{}", slot.vg, lv.name);
+            self.change("lvchange", &["--activate", "n", &full])
+                .map_err(|e| match e {
+                    Error::Device(m) if m.contains(" in use") => Error::FailedPrecondition(format!(
+                        "device {} of volume {} is in use (open by another process): {m}",
+                        lv.path, req.volume_id
+                    )),
+                    e => e,
+                })?;
+        }
         // The LV keeps its extents; only its name (and device path) goes.
         self.change(
             "lvrename",

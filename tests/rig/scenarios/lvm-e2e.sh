@@ -136,6 +136,14 @@ case $RIG_BOOT in
     expect_eq "data read back through the LV" "$(head -c $((4 * MIB)) "$(vol "$vb" | jq -r .device)" | sha256sum)" "$(sha256sum </tmp/blk)"
     check "NodeUnpublishVolume vol-b" csi unpublish "$vb" /mnt/pub-b
     check "NodeUnstageVolume vol-b" csi unstage "$vb" /mnt/stage-b
+    # Held open (not exclusively) by a process: the delete is refused and
+    # the volume stays ready, so no descriptor can write behind the erase.
+    dev_vb=$(vol "$vb" | jq -r .device)
+    exec 7<"$dev_vb"
+    e=$(csi delete "$vb" 2>&1) && fail "deleting an open LV succeeded"
+    ok "delete of an open LV refused: $e"
+    expect_eq "vol-b is still ready" "$(vol "$vb" | jq -r .state)" ready
+    exec 7<&-
     check "delete vol-b" delete_erased "$vb"
 
     # ---- FileIO: ext4 without DAX

@@ -538,10 +538,12 @@ impl Backend for LvmBackend {
             let full = format!("{}/{}", slot.vg, lv.name);
             self.change("lvchange", &["--activate", "n", &full])
                 .map_err(|e| match e {
-                    Error::Device(m) if m.contains(" in use") => Error::FailedPrecondition(format!(
-                        "device {} of volume {} is in use (open by another process): {m}",
-                        lv.path, req.volume_id
-                    )),
+                    Error::Device(m) if m.contains(" in use") => {
+                        Error::FailedPrecondition(format!(
+                            "device {} of volume {} is in use (open by another process): {m}",
+                            lv.path, req.volume_id
+                        ))
+                    }
                     e => e,
                 })?;
         }

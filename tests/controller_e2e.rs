@@ -558,22 +558,35 @@ async fn controller_e2e_capacity_is_exact_until_full() {
         .unwrap()
         .into_inner();
     assert!(info2.max_volumes_per_node > info.max_volumes_per_node - 1);
-    let cap = c
-        .get_capacity(csi::GetCapacityRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(cap.maximum_volume_size.unwrap() > 0);
+    // The capacity comes back once the background erase of the extent is done.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let cap = c
+            .get_capacity(csi::GetCapacityRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if cap.maximum_volume_size.unwrap() > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "capacity never freed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
-/// A known pattern does not survive into the next volume on the same extent
-/// when eraseAfter is true (and does, past the wiped head, when false).
+/// A known pattern does not survive into the next volume on the same extent:
+/// every deleted volume is erased (in the background), eraseAfter=false
+/// included, unless the node is declared single-tenant.
 #[tokio::test]
 async fn controller_e2e_erase_after_delete() {
-    let d = Daemon::start(&["--sim-regions", "1"]).await;
-    let mut c = d.controller().await;
-    let mut admin = d.admin().await;
-    for erase in [true, false] {
+    for (erase, single_tenant) in [(true, false), (false, false), (false, true)] {
+        let mut extra = vec!["--sim-regions", "1"];
+        if single_tenant {
+            extra.push("--allow-unerased-reuse");
+        }
+        let d = Daemon::start(&extra).await;
+        let mut c = d.controller().await;
+        let mut admin = d.admin().await;
         let v = c
             .create_volume(csi::CreateVolumeRequest {
                 parameters: HashMap::from([("eraseAfter".to_owned(), erase.to_string())]),
@@ -584,10 +597,9 @@ async fn controller_e2e_erase_after_delete() {
             .into_inner()
             .volume
             .unwrap();
+        let get = |id: String| pmem_proto::admin::GetVolumeRequest { volume_id: id };
         let info = admin
-            .get_volume(pmem_proto::admin::GetVolumeRequest {
-                volume_id: v.volume_id.clone(),
-            })
+            .get_volume(get(v.volume_id.clone()))
             .await
             .unwrap()
             .into_inner();
@@ -596,6 +608,7 @@ async fn controller_e2e_erase_after_delete() {
             .open(&info.device)
             .unwrap();
         let pattern = vec![0x5Au8; 1 << 20];
+        f.write_all_at(&pattern, 0).unwrap();
         f.write_all_at(&pattern, 32 << 20).unwrap();
         f.sync_all().unwrap();
         drop(f);
@@ -605,6 +618,12 @@ async fn controller_e2e_erase_after_delete() {
         })
         .await
         .unwrap();
+        // The extent is free once the background erase is done.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while admin.get_volume(get(v.volume_id.clone())).await.is_ok() {
+            assert!(std::time::Instant::now() < deadline, "erase never finished");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let w = c
             .create_volume(req("next", 64 * MIB))
             .await
@@ -613,28 +632,29 @@ async fn controller_e2e_erase_after_delete() {
             .volume
             .unwrap();
         let winfo = admin
-            .get_volume(pmem_proto::admin::GetVolumeRequest {
-                volume_id: w.volume_id.clone(),
-            })
+            .get_volume(get(w.volume_id.clone()))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(winfo.offset_bytes, info.offset_bytes, "same extent reused");
         let f = std::fs::File::open(&winfo.device).unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        f.read_exact_at(&mut buf, 32 << 20).unwrap();
-        if erase {
-            assert!(buf.iter().all(|&b| b == 0), "data survived eraseAfter=true");
-        } else {
-            assert_eq!(
-                buf, pattern,
-                "eraseAfter=false should not have zeroed the data"
-            );
+        for at in [0, 32 << 20] {
+            let mut buf = vec![0u8; 1 << 20];
+            f.read_exact_at(&mut buf, at).unwrap();
+            if single_tenant {
+                assert_eq!(
+                    buf, pattern,
+                    "single-tenant eraseAfter=false should not have zeroed the data"
+                );
+            } else {
+                assert!(
+                    buf.iter().all(|&b| b == 0),
+                    "data survived eraseAfter={erase}"
+                );
+            }
         }
-        // The head is always wiped, so no old signature shows through.
-        let mut head = vec![0u8; 4 << 20];
-        f.read_exact_at(&mut head, 0).unwrap();
-        assert!(head.iter().all(|&b| b == 0));
+        // An open device refuses the delete.
+        drop(f);
         c.delete_volume(csi::DeleteVolumeRequest {
             volume_id: w.volume_id,
             secrets: HashMap::new(),

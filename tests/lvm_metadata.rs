@@ -151,8 +151,10 @@ impl Rig {
         got
     }
 
-    /// Every invariant that must hold after recovery.
+    /// Every invariant that must hold after recovery, once the eraser has
+    /// drained the `erasing` rows (as the daemon's eraser thread does).
     fn check(&self, a: &Allocator) {
+        a.erase_pending().unwrap();
         a.check_invariants().unwrap();
         let vols = a.volumes().unwrap();
         for v in &vols {
@@ -232,6 +234,7 @@ fn lvm_volume_groups_pvs_and_capacity() {
     ));
     rig.check(&a);
     a.delete_volume(&big.id).unwrap();
+    a.erase_pending().unwrap();
     // Small volumes round up to one extent.
     let small = create(&a, "small", 1).unwrap();
     assert_eq!(small.size, Bytes(4 * MIB));
@@ -257,6 +260,7 @@ fn lvm_fragmentation_does_not_matter() {
     );
     a.delete_volume(&ids[0]).unwrap();
     a.delete_volume(&ids[2]).unwrap();
+    a.erase_pending().unwrap();
     let caps = a.capacity(Usage::AppDirect).unwrap();
     assert_eq!(
         caps[0].largest,
@@ -270,6 +274,7 @@ fn lvm_fragmentation_does_not_matter() {
     rig.check(&a);
     // Online growth takes free extents anywhere.
     a.delete_volume(&ids[1]).unwrap();
+    a.erase_pending().unwrap();
     let before = b.invocations();
     let grown = a
         .expand_volume(&d.id, Bytes((rest + unit) * MIB), None)
@@ -279,6 +284,7 @@ fn lvm_fragmentation_does_not_matter() {
     rig.check(&a);
     let before = b.invocations();
     a.delete_volume(&ac.id).unwrap();
+    a.erase_pending().unwrap();
     let per_delete = b.invocations() - before;
     a.delete_volume(&d.id).unwrap();
     rig.check(&a);
@@ -415,10 +421,11 @@ fn read_at(dev: &Path, at: u64) -> Vec<u8> {
 }
 
 #[test]
-fn lvm_heads_are_zeroed_and_erase_overwrites() {
+fn lvm_delete_renames_the_lv_and_the_eraser_zeroes_it_all() {
     let rig = Rig::new(&[64, 64]);
     let (a, _) = rig.open();
-    // Dirty the whole first PV, as an earlier user would have.
+    let vg = rig.vg("region0");
+    // Dirty the whole first PV, as a tenant would have.
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&rig.loops[0])
@@ -430,13 +437,40 @@ fn lvm_heads_are_zeroed_and_erase_overwrites() {
     f.sync_all().unwrap();
     let v = create(&a, "v", 8).unwrap();
     let (dev, at) = lv_head(&rig, &v.id);
-    assert!(read_at(&dev, at).iter().all(|&b| b == 0), "head not zeroed");
-    assert!(read_at(&dev, at + 5 * MIB).iter().all(|&b| b == 0xA5));
-    a.delete_volume(&v.id).unwrap();
+    // Nothing is zeroed at create.
     assert!(
-        read_at(&dev, at + 5 * MIB).iter().all(|&b| b == 0),
-        "not erased"
+        read_at(&dev, at).iter().all(|&b| b == 0xA5),
+        "zeroed at create"
     );
+    a.delete_volume(&v.id).unwrap();
+    // DeleteVolume returned: the LV holds its extents under the erasing
+    // name (lvcreate cannot take them), nothing is zeroed yet, and the
+    // extents are not free.
+    let erasing = format!("erasing-{}", v.id);
+    assert_eq!(rig.lvs(), [(erasing.clone(), 8 * MIB)]);
+    assert_eq!(lv_head(&rig, &erasing), (dev.clone(), at));
+    assert!(read_at(&dev, at + 5 * MIB).iter().all(|&b| b == 0xA5));
+    assert_eq!(
+        a.volume(&v.id).unwrap().unwrap().state,
+        VolumeState::Erasing
+    );
+    let caps = a.capacity(Usage::AppDirect).unwrap();
+    assert_eq!(caps[0].available, caps[0].spec.size - Bytes(8 * MIB));
+    let rep = a.reconcile(true, false).unwrap();
+    assert!(rep.is_clean() && rep.orphans.is_empty(), "{rep:?}");
+    assert_eq!(a.erase_pending().unwrap(), 1);
+    for off in [0, 5 * MIB, 8 * MIB - 4096] {
+        assert!(
+            read_at(&dev, at + off).iter().all(|&b| b == 0),
+            "not erased at {off}"
+        );
+    }
+    // Only the LV's extents: the next extent on the PV is untouched.
+    assert!(read_at(&dev, at + 8 * MIB).iter().all(|&b| b == 0xA5));
+    assert!(rig.lvs().is_empty());
+    let out = rig.lvm("lvs", &["--noheadings", "-o", "lv_name", &vg]);
+    assert!(out.trim().is_empty(), "{out}");
+    a.check_invariants().unwrap();
 }
 
 fn crash<T>(point: &str, f: impl FnOnce() -> T) {
@@ -452,7 +486,7 @@ fn lvm_crash_at_every_step() {
     let rig = Rig::new(&[64, 64]);
     for point in [
         "create:after-intent",
-        "create:after-wipe",
+        "create:after-begin",
         "create:after-device",
     ] {
         let (a, _) = rig.open();
@@ -476,7 +510,11 @@ fn lvm_crash_at_every_step() {
     ] {
         let (a, _) = rig.open();
         let v = create(&a, "vol", 8).unwrap();
-        crash(point, || a.delete_volume(&v.id));
+        // DeleteVolume, then the eraser's run (where the last points are).
+        crash(point, || {
+            a.delete_volume(&v.id)
+                .and_then(|()| a.erase_pending().map(|_| ()))
+        });
         drop(a);
         let (a, _) = rig.open();
         rig.check(&a);

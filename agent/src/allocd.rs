@@ -321,4 +321,19 @@ impl allocator_server::Allocator for AllocatorService {
         })
         .await
     }
+
+    async fn erase_status(
+        &self,
+        _r: Request<admin::Empty>,
+    ) -> Result<Response<admin::EraseStatusResponse>, Status> {
+        self.run("EraseStatus", move |a| {
+            let s = a.erase_stats()?;
+            Ok(admin::EraseStatusResponse {
+                erasing_volumes: s.volumes,
+                pending_bytes: s.pending_bytes,
+                erased_bytes_total: s.erased_bytes_total,
+            })
+        })
+        .await
+    }
 }

@@ -145,6 +145,20 @@ pub struct Args {
     /// ledger and the regions agree.
     #[arg(long)]
     pub reinitialize: bool,
+    /// Declares the node single-tenant: volumes created with eraseAfter=false
+    /// are not zeroed when deleted, so the next volume on their extent can
+    /// read their bytes. Without it every deleted volume is zeroed.
+    #[arg(
+        long,
+        env = "PMEM_AGENT_ALLOW_UNERASED_REUSE",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub allow_unerased_reuse: Option<bool>,
+    /// Most bytes per second the background eraser zeroes (e.g. 2GiB);
+    /// 0 or unset: as fast as the device goes.
+    #[arg(long, env = "PMEM_AGENT_ERASE_RATE")]
+    pub erase_rate: Option<String>,
 }
 
 /// The TOML file; every key optional, unknown keys rejected.
@@ -166,6 +180,8 @@ pub struct FileConfig {
     pub metrics_address: Option<String>,
     pub allocator: Option<String>,
     pub allocator_wait: Option<u64>,
+    pub allow_unerased_reuse: Option<bool>,
+    pub erase_rate: Option<String>,
     pub sim: Option<SimFileConfig>,
     pub direct: Option<DirectFileConfig>,
     pub lvm: Option<LvmFileConfig>,
@@ -233,6 +249,10 @@ pub struct Config {
     pub lvm: LvmSettings,
     /// `--reinitialize`: erase the regions when the ledger is refused.
     pub reinitialize: bool,
+    /// Single-tenant node: eraseAfter=false volumes are not zeroed at delete.
+    pub allow_unerased_reuse: bool,
+    /// Upper bound of the background erase rate, bytes per second.
+    pub erase_rate: Option<Bytes>,
 }
 
 /// The lvm backend's settings.
@@ -439,6 +459,14 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("/dev")),
             lvm,
             reinitialize: args.reinitialize,
+            allow_unerased_reuse: args
+                .allow_unerased_reuse
+                .or(file.allow_unerased_reuse)
+                .unwrap_or(false),
+            erase_rate: match args.erase_rate.or(file.erase_rate) {
+                Some(r) => Some(size("erase-rate", &r)?).filter(|b| b.0 > 0),
+                None => None,
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -719,6 +747,29 @@ mod tests {
             let e = Config::load(args(&["--kubelet-root", bad])).unwrap_err();
             assert!(e.to_string().contains("kubelet-root"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn erase_settings_from_flags_env_and_file() {
+        let c = Config::load(args(&[])).unwrap();
+        assert!(!c.allow_unerased_reuse);
+        assert_eq!(c.erase_rate, None);
+        let c = Config::load(args(&["--allow-unerased-reuse", "--erase-rate", "1GiB"])).unwrap();
+        assert!(c.allow_unerased_reuse);
+        assert_eq!(c.erase_rate, Some(Bytes::gib(1)));
+        let c = Config::load(args(&["--allow-unerased-reuse=false", "--erase-rate", "0"])).unwrap();
+        assert!(!c.allow_unerased_reuse);
+        assert_eq!(c.erase_rate, None);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "allow-unerased-reuse = true\nerase-rate = \"512MiB\"\n").unwrap();
+        let file = p.to_str().unwrap();
+        let c = Config::load(args(&["--config", file])).unwrap();
+        assert!(c.allow_unerased_reuse);
+        assert_eq!(c.erase_rate, Some(Bytes::mib(512)));
+        let c = Config::load(args(&["--config", file, "--allow-unerased-reuse", "false"])).unwrap();
+        assert!(!c.allow_unerased_reuse);
+        assert!(Config::load(args(&["--erase-rate", "fast"])).is_err());
     }
 
     #[test]

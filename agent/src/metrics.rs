@@ -92,6 +92,11 @@ pub struct Metrics {
     region_lost: Family<RegionLabels, Gauge>,
     volumes_lost: Gauge,
     ledger_refused: Gauge,
+    erase_pending: Gauge,
+    erased: Counter,
+    /// The allocator's erased total at the last refresh (the counter moves
+    /// by the difference; a restarted pmem-allocd starts again from 0).
+    erased_seen: Mutex<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -129,6 +134,9 @@ impl Metrics {
             region_lost: Family::default(),
             volumes_lost: Gauge::default(),
             ledger_refused: Gauge::default(),
+            erase_pending: Gauge::default(),
+            erased: Counter::default(),
+            erased_seen: Mutex::new(0),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -195,6 +203,16 @@ impl Metrics {
                 "ledger_refused",
                 "1 when the ledger does not belong to the regions and only the admin API serves (pmemctl ledger rebuild)",
                 m.ledger_refused.clone(),
+            );
+            p.register(
+                "erase_pending_bytes",
+                "Bytes of deleted volumes' extents the background eraser has still to zero (neither free nor in capacity)",
+                m.erase_pending.clone(),
+            );
+            p.register(
+                "erased_bytes",
+                "Bytes of deleted volumes' extents zeroed and freed",
+                m.erased.clone(),
             );
             p.register(
                 "device_events",
@@ -312,6 +330,17 @@ impl Metrics {
         }
         let status = alloc.ledger_status()?;
         self.ledger_refused.set(i64::from(status.refused.is_some()));
+        let erase = alloc.erase_stats()?;
+        self.erase_pending.set(to(erase.pending_bytes));
+        {
+            let mut seen = self.erased_seen.lock().unwrap_or_else(|e| e.into_inner());
+            let delta = erase
+                .erased_bytes_total
+                .checked_sub(*seen)
+                .unwrap_or(erase.erased_bytes_total);
+            self.erased.inc_by(delta);
+            *seen = erase.erased_bytes_total;
+        }
         let vols = alloc.volumes()?;
         for c in alloc.capacity(Usage::AppDirect)? {
             self.region_lost

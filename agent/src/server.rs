@@ -12,7 +12,7 @@ use pmem_allocator::lvm::command::{LvmCommand, LvmCommandConfig};
 use pmem_allocator::lvm::pvs::{DevicePvs, NamespacePvs, PvRegion, PvSource};
 use pmem_allocator::lvm::{LvmBackend, LvmConfig};
 use pmem_allocator::sim::{SimBackend, SimConfig, SimMode};
-use pmem_allocator::{Allocator, Backend};
+use pmem_allocator::{Allocator, Backend, ErasePolicy};
 use pmem_proto::admin::admin_server::AdminServer;
 use pmem_proto::csi::controller_server::ControllerServer;
 use pmem_proto::csi::identity_server::IdentityServer;
@@ -206,7 +206,26 @@ pub async fn open_allocator(cfg: &Config) -> anyhow::Result<Arc<Allocator>> {
     let alloc =
         tokio::task::spawn_blocking(move || Allocator::open_with(&ledger, backend, reinitialize))
             .await??;
-    Ok(Arc::new(alloc))
+    alloc.set_erase_policy(ErasePolicy {
+        allow_unerased_reuse: cfg.allow_unerased_reuse,
+        rate: cfg.erase_rate,
+    });
+    if cfg.allow_unerased_reuse {
+        tracing::warn!(
+            "--allow-unerased-reuse: this node is declared single-tenant; volumes created with eraseAfter=false are not zeroed when deleted, and the next volume on their extent can read their data"
+        );
+    }
+    let alloc = Arc::new(alloc);
+    // Erases left by an earlier run resume now, in the background.
+    alloc.start_eraser()?;
+    Ok(alloc)
+}
+
+/// Stops the background eraser (an erase in progress resumes at the next
+/// start), so the allocator can close.
+async fn stop_eraser(alloc: &Arc<Allocator>) {
+    let a = Arc::clone(alloc);
+    let _ = tokio::task::spawn_blocking(move || a.stop_eraser()).await;
 }
 
 /// Device events matter to the backend that shares its regions with ndctl:
@@ -394,6 +413,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     collector.abort();
     drop(driver);
+    if let Some(alloc) = &local {
+        stop_eraser(alloc).await;
+    }
     // Close the ledger: the last Arc goes when no blocking task holds it.
     if let Some(alloc) = local {
         match Arc::try_unwrap(alloc) {
@@ -486,6 +508,7 @@ pub async fn run_allocd(cfg: Config) -> anyhow::Result<()> {
             bail!("allocator server stopped unexpectedly");
         }
     }
+    stop_eraser(&alloc).await;
     if Arc::try_unwrap(alloc).is_err() {
         tracing::warn!("allocator still in use by a blocking task at exit");
     }

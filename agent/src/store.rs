@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::collections::BTreeMap;
 
 use pmem_allocator::{
-    Allocator, Bytes, CreateRequest, Device, DeviceRequest, Error, Publication, PublicationKind,
-    RebuildReport, ReconcileReport, RegionCapacity, RegionRecovery, Result, Usage, Volume,
+    Allocator, Bytes, CreateRequest, Device, DeviceRequest, EraseStats, Error, Publication,
+    PublicationKind, RebuildReport, ReconcileReport, RegionCapacity, RegionRecovery, Result, Usage,
+    Volume,
 };
 use pmem_proto::admin;
 use pmem_proto::admin::allocator_client::AllocatorClient;
@@ -70,6 +71,8 @@ pub trait VolumeStore: Send + Sync + Debug {
     fn forget_region(&self, region: &str) -> Result<RegionRecovery>;
     /// Only for a lost region.
     fn reinit_region(&self, region: &str) -> Result<RegionRecovery>;
+    /// The background eraser's backlog and progress.
+    fn erase_stats(&self) -> Result<EraseStats>;
 }
 
 fn device_request(v: &Volume) -> DeviceRequest {
@@ -170,6 +173,10 @@ impl VolumeStore for Allocator {
 
     fn reinit_region(&self, region: &str) -> Result<RegionRecovery> {
         Allocator::reinit_region(self, region)
+    }
+
+    fn erase_stats(&self) -> Result<EraseStats> {
+        Allocator::erase_stats(self)
     }
 }
 
@@ -399,6 +406,15 @@ impl VolumeStore for RemoteStore {
         };
         let r = self.call(|mut c| async move { c.reinit_region(req).await })?;
         wire::recovery_from_wire(&r)
+    }
+
+    fn erase_stats(&self) -> Result<EraseStats> {
+        let r = self.call(|mut c| async move { c.erase_status(admin::Empty {}).await })?;
+        Ok(EraseStats {
+            volumes: r.erasing_volumes,
+            pending_bytes: r.pending_bytes,
+            erased_bytes_total: r.erased_bytes_total,
+        })
     }
 }
 

@@ -199,6 +199,7 @@ pub struct Allocator {
     state: Mutex<State>,
     backend: Arc<dyn Backend>,
     names: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    eraser: crate::erase::Eraser,
 }
 
 fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -255,6 +256,7 @@ impl Allocator {
             state: Mutex::new(st),
             backend,
             names: Mutex::new(HashMap::new()),
+            eraser: crate::erase::Eraser::default(),
         };
         a.check_identity(reinitialize)?;
         Ok(a)
@@ -283,6 +285,10 @@ impl Allocator {
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
+    }
+
+    pub(crate) fn eraser(&self) -> &crate::erase::Eraser {
+        &self.eraser
     }
 
     pub(crate) fn state(&self) -> MutexGuard<'_, State> {
@@ -347,6 +353,12 @@ impl Allocator {
             return Err(Error::InvalidArgument("volume name is empty".into()));
         }
         self.serving()?;
+        if req.name.starts_with(crate::erase::ERASING_NAME) {
+            return Err(Error::InvalidArgument(format!(
+                "volume names starting with {:?} are reserved for volumes being erased",
+                crate::erase::ERASING_NAME
+            )));
+        }
         self.with_name(&req.name, || self.create_locked(req))
     }
 
@@ -405,8 +417,8 @@ impl Allocator {
     /// device and frees the extent.
     pub(crate) fn finish_create(&self, mut v: Volume) -> Result<Volume> {
         let req = device_request(&v);
-        let made = self.backend.wipe_head(&req).and_then(|()| {
-            fail::fail_point!("create:after-wipe");
+        let made = self.backend.begin_create(&req).and_then(|()| {
+            fail::fail_point!("create:after-begin");
             self.backend.create(&req)
         });
         match made {
@@ -434,7 +446,7 @@ impl Allocator {
     }
 
     /// Removes a volume row and frees its extent.
-    fn forget(&self, v: &Volume) -> Result<()> {
+    pub(crate) fn forget(&self, v: &Volume) -> Result<()> {
         let mut st = self.state();
         st.ledger.remove_volume(&v.id)?;
         if let Some(r) = st.regions.get_mut(&v.region) {
@@ -694,8 +706,11 @@ impl Allocator {
             .sum()
     }
 
-    /// Deletes a volume: refuses while staged or published; destroys the
-    /// device, erases the extent if asked, then frees it. Unknown ids succeed.
+    /// Deletes a volume: refuses while staged or published or while its
+    /// device is in use; retires the device and records the extent as
+    /// `erasing` for the background eraser (or, on a single-tenant node for
+    /// an `eraseAfter=false` volume, destroys the device and frees the
+    /// extent). Returns without waiting for the erase. Unknown ids succeed.
     pub fn delete_volume(&self, id: &str) -> Result<()> {
         self.serving()?;
         let Some(v) = self.volume(id)? else {
@@ -723,6 +738,7 @@ impl Allocator {
 
     fn delete_locked(&self, mut v: Volume) -> Result<()> {
         let req = device_request(&v);
+        let was_ready = v.state == VolumeState::Ready;
         if matches!(v.state, VolumeState::Ready | VolumeState::Creating) {
             self.backend.check_idle(&req)?;
             self.state()
@@ -731,31 +747,64 @@ impl Allocator {
             v.state = VolumeState::Deleting;
             fail::fail_point!("delete:after-intent");
         }
-        self.finish_delete(v)
+        match self.finish_delete(v.clone()) {
+            // Someone took the device between the idle check and the
+            // removal (a mount, an O_EXCL open): undo when it is intact.
+            Err(e @ Error::FailedPrecondition(_)) if was_ready => Err(self.undo_delete(&v, e)),
+            r => r,
+        }
     }
 
-    /// Drives a `deleting`/`erasing` volume to removal.
-    pub(crate) fn finish_delete(&self, mut v: Volume) -> Result<()> {
+    /// `deleting → ready` after the device refused to go, if the backend
+    /// still finds it as the ledger has it (the refusal came before any
+    /// change); otherwise the volume stays `deleting` for a retry.
+    fn undo_delete(&self, v: &Volume, refusal: Error) -> Error {
+        match self.backend.find(&device_request(v)) {
+            Ok(Some(d)) if d.path == v.device => {
+                match self
+                    .state()
+                    .ledger
+                    .transition(&v.id, VolumeState::Ready, None, "{}")
+                {
+                    Ok(()) => {
+                        tracing::info!(volume = %v.id, error = %refusal, "delete refused by the device; the volume stays ready");
+                    }
+                    Err(e) => {
+                        tracing::error!(volume = %v.id, error = %e, "could not undo a refused delete; the volume stays deleting");
+                    }
+                }
+            }
+            other => {
+                tracing::warn!(volume = %v.id, found = ?other, error = %refusal, "delete refused after the device changed; the volume stays deleting and the delete is retried");
+            }
+        }
+        refusal
+    }
+
+    /// Drives a `deleting` volume to `erasing` (device retired) or, without
+    /// an erase, to removal; an `erasing` one is left to the eraser.
+    pub(crate) fn finish_delete(&self, v: Volume) -> Result<()> {
         let req = device_request(&v);
         if v.state == VolumeState::Deleting {
-            if v.erase_after && self.backend.erase_before_destroy() {
-                self.backend.erase(&req)?;
+            if !self.eraser.policy().erases(&v) {
+                self.backend.destroy(&req)?;
+                fail::fail_point!("delete:after-destroy");
+                return self.forget(&v);
             }
-            self.backend.destroy(&req)?;
+            self.backend.retire(&req)?;
             fail::fail_point!("delete:after-destroy");
-            if v.erase_after {
-                self.state()
-                    .ledger
+            {
+                let mut st = self.state();
+                st.ledger
                     .transition(&v.id, VolumeState::Erasing, None, "{}")?;
-                v.state = VolumeState::Erasing;
-                fail::fail_point!("delete:after-erase-intent");
+                // The CSI name is free again once DeleteVolume returned.
+                st.ledger
+                    .rename(&v.id, &format!("{}{}", crate::erase::ERASING_NAME, v.id))?;
             }
+            fail::fail_point!("delete:after-erase-intent");
         }
-        if v.state == VolumeState::Erasing {
-            self.backend.erase(&req)?;
-            fail::fail_point!("delete:after-erase");
-        }
-        self.forget(&v)
+        self.eraser.kick();
+        Ok(())
     }
 
     /// Grows a volume in place to at least `required` usable bytes.
@@ -924,7 +973,6 @@ mod hook_tests {
         placement: Placement,
         reserved: Mutex<Vec<Allocated>>,
         unusable: Vec<String>,
-        erase_first: bool,
         refuse_resize: bool,
         calls: Mutex<Vec<String>>,
     }
@@ -967,16 +1015,10 @@ mod hook_tests {
                 .any(|r| r == region)
                 .then(|| format!("{region} is label-less"))
         }
-        fn erase_before_destroy(&self) -> bool {
-            self.erase_first
-        }
         fn check_resize(&self, _req: &DeviceRequest, _new: Bytes) -> Result<()> {
             if self.refuse_resize {
                 return Err(Error::FailedPrecondition("cannot grow".into()));
             }
-            Ok(())
-        }
-        fn wipe_head(&self, _req: &DeviceRequest) -> Result<()> {
             Ok(())
         }
         fn create(&self, req: &DeviceRequest) -> Result<Device> {
@@ -996,9 +1038,13 @@ mod hook_tests {
             self.log("destroy", req);
             Ok(())
         }
-        fn erase(&self, req: &DeviceRequest) -> Result<()> {
-            self.log("erase", req);
+        fn retire(&self, req: &DeviceRequest) -> Result<()> {
+            self.log("retire", req);
             Ok(())
+        }
+        fn erase(&self, req: &DeviceRequest, progress: crate::backend::Progress<'_>) -> Result<()> {
+            self.log("erase", req);
+            progress(req.size.0)
         }
         fn resize(&self, req: &DeviceRequest) -> Result<Device> {
             self.create(req)
@@ -1064,15 +1110,15 @@ mod hook_tests {
                     .id
             })
             .collect();
-        a.delete_volume(&ids[0]).unwrap();
-        a.delete_volume(&ids[2]).unwrap();
+        del(&a, &ids[0]);
+        del(&a, &ids[2]);
         let caps = a.capacity(Usage::AppDirect).unwrap();
         assert_eq!(caps[0].largest, Bytes(6 * A));
         let big = a.create_volume(&req("ac", 6, "r0")).unwrap();
         assert_eq!(big.offset, Bytes::ZERO);
         a.check_invariants().unwrap();
         // Growth needs free bytes anywhere, not the extent after the volume.
-        a.delete_volume(&ids[1]).unwrap();
+        del(&a, &ids[1]);
         a.expand_volume(&ids[3], Bytes(2 * A), None).unwrap();
         // Our devices unknown to the ledger (orphans) and foreign ones are
         // reserved; the ledger's own are not counted twice.
@@ -1104,6 +1150,12 @@ mod hook_tests {
         );
     }
 
+    /// Deletes and lets the eraser finish, so the extent is free.
+    fn del(a: &Allocator, id: &str) {
+        a.delete_volume(id).unwrap();
+        a.erase_pending().unwrap();
+    }
+
     fn open(dir: &tempfile::TempDir, fake: Fake) -> (Allocator, Arc<Fake>) {
         let fake = Arc::new(fake);
         let a = Allocator::open(&dir.path().join("ledger.db"), fake.clone()).unwrap();
@@ -1122,10 +1174,8 @@ mod hook_tests {
         for (i, n) in [1u64, 1, 1, 1, 3, 1].iter().enumerate() {
             a.create_volume(&req(&format!("v{i}"), *n, "r0")).unwrap();
         }
-        a.delete_volume(&a.volume_by_name("v1").unwrap().unwrap().id)
-            .unwrap();
-        a.delete_volume(&a.volume_by_name("v4").unwrap().unwrap().id)
-            .unwrap();
+        del(a, &a.volume_by_name("v1").unwrap().unwrap().id);
+        del(a, &a.volume_by_name("v4").unwrap().unwrap().id);
     }
 
     #[test]
@@ -1183,7 +1233,7 @@ mod hook_tests {
         assert_eq!(a.max_volumes(), 1 + 4 + 6);
         assert_eq!(a.plan(&req("x", 1, "r0")).unwrap().1, Bytes(4 * A));
         // The volume's own extent is still its own: deleting it frees only it.
-        a.delete_volume(&v.id).unwrap();
+        del(&a, &v.id);
         a.check_invariants().unwrap();
         assert_eq!(
             a.capacity(Usage::AppDirect).unwrap()[0].available,
@@ -1224,17 +1274,17 @@ mod hook_tests {
     }
 
     #[test]
-    fn erase_runs_before_destroy_when_asked() {
+    fn delete_retires_and_the_eraser_erases_before_destroying() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, fake) = open(
-            &dir,
-            Fake {
-                erase_first: true,
-                ..Fake::default()
-            },
-        );
+        let (a, fake) = open(&dir, Fake::default());
         let v = a.create_volume(&req("v", 1, "r0")).unwrap();
         a.delete_volume(&v.id).unwrap();
+        assert_eq!(
+            a.volume(&v.id).unwrap().unwrap().state,
+            VolumeState::Erasing
+        );
+        assert_eq!(a.erase_pending().unwrap(), 1);
+        // Without a single-tenant declaration eraseAfter=false erases too.
         let keep = a
             .create_volume(&CreateRequest {
                 erase_after: false,
@@ -1242,17 +1292,105 @@ mod hook_tests {
             })
             .unwrap();
         a.delete_volume(&keep.id).unwrap();
+        assert_eq!(a.erase_pending().unwrap(), 1);
         assert_eq!(
             *relock(&fake.calls),
             [
                 "create 0",
+                "retire 0",
                 "erase 0",
                 "destroy 0",
-                "erase 0",
                 "create 0",
+                "retire 0",
+                "erase 0",
                 "destroy 0"
             ]
         );
+    }
+
+    /// A backend whose device is taken between the idle check and removal.
+    #[derive(Debug, Default)]
+    struct Raced {
+        fake: Fake,
+        checks: Mutex<u32>,
+        destroyed: Mutex<bool>,
+    }
+
+    impl Backend for Raced {
+        fn kind(&self) -> &'static str {
+            "raced"
+        }
+        fn describe(&self) -> String {
+            "raced".into()
+        }
+        fn regions(&self) -> Result<Vec<RegionSpec>> {
+            self.fake.regions()
+        }
+        fn check_idle(&self, _req: &DeviceRequest) -> Result<()> {
+            *relock(&self.checks) += 1;
+            Ok(())
+        }
+        fn create(&self, req: &DeviceRequest) -> Result<Device> {
+            Ok(Device {
+                path: Some(format!("/dev/fake{}", req.offset.0 / A)),
+                size: req.size,
+            })
+        }
+        fn find(&self, req: &DeviceRequest) -> Result<Option<Device>> {
+            if *relock(&self.destroyed) {
+                return Ok(None);
+            }
+            self.create(req).map(Some)
+        }
+        fn destroy(&self, req: &DeviceRequest) -> Result<()> {
+            *relock(&self.destroyed) = true;
+            self.fake.destroy(req)
+        }
+        fn retire(&self, req: &DeviceRequest) -> Result<()> {
+            // Busy for the first three deletes: nothing changed.
+            if *relock(&self.checks) <= 3 {
+                return Err(Error::FailedPrecondition(format!(
+                    "device /dev/fake{} is in use",
+                    req.offset.0 / A
+                )));
+            }
+            self.fake.retire(req)
+        }
+        fn erase(&self, req: &DeviceRequest, progress: crate::backend::Progress<'_>) -> Result<()> {
+            self.fake.erase(req, progress)
+        }
+        fn resize(&self, req: &DeviceRequest) -> Result<Device> {
+            self.create(req)
+        }
+        fn inventory(&self) -> Result<Vec<InventoryItem>> {
+            Ok(Vec::new())
+        }
+        fn remove_orphan(&self, _item: &InventoryItem) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_delete_the_device_refuses_leaves_the_volume_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Arc::new(Raced::default());
+        let a = Allocator::open(&dir.path().join("ledger.db"), b.clone()).unwrap();
+        let v = a.create_volume(&req("v", 1, "r0")).unwrap();
+        for _ in 0..3 {
+            let e = a.delete_volume(&v.id).unwrap_err();
+            assert!(
+                matches!(&e, Error::FailedPrecondition(m) if m.contains("in use")),
+                "{e}"
+            );
+            let now = a.volume(&v.id).unwrap().unwrap();
+            assert_eq!(now.state, VolumeState::Ready);
+            assert_eq!(now.device, v.device);
+            assert!(a.intents().unwrap().is_empty(), "delete intent left behind");
+        }
+        a.delete_volume(&v.id).unwrap();
+        assert_eq!(a.erase_pending().unwrap(), 1);
+        assert!(a.volume(&v.id).unwrap().is_none());
+        a.check_invariants().unwrap();
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub struct DeviceRequest {
     pub usage: Usage,
 }
 
+/// Told the bytes of each chunk an erase zeroed; an error aborts the erase.
+pub type Progress<'a> = &'a mut dyn FnMut(u64) -> Result<()>;
+
 /// A device as it exists now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
@@ -131,13 +134,6 @@ pub trait Backend: Send + Sync + Debug {
         None
     }
 
-    /// True when the device is the only way to reach its extent (direct: the
-    /// namespace), so `erase` must run before `destroy`; an `erase` after
-    /// `destroy` then has nothing left to do.
-    fn erase_before_destroy(&self) -> bool {
-        false
-    }
-
     /// Whether volumes can grow at all (ControllerExpandVolume and the
     /// EXPAND_VOLUME capabilities are offered only then).
     fn can_resize(&self) -> bool {
@@ -154,9 +150,13 @@ pub trait Backend: Send + Sync + Debug {
     /// afresh (reconciliation starts with it: others may have changed them).
     fn refresh(&self) {}
 
-    /// Zeroes the head of a fresh volume's extent so signatures of an earlier
-    /// volume never show through (called before the first `create`).
-    fn wipe_head(&self, req: &DeviceRequest) -> Result<()>;
+    /// Called once before the first `create` of a new volume (never for a
+    /// volume that was ready): the backend may make a device for it from
+    /// scratch. No zeroing happens here; extents are zeroed when a volume
+    /// is deleted ([`Backend::erase`]).
+    fn begin_create(&self, _req: &DeviceRequest) -> Result<()> {
+        Ok(())
+    }
 
     /// Fails with `Error::FailedPrecondition` when the volume's device is in
     /// use (mounted, open exclusively), so a delete can refuse before it starts.
@@ -170,13 +170,34 @@ pub trait Backend: Send + Sync + Debug {
     /// Finds the device if it exists.
     fn find(&self, req: &DeviceRequest) -> Result<Option<Device>>;
 
-    /// Removes the device; absent is success. A device in use is refused with
-    /// `Error::FailedPrecondition`.
+    /// Removes the device and frees its extent in the device layer, also a
+    /// retired one; absent is success. A device in use is refused with
+    /// `Error::FailedPrecondition` before anything changes.
     fn destroy(&self, req: &DeviceRequest) -> Result<()>;
 
-    /// Overwrites the extent so no data survives into the next volume, and
-    /// verifies it. Called after `destroy`.
-    fn erase(&self, req: &DeviceRequest) -> Result<()>;
+    /// Takes the device away from its tenant before an erase: afterwards the
+    /// volume has no block device, but the device layer still holds the
+    /// extent (direct: the namespace under the erasing marker; lvm: the LV
+    /// under its erasing name), so nothing can be created over it before
+    /// [`Backend::destroy`]. A device in use is refused with
+    /// `Error::FailedPrecondition` before anything changes. Idempotent.
+    /// The default is `destroy` (the sim backend's extent is ours anyway).
+    fn retire(&self, req: &DeviceRequest) -> Result<()> {
+        self.destroy(req)
+    }
+
+    /// Zeroes a retired volume's extent and verifies it, in chunks; calls
+    /// `progress` with each chunk's bytes (an error from it aborts the
+    /// erase, which is then repeated from the start). Idempotent.
+    fn erase(&self, req: &DeviceRequest, progress: Progress<'_>) -> Result<()>;
+
+    /// Whether an inventory item of ours is a deleted volume's retired
+    /// device whose erase was interrupted (direct: the erasing marker; lvm:
+    /// the erasing name). A ledger rebuild must not bring it back as a
+    /// volume; it stays reserved as an orphan, whose removal zeroes it.
+    fn is_retired(&self, _item: &InventoryItem) -> bool {
+        false
+    }
 
     /// Makes the device `req.size` bytes (the extent already grew in the ledger).
     fn resize(&self, req: &DeviceRequest) -> Result<Device>;
@@ -184,7 +205,8 @@ pub trait Backend: Send + Sync + Debug {
     /// Every device in our regions, ours or foreign.
     fn inventory(&self) -> Result<Vec<InventoryItem>>;
 
-    /// Removes a device of ours that no volume owns (orphan clean-up).
+    /// Removes a device of ours that no volume owns (orphan clean-up),
+    /// zeroing its extent first: it may hold a tenant's data.
     fn remove_orphan(&self, item: &InventoryItem) -> Result<()>;
 
     /// The identity the region carries now. Must not create anything.

@@ -531,6 +531,13 @@ impl Allocator {
             let Some(spec) = specs.get(&item.region) else {
                 continue;
             };
+            if self.backend().is_retired(item) {
+                rep.skipped.push(format!(
+                    "device {} (volume {id}) in {}: a deleted volume whose erase was interrupted; it stays reserved as an orphan, and `pmemctl reconcile --apply --remove-orphans` zeroes and removes it",
+                    item.path, item.region
+                ));
+                continue;
+            }
             let overlaps = !pooled
                 && placed.iter().any(|(r, o, l)| {
                     *r == item.region && *o < item.offset + item.size && item.offset < *o + *l

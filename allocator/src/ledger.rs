@@ -553,6 +553,18 @@ impl Ledger {
             .map_err(|e| self.err(e))
     }
 
+    /// Renames a volume: a deleted one gives its CSI name back while its
+    /// extent is erased.
+    pub fn rename(&mut self, id: &str, name: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE volumes SET name = ?2, updated_at = unixepoch() WHERE id = ?1",
+                params![id, name],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
     /// Removes a volume row, its intents and its publications: the extent is free.
     pub fn remove_volume(&mut self, id: &str) -> Result<()> {
         let path = self.path.clone();

@@ -5,6 +5,7 @@
 pub mod allocator;
 pub mod backend;
 pub mod direct;
+pub mod erase;
 pub mod error;
 pub mod identity;
 pub mod ledger;
@@ -19,6 +20,7 @@ pub mod volume;
 
 pub use allocator::{Allocator, CreateRequest, Holder, RegionCapacity};
 pub use backend::{Backend, Device, DeviceRequest, InventoryItem, Owner, RegionStamp};
+pub use erase::{ErasePolicy, EraseStats};
 pub use error::{Error, Result};
 pub use identity::{RebuildReport, RegionRecovery};
 pub use reconcile::ReconcileReport;

@@ -239,6 +239,35 @@ pub fn detach(path: &Path) -> io::Result<()> {
     }
 }
 
+/// `LO_FLAGS_AUTOCLEAR` from `<linux/loop.h>`.
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// Takes back a detach the kernel deferred because someone else still has
+/// the device open (LOOP_CLR_FD then only sets autoclear): clears the flag
+/// if the device still carries `name`. `Ok(false)`: the device is gone.
+pub fn cancel_autoclear(path: &Path, name: &str) -> io::Result<bool> {
+    let dev = match OpenOptions::new().read(true).open(path) {
+        Ok(d) => d,
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let mut info = zeroed_info();
+    match ioctl_ptr(&dev, LOOP_GET_STATUS64, &mut info) {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    let got = CStr::from_bytes_until_nul(&info.lo_file_name)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if got != name {
+        return Ok(false);
+    }
+    info.lo_flags &= !LO_FLAGS_AUTOCLEAR;
+    ioctl_ptr(&dev, LOOP_SET_STATUS64, &mut info)?;
+    Ok(true)
+}
+
 /// Whether the device is in use (mounted, or held open exclusively).
 pub fn is_busy(path: &Path) -> io::Result<bool> {
     match OpenOptions::new()

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 
 use crate::allocator::{Allocator, device_request};
-use crate::backend::{InventoryItem, Owner};
+use crate::backend::{InventoryItem, Owner, Placement};
 use crate::error::Result;
 use crate::ledger::IntentOp;
 use crate::volume::VolumeState;
@@ -75,7 +75,7 @@ impl Allocator {
         let known: Vec<_> = self
             .volumes()?
             .into_iter()
-            .map(|v| (v.id, v.region, v.offset))
+            .map(|v| (v.id, v.region, v.offset, v.size))
             .collect();
         for item in self.backend().inventory()? {
             if lost.contains_key(&item.region) {
@@ -88,14 +88,37 @@ impl Allocator {
                     rep.foreign.push(item);
                 }
                 Owner::Ours(id) => {
-                    let owned = known.iter().any(|(kid, region, offset)| {
+                    let owned = known.iter().any(|(kid, region, offset, _)| {
                         kid == id && *region == item.region && *offset == item.offset
                     });
                     if owned || (dry_run && rep.actions.iter().any(|a| a.contains(id.as_str()))) {
                         continue;
                     }
                     tracing::warn!(region = %item.region, device = %item.path, volume = %id, "orphan device: marked as ours but no ledger volume owns it");
-                    if remove_orphans && !dry_run {
+                    // Removing an orphan zeroes its extent: never where a
+                    // volume of the ledger lives (pools have no offsets).
+                    let pooled = self.backend().placement() == Placement::Pooled;
+                    let end = item
+                        .offset
+                        .0
+                        .checked_add(item.size.0)
+                        .filter(|_| item.size.0 > 0);
+                    let overlaps = known.iter().find(|(_, region, offset, size)| {
+                        !pooled
+                            && *region == item.region
+                            && end.is_none_or(|e| offset.0 < e)
+                            && offset.0 + size.0 > item.offset.0
+                    });
+                    if remove_orphans
+                        && !dry_run
+                        && let Some((kid, ..)) = overlaps
+                    {
+                        rep.errors.push(format!(
+                            "orphan {} (volume {id}) overlaps the extent of volume {kid}; not removing it",
+                            item.path
+                        ));
+                        rep.orphans.push(item);
+                    } else if remove_orphans && !dry_run {
                         match self.backend().remove_orphan(&item) {
                             Ok(()) => rep
                                 .actions
@@ -141,14 +164,19 @@ impl Allocator {
                         .push(format!("finish create of volume {id}: {e}"));
                 }
             }
-            VolumeState::Deleting | VolumeState::Erasing => {
-                rep.actions.push(format!(
-                    "finish interrupted delete of volume {id} ({})",
-                    v.state
-                ));
+            VolumeState::Deleting => {
+                rep.actions
+                    .push(format!("finish interrupted delete of volume {id}"));
                 if !dry_run && let Err(e) = self.finish_delete(v) {
                     rep.errors
                         .push(format!("finish delete of volume {id}: {e}"));
+                }
+            }
+            // The background eraser owns erasing volumes (erase.rs); their
+            // extents stay reserved until it is done.
+            VolumeState::Erasing => {
+                if !dry_run {
+                    self.eraser().kick();
                 }
             }
             VolumeState::Ready => {

@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::backend::{
-    Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, RegionStamp,
+    Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, Progress, RegionStamp,
 };
 use crate::error::{Error, Result};
 use crate::loopdev;
@@ -20,8 +20,8 @@ use crate::units::{Bytes, MIB};
 /// Prefix of the loop device name (`lo_file_name`) that marks a device as ours.
 pub const MARKER: &str = "pmem-agent:";
 
-/// Bytes zeroed at the head of a fresh volume so old signatures never show.
-const HEAD_WIPE: u64 = 4 * MIB;
+/// Bytes an erase punches (and verifies) per step.
+const ERASE_CHUNK: u64 = 64 * MIB;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SimMode {
@@ -185,36 +185,22 @@ impl SimBackend {
             .collect())
     }
 
-    /// Zeroes `[offset, offset+len)` of a region file and verifies it.
-    fn zero_range(&self, region: &str, offset: Bytes, len: Bytes) -> Result<()> {
+    /// Zeroes `[offset, offset+len)` of a region file and verifies it, in
+    /// steps of [`ERASE_CHUNK`] reported to `progress`.
+    fn zero_range(
+        &self,
+        region: &str,
+        offset: Bytes,
+        len: Bytes,
+        progress: Progress<'_>,
+    ) -> Result<()> {
         let (f, path) = self.open_region(region)?;
-        let ctx = |what: &str| {
-            format!(
-                "{what} {}+{} of region file {}",
-                offset.0,
-                len.0,
-                path.display()
-            )
-        };
-        let (o, l) = (
-            i64::try_from(offset.0).map_err(|_| Error::OutOfRange(ctx("offset too large in")))?,
-            i64::try_from(len.0).map_err(|_| Error::OutOfRange(ctx("length too large in")))?,
-        );
-        // SAFETY: plain syscall on an owned fd.
-        let punched = unsafe {
-            libc::fallocate(
-                f.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                o,
-                l,
-            )
-        } == 0;
-        if !punched || !range_is_hole(&f, offset, len) {
-            write_zeros(&f, offset, len).map_err(|e| Error::io(ctx("zero"), e))?;
-        }
-        f.sync_all().map_err(|e| Error::io(ctx("sync"), e))?;
-        if !range_is_hole(&f, offset, len) {
-            verify_zero(&f, offset, len).map_err(|e| Error::io(ctx("verify erase of"), e))?;
+        let mut done = 0u64;
+        while done < len.0 {
+            let n = (len.0 - done).min(ERASE_CHUNK);
+            zero_chunk(&f, path, Bytes(offset.0 + done), Bytes(n))?;
+            done += n;
+            progress(n)?;
         }
         Ok(())
     }
@@ -304,6 +290,40 @@ fn parse_stamp(v: &str) -> Option<(&str, &str)> {
     Some((ledger?, region?))
 }
 
+/// Punches a hole (or writes zeros where the filesystem cannot), syncs and
+/// verifies one range.
+fn zero_chunk(f: &File, path: &Path, offset: Bytes, len: Bytes) -> Result<()> {
+    let ctx = |what: &str| {
+        format!(
+            "{what} {}+{} of region file {}",
+            offset.0,
+            len.0,
+            path.display()
+        )
+    };
+    let (o, l) = (
+        i64::try_from(offset.0).map_err(|_| Error::OutOfRange(ctx("offset too large in")))?,
+        i64::try_from(len.0).map_err(|_| Error::OutOfRange(ctx("length too large in")))?,
+    );
+    // SAFETY: plain syscall on an owned fd.
+    let punched = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            o,
+            l,
+        )
+    } == 0;
+    if !punched || !range_is_hole(f, offset, len) {
+        write_zeros(f, offset, len).map_err(|e| Error::io(ctx("zero"), e))?;
+    }
+    f.sync_all().map_err(|e| Error::io(ctx("sync"), e))?;
+    if !range_is_hole(f, offset, len) {
+        verify_zero(f, offset, len).map_err(|e| Error::io(ctx("verify erase of"), e))?;
+    }
+    Ok(())
+}
+
 /// True when no data lies in the range (SEEK_DATA finds none before its end).
 fn range_is_hole(f: &File, offset: Bytes, len: Bytes) -> bool {
     let Ok(o) = i64::try_from(offset.0) else {
@@ -354,6 +374,14 @@ fn verify_zero(f: &File, offset: Bytes, len: Bytes) -> std::io::Result<()> {
     f.flush()
 }
 
+/// The loop device name of one of our orphans.
+fn item_name(item: &InventoryItem) -> String {
+    match &item.owner {
+        Owner::Ours(id) => format!("{MARKER}{id}"),
+        Owner::Foreign(_) => String::new(),
+    }
+}
+
 impl Backend for SimBackend {
     fn kind(&self) -> &'static str {
         "sim"
@@ -379,10 +407,6 @@ impl Backend for SimBackend {
 
     fn regions(&self) -> Result<Vec<RegionSpec>> {
         Ok(self.regions.iter().map(|(s, _)| s.clone()).collect())
-    }
-
-    fn wipe_head(&self, req: &DeviceRequest) -> Result<()> {
-        self.zero_range(&req.region, req.offset, Bytes(req.size.0.min(HEAD_WIPE)))
     }
 
     fn check_idle(&self, req: &DeviceRequest) -> Result<()> {
@@ -463,11 +487,8 @@ impl Backend for SimBackend {
             return Ok(());
         }
         let marker = format!("{MARKER}{}", req.volume_id);
-        for d in self
-            .devices_of(req)?
-            .into_iter()
-            .filter(|d| d.name == marker)
-        {
+        let ours = |d: &loopdev::LoopDevice| d.name == marker;
+        for d in self.devices_of(req)?.into_iter().filter(ours) {
             loopdev::detach(&d.path).map_err(|e| {
                 if e.raw_os_error() == Some(libc::EBUSY) {
                     Error::FailedPrecondition(format!(
@@ -484,11 +505,33 @@ impl Backend for SimBackend {
                 }
             })?;
         }
+        // The kernel defers a detach while someone else holds the device
+        // open (it only sets autoclear): the tenant could still write behind
+        // an erase. Take the detach back so the volume stays as it was, and
+        // refuse like a busy device.
+        for d in self.devices_of(req)?.into_iter().filter(ours) {
+            let kept = loopdev::cancel_autoclear(&d.path, &marker).map_err(|e| {
+                Error::Device(format!(
+                    "take back the deferred detach of {} (volume {}): {e}",
+                    d.path.display(),
+                    req.volume_id
+                ))
+            })?;
+            if kept {
+                return Err(Error::FailedPrecondition(format!(
+                    "device {} of volume {} is in use (open by another process)",
+                    d.path.display(),
+                    req.volume_id
+                )));
+            }
+        }
         Ok(())
     }
 
-    fn erase(&self, req: &DeviceRequest) -> Result<()> {
-        self.zero_range(&req.region, req.offset, req.size)
+    fn erase(&self, req: &DeviceRequest, progress: Progress<'_>) -> Result<()> {
+        // retire (= destroy) verified the loop device is gone: the tenant
+        // cannot write behind the erase.
+        self.zero_range(&req.region, req.offset, req.size, progress)
     }
 
     fn resize(&self, req: &DeviceRequest) -> Result<Device> {
@@ -545,7 +588,28 @@ impl Backend for SimBackend {
             )));
         }
         loopdev::detach(Path::new(&item.path))
-            .map_err(|e| Error::Device(format!("detach orphan {}: {e}", item.path)))
+            .map_err(|e| Error::Device(format!("detach orphan {}: {e}", item.path)))?;
+        if loopdev::cancel_autoclear(Path::new(&item.path), &item_name(item)).map_err(|e| {
+            Error::Device(format!("take back the detach of orphan {}: {e}", item.path))
+        })? {
+            return Err(Error::FailedPrecondition(format!(
+                "orphan {} is in use (open by another process); not removing it",
+                item.path
+            )));
+        }
+        // It may hold a tenant's data: the extent is free from now on.
+        let spec = self
+            .regions
+            .iter()
+            .find(|(s, _)| s.id == item.region)
+            .map(|(s, _)| s.clone())
+            .ok_or_else(|| Error::NotFound(format!("sim region {} does not exist", item.region)))?;
+        let len = if item.size.0 == 0 {
+            Bytes(spec.size.0.saturating_sub(item.offset.0))
+        } else {
+            Bytes(item.size.0.min(spec.size.0.saturating_sub(item.offset.0)))
+        };
+        self.zero_range(&item.region, item.offset, len, &mut |_| Ok(()))
     }
 
     fn reserved(&self) -> Result<Vec<Allocated>> {
@@ -661,13 +725,13 @@ impl Backend for SimBackend {
         foreign.sort();
         for (o, l) in foreign {
             if o > at {
-                self.zero_range(region, at, o - at)?;
+                self.zero_range(region, at, o - at, &mut |_| Ok(()))?;
             }
             let end = if l.0 == 0 { spec.size } else { o + l };
             at = at.max(end);
         }
         if at < spec.size {
-            self.zero_range(region, at, spec.size - at)?;
+            self.zero_range(region, at, spec.size - at, &mut |_| Ok(()))?;
         }
         lines.push(format!(
             "zeroed region file {} and stamped it for ledger {ledger_id}",
@@ -678,7 +742,7 @@ impl Backend for SimBackend {
 
     fn scrub_free(&self, region: &str, free: &[(Bytes, Bytes)]) -> Result<()> {
         for (o, l) in free {
-            self.zero_range(region, *o, *l)?;
+            self.zero_range(region, *o, *l, &mut |_| Ok(()))?;
         }
         Ok(())
     }

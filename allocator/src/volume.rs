@@ -11,15 +11,18 @@ use crate::units::Bytes;
 /// ```text
 ///   (none) ──create intent──▶ Creating ──device made──▶ Ready
 ///   Creating ──device failed, undone──▶ (row removed)
-///   Ready ──delete intent──▶ Deleting ──device gone, eraseAfter──▶ Erasing ──zeroed──▶ (row removed)
-///                            Deleting ──device gone, no erase──────────────────────▶ (row removed)
+///   Ready ──delete intent──▶ Deleting ──device retired──▶ Erasing ──zeroed, destroyed──▶ (row removed)
+///                            Deleting ──device gone, no erase (single-tenant node)──▶ (row removed)
+///   Deleting ──device refused (in use), still intact──▶ Ready
 ///   Creating ──delete while interrupted──▶ Deleting
 /// ```
 ///
 /// The extent stays reserved in every state, so capacity being erased is never
 /// reported as available. A crash leaves the state and an intent in the
-/// ledger; reconciliation drives Creating forward to Ready and Deleting /
-/// Erasing forward to removal.
+/// ledger; reconciliation drives Creating forward to Ready and Deleting
+/// forward to Erasing or removal; the background eraser (`erase.rs`) takes
+/// Erasing to removal. `Deleting → Ready` is the undo of a delete whose
+/// device refused to go (mounted, or open exclusively) before it changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum VolumeState {
     Creating,
@@ -43,7 +46,11 @@ impl VolumeState {
         use VolumeState::*;
         matches!(
             (self, next),
-            (Creating, Ready) | (Creating, Deleting) | (Ready, Deleting) | (Deleting, Erasing)
+            (Creating, Ready)
+                | (Creating, Deleting)
+                | (Ready, Deleting)
+                | (Deleting, Ready)
+                | (Deleting, Erasing)
         )
     }
 
@@ -213,7 +220,10 @@ mod tests {
         assert!(Deleting.can_become(Erasing));
         assert!(!Ready.can_become(Creating));
         assert!(!Erasing.can_become(Ready));
-        assert!(!Deleting.can_become(Ready));
+        assert!(!Erasing.can_become(Deleting));
+        // The undo of a delete the device refused.
+        assert!(Deleting.can_become(Ready));
+        assert!(!Deleting.can_become(Creating));
         for s in VolumeState::ALL {
             assert_eq!(s.as_str().parse::<VolumeState>().unwrap(), s);
         }

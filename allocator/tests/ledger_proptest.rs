@@ -79,6 +79,9 @@ proptest! {
                     let name = model.keys().nth(i % model.len()).unwrap().clone();
                     let v = a.volume_by_name(&name).unwrap().unwrap();
                     a.delete_volume(&v.id).unwrap();
+                    // The extent is erasing: reserved until the eraser ran.
+                    prop_assert_eq!(a.erase_stats().unwrap().volumes, 1);
+                    a.erase_pending().unwrap();
                     model.remove(&name);
                     // Deleting again (unknown id) succeeds.
                     a.delete_volume(&v.id).unwrap();

@@ -344,15 +344,18 @@ impl NodeService {
     }
 
     /// By id, or for an ephemeral inline volume by the kubelet's id, which
-    /// is its name.
+    /// is its name. A deleted volume whose extent is still being erased
+    /// does not exist any more.
     async fn volume_or_ephemeral(&self, id: &str) -> AgentResult<Option<Volume>> {
         let id = id.to_owned();
         blocking(&self.driver.alloc, move |a| {
-            if let Some(v) = a.volume(&id)? {
-                return Ok(Some(v));
-            }
-            Ok(a.volume_by_name(&id)?
-                .filter(|v| v.persistency == Persistency::Ephemeral))
+            let v = match a.volume(&id)? {
+                Some(v) => Some(v),
+                None => a
+                    .volume_by_name(&id)?
+                    .filter(|v| v.persistency == Persistency::Ephemeral),
+            };
+            Ok(v.filter(|v| v.state != VolumeState::Erasing))
         })
         .await
     }

@@ -23,9 +23,15 @@
 //!   after a successful bind that means the full teardown.
 //! - **Teardown** is ndctl's: refuse a busy device (O_EXCL), unbind the
 //!   claim, detach it, bind the namespace raw with `force_raw`, zero the
-//!   info block (or the whole namespace for eraseAfter), unbind, `size` 0.
-//!   Erasing needs the namespace (it is the only window onto its space), so
-//!   the allocator erases before destroying.
+//!   info block, unbind, `size` 0.
+//! - **Erase.** The namespace is the only window onto its space, so a
+//!   deleted volume keeps it until it is zeroed: `retire` takes the claim
+//!   off (the tenant's device is gone), wipes the info block (a reboot
+//!   cannot bring the claim back), renames it to the erasing marker
+//!   `pmem-agent-erasing:<volume id>` (never taken for a volume, and an
+//!   orphan of ours when the ledger has no row) and leaves it bound raw;
+//!   `erase` zeroes and verifies the raw device in chunks; `destroy` then
+//!   frees the space. A crash anywhere resumes from the namespace's state.
 //! - **Locking.** A mutex per region around seed/bind sequences; different
 //!   regions proceed in parallel.
 //! - **Block devices.** After a bind the backend polls sysfs for the block
@@ -49,7 +55,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::backend::{
-    Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, Placement, RegionStamp,
+    Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, Placement, Progress,
+    RegionStamp,
 };
 use crate::error::{Error, Result};
 use crate::region::RegionSpec;
@@ -73,8 +80,8 @@ pub const IDENTITY_PREFIX: &str = "pmem-agent-id:";
 
 /// libnvdimm's limit for `alt_name` (NSLABEL_NAME_LEN, with the NUL).
 const NAME_MAX: usize = 63;
-/// Bytes zeroed at the head of a fresh volume's block device.
-const HEAD_WIPE: u64 = 4 * MIB;
+/// Bytes an erase zeroes (and verifies) per step.
+const ERASE_CHUNK: u64 = 64 * MIB;
 /// What ndctl zeroes to wipe a claim's info block (it sits at 4 KiB).
 const INFO_WIPE: u64 = 8192;
 const POLL: Duration = Duration::from_millis(10);
@@ -131,7 +138,7 @@ pub struct DirectBackend {
     devs: Arc<dyn BlockDevices>,
     cfg: DirectConfig,
     regions: Vec<RegionSlot>,
-    /// Volumes being created (wipe_head was called), with their region and
+    /// Volumes being created (begin_create was called), with their region and
     /// offset: only their namespaces may be initialised (a ready volume's
     /// never is: its data would go), and creates placed after them wait.
     fresh: Mutex<HashMap<String, (String, u64)>>,
@@ -149,6 +156,12 @@ fn claim_kind(usage: Usage) -> ClaimKind {
         Usage::AppDirect => ClaimKind::Pfn,
         Usage::FileIo => ClaimKind::Btt,
     }
+}
+
+/// The marker of a deleted volume's namespace while it is erased:
+/// `pmem-agent:` becomes `pmem-agent-erasing:`.
+fn erasing_prefix(prefix: &str) -> String {
+    format!("{}-erasing:", prefix.trim_end_matches(':'))
 }
 
 fn marker_with(prefix: &str, volume_id: &str) -> Result<String> {
@@ -354,6 +367,14 @@ impl DirectBackend {
         Ok(())
     }
 
+    /// Zeroes the first `len` bytes of one of our block devices (the lvm
+    /// backend's new physical volumes, before pvcreate).
+    pub fn zero_head(&self, node: &std::path::Path, len: u64) -> Result<()> {
+        self.devs
+            .zero(node, 0, len, false)
+            .map_err(|e| Error::io(format!("zero the head of {}", node.display()), e))
+    }
+
     fn tree(&self) -> Tree<'_> {
         Tree::new(self.sys.as_ref())
     }
@@ -448,14 +469,32 @@ impl DirectBackend {
 
     /// Our namespace of a volume in a region (by marker), at any offset.
     fn ours(&self, info: &RegionInfo, volume_id: &str) -> Result<Option<NamespaceInfo>> {
-        marker_with(&self.cfg.marker, volume_id)?;
+        self.named(info, &self.cfg.marker, volume_id)
+    }
+
+    /// A deleted volume's namespace being erased (by its erasing marker).
+    fn erasing(&self, info: &RegionInfo, volume_id: &str) -> Result<Option<NamespaceInfo>> {
+        self.named(info, &erasing_prefix(&self.cfg.marker), volume_id)
+    }
+
+    /// The volume id in an `alt_name` of ours (live or erasing).
+    fn volume_of<'a>(&self, alt_name: &'a str) -> Option<&'a str> {
+        marked_volume(&self.cfg.marker, alt_name)
+            .or_else(|| marked_volume(&erasing_prefix(&self.cfg.marker), alt_name))
+    }
+
+    fn named(
+        &self,
+        info: &RegionInfo,
+        prefix: &str,
+        volume_id: &str,
+    ) -> Result<Option<NamespaceInfo>> {
+        marker_with(prefix, volume_id)?;
         let mut found: Vec<NamespaceInfo> = self
             .tree()
             .namespaces(&info.name)?
             .into_iter()
-            .filter(|n| {
-                n.size > 0 && marked_volume(&self.cfg.marker, &n.alt_name) == Some(volume_id)
-            })
+            .filter(|n| n.size > 0 && marked_volume(prefix, &n.alt_name) == Some(volume_id))
             .collect();
         match found.len() {
             0 => Ok(None),
@@ -767,7 +806,6 @@ impl DirectBackend {
         undo: &mut Vec<Step>,
     ) -> Result<Device> {
         let want = claim_kind(req.usage);
-        let mut new_device = false;
         // Each pass changes one thing; a namespace needs at most three.
         for _ in 0..4 {
             let ns = self.tree().namespace(&ns.name)?;
@@ -785,13 +823,6 @@ impl DirectBackend {
                             ns.size
                         )));
                     }
-                    if new_device {
-                        self.devs
-                            .zero(&node, 0, block.bytes.min(HEAD_WIPE), false)
-                            .map_err(|e| {
-                                Error::io(format!("zero the head of {}", node.display()), e)
-                            })?;
-                    }
                     return Ok(Device {
                         path: Some(node.display().to_string()),
                         size: Bytes(block.bytes),
@@ -802,7 +833,6 @@ impl DirectBackend {
                     self.bind(&claim)?;
                     if init {
                         undo.push(Step::Bound(ns.name.clone()));
-                        new_device = true;
                     }
                 }
                 NsState::OtherClaim { claim } => {
@@ -835,7 +865,6 @@ impl DirectBackend {
                 }
                 NsState::Idle => {
                     self.attach(info, &ns, want, undo)?;
-                    new_device = true;
                 }
             }
         }
@@ -847,7 +876,7 @@ impl DirectBackend {
         )))
     }
 
-    /// `fresh`: the volume is being created (wipe_head was called), so its
+    /// `fresh`: the volume is being created (begin_create was called), so its
     /// namespace may be made or initialised; otherwise only re-enabled.
     fn create_locked(&self, info: &RegionInfo, req: &DeviceRequest, fresh: bool) -> Result<Device> {
         let mut undo = Vec::new();
@@ -998,6 +1027,42 @@ impl DirectBackend {
         Ok(())
     }
 
+    /// Takes the claim off a deleted volume's namespace, wipes its info
+    /// block and renames it to the erasing marker, leaving it bound raw.
+    /// Refuses a busy device before changing anything.
+    fn retire_ns(&self, info: &RegionInfo, ns_name: &str, volume_id: &str) -> Result<()> {
+        let node = self.to_raw(info, ns_name)?;
+        let ns = self.tree().namespace(ns_name)?;
+        self.devs
+            .zero(&node, 0, INFO_WIPE.min(ns.size), false)
+            .map_err(|e| Error::io(format!("zero {} ({ns_name})", node.display()), e))?;
+        // alt_name is writable only while the namespace is unbound.
+        self.unbind(ns_name)?;
+        self.write(
+            ns_name,
+            "alt_name",
+            &marker_with(&erasing_prefix(&self.cfg.marker), volume_id)?,
+        )?;
+        self.bind(ns_name)?;
+        tracing::info!(region = %info.name, namespace = ns_name, volume = volume_id, "namespace retired for erasing");
+        Ok(())
+    }
+
+    /// The raw device node of an erasing namespace, binding it raw first
+    /// (after a crash or reboot it may be unbound).
+    fn erasing_node(&self, ns_name: &str, volume_id: &str) -> Result<PathBuf> {
+        let ns = self.tree().namespace(ns_name)?;
+        if ns.driver.is_none() {
+            if !ns.force_raw {
+                self.write(ns_name, "force_raw", "1")?;
+            }
+            self.bind(ns_name)?;
+        }
+        let (_, node) = self.wait_block(ns_name)?;
+        self.refuse_busy(&node, &format!("deleted volume {volume_id} (erasing)"))?;
+        Ok(node)
+    }
+
     fn describe_region(&self, info: &RegionInfo) -> String {
         let state = match Self::refusal(info) {
             Some(_) if info.nstype == NSTYPE_IO => "label-less, not usable for volumes".to_owned(),
@@ -1076,7 +1141,7 @@ impl Backend for DirectBackend {
                         region: s.name.clone(),
                         offset: Bytes(off),
                         len: Bytes(ns.size),
-                        volume: marked_volume(&self.cfg.marker, &ns.alt_name).map(str::to_owned),
+                        volume: self.volume_of(&ns.alt_name).map(str::to_owned),
                         device: ns.name.clone(),
                     });
                 }
@@ -1092,10 +1157,6 @@ impl Backend for DirectBackend {
         }
     }
 
-    fn erase_before_destroy(&self) -> bool {
-        true
-    }
-
     fn can_resize(&self) -> bool {
         false
     }
@@ -1107,18 +1168,8 @@ impl Backend for DirectBackend {
         )))
     }
 
-    fn wipe_head(&self, req: &DeviceRequest) -> Result<()> {
+    fn begin_create(&self, req: &DeviceRequest) -> Result<()> {
         relock(&self.fresh).insert(req.volume_id.clone(), (req.region.clone(), req.offset.0));
-        // A crash between bind and the head wipe leaves a complete device.
-        if let Some(Device {
-            path: Some(p),
-            size,
-        }) = self.find(req)?
-        {
-            self.devs
-                .zero(std::path::Path::new(&p), 0, size.0.min(HEAD_WIPE), false)
-                .map_err(|e| Error::io(format!("zero the head of {p}"), e))?;
-        }
         Ok(())
     }
 
@@ -1191,8 +1242,12 @@ impl Backend for DirectBackend {
         let result = (|| {
             let _g = relock(&slot.lock);
             let info = self.region_info(&req.region)?;
-            let Some(ns) = self.ours(&info, &req.volume_id)? else {
-                return Ok(());
+            let ns = match self.ours(&info, &req.volume_id)? {
+                Some(ns) => ns,
+                None => match self.erasing(&info, &req.volume_id)? {
+                    Some(ns) => ns,
+                    None => return Ok(()),
+                },
             };
             if Self::check_extent(&info, &ns, req).is_err() {
                 tracing::warn!(volume = %req.volume_id, namespace = %ns.name, "removing our namespace although it is not at the ledger's extent");
@@ -1204,24 +1259,52 @@ impl Backend for DirectBackend {
         result
     }
 
-    fn erase(&self, req: &DeviceRequest) -> Result<()> {
+    fn retire(&self, req: &DeviceRequest) -> Result<()> {
         let slot = self.slot(&req.region)?;
-        let (info, ns) = {
+        let result = (|| {
             let _g = relock(&slot.lock);
             let info = self.region_info(&req.region)?;
             let Some(ns) = self.ours(&info, &req.volume_id)? else {
-                // Erased before its namespace was destroyed (the allocator
-                // calls erase first); the space is out of reach now.
+                // Retired before (or never made): nothing of the tenant's left.
+                return Ok(());
+            };
+            if Self::check_extent(&info, &ns, req).is_err() {
+                tracing::warn!(volume = %req.volume_id, namespace = %ns.name, "retiring our namespace although it is not at the ledger's extent");
+            }
+            self.retire_ns(&info, &ns.name, &req.volume_id)
+        })();
+        relock(&self.fresh).remove(&req.volume_id);
+        result
+    }
+
+    fn erase(&self, req: &DeviceRequest, progress: Progress<'_>) -> Result<()> {
+        let slot = self.slot(&req.region)?;
+        let (ns, node) = {
+            let _g = relock(&slot.lock);
+            let info = self.region_info(&req.region)?;
+            if let Some(ns) = self.ours(&info, &req.volume_id)? {
+                self.retire_ns(&info, &ns.name, &req.volume_id)?;
+            }
+            let Some(ns) = self.erasing(&info, &req.volume_id)? else {
+                // Destroyed already (a crash between destroy and the ledger).
                 tracing::debug!(volume = %req.volume_id, "no namespace left to erase");
                 return Ok(());
             };
-            self.to_raw(&info, &ns.name)?;
-            (info, ns)
+            let node = self.erasing_node(&ns.name, &req.volume_id)?;
+            (ns, node)
         };
-        // Zeroing takes long; the namespace is ours alone (the allocator
-        // serialises operations per volume), so the region stays unlocked.
+        // Zeroing takes long; the namespace is the eraser's alone (nothing
+        // else touches an erasing marker), so the region stays unlocked.
         let t0 = Instant::now();
-        self.teardown(&info, &ns.name, Wipe::All)?;
+        let mut done = 0u64;
+        while done < ns.size {
+            let n = (ns.size - done).min(ERASE_CHUNK);
+            self.devs
+                .zero(&node, done, n, true)
+                .map_err(|e| Error::io(format!("erase {} ({})", node.display(), ns.name), e))?;
+            done += n;
+            progress(n)?;
+        }
         tracing::info!(volume = %req.volume_id, namespace = %ns.name, bytes = ns.size, ms = t0.elapsed().as_millis() as u64, "erased namespace");
         Ok(())
     }
@@ -1242,7 +1325,7 @@ impl Backend for DirectBackend {
                 if ns.size == 0 || (!ns.io && ns.alt_name.starts_with(IDENTITY_PREFIX)) {
                     continue;
                 }
-                let owner = match marked_volume(&self.cfg.marker, &ns.alt_name) {
+                let owner = match self.volume_of(&ns.alt_name) {
                     Some(id) if !ns.io => Owner::Ours(id.to_owned()),
                     _ if ns.io => Owner::Foreign(format!(
                         "label-less namespace {} covering all of {} (mode {})",
@@ -1268,6 +1351,12 @@ impl Backend for DirectBackend {
         Ok(out)
     }
 
+    fn is_retired(&self, item: &InventoryItem) -> bool {
+        self.tree()
+            .namespace(&item.path)
+            .is_ok_and(|ns| ns.alt_name.starts_with(&erasing_prefix(&self.cfg.marker)))
+    }
+
     fn remove_orphan(&self, item: &InventoryItem) -> Result<()> {
         let Owner::Ours(id) = &item.owner else {
             return Err(Error::FailedPrecondition(format!(
@@ -1281,13 +1370,15 @@ impl Backend for DirectBackend {
             let info = self.region_info(&item.region)?;
             let ns = self.tree().namespace(&item.path)?;
             // The name may have been reused since the inventory.
-            if marked_volume(&self.cfg.marker, &ns.alt_name) != Some(id.as_str()) || ns.size == 0 {
+            if self.volume_of(&ns.alt_name) != Some(id.as_str()) || ns.size == 0 {
                 return Err(Error::FailedPrecondition(format!(
                     "namespace {} changed since the inventory (now {:?}); not removing it",
                     item.path, ns.alt_name
                 )));
             }
-            self.destroy_ns(&info, &item.path)
+            // It may hold a tenant's data: zero all of it before the space is free.
+            self.teardown(&info, &item.path, Wipe::All)?;
+            self.delete(&item.path)
         })();
         slot.changed.notify_all();
         result

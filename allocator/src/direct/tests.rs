@@ -36,8 +36,14 @@ fn backend(m: &Arc<Model>) -> Arc<DirectBackend> {
     Arc::new(DirectBackend::with(m.clone(), m.clone(), cfg()).unwrap())
 }
 
+/// An allocator on a single-tenant node: the `eraseAfter=false` volumes of
+/// these tests are destroyed at once (the erase path has its own tests).
 fn alloc(dir: &tempfile::TempDir, b: &Arc<DirectBackend>) -> Allocator {
     let a = Allocator::open(&dir.path().join("ledger.db"), b.clone()).unwrap();
+    a.set_erase_policy(crate::ErasePolicy {
+        allow_unerased_reuse: true,
+        rate: None,
+    });
     a.reconcile(false, false).unwrap();
     a
 }
@@ -154,7 +160,8 @@ fn fsdax_create_and_delete_write_what_ndctl_writes() {
     assert_eq!(w[6].1, "pmem");
     assert_eq!(w[7].1, "2097152");
     assert_eq!(w[9].1, "pfn0.0");
-    assert_eq!(m.zeroed(), [("pmem0".to_owned(), 0, 4 * M, false)]);
+    // Nothing is zeroed at create: extents are erased at delete.
+    assert!(m.zeroed().is_empty(), "{:?}", m.zeroed());
     let ns = m.namespaces();
     assert_eq!(ns.len(), 1);
     assert_eq!(ns[0].4, "memory");
@@ -178,7 +185,7 @@ fn fsdax_create_and_delete_write_what_ndctl_writes() {
     ];
     let got: Vec<(&str, &str)> = w.iter().map(|(p, v)| (p.as_str(), v.as_str())).collect();
     assert_eq!(got, expect);
-    assert_eq!(m.zeroed()[1], ("pmem0".to_owned(), 0, 8192, false));
+    assert_eq!(m.zeroed()[0], ("pmem0".to_owned(), 0, 8192, false));
     assert!(m.namespaces().is_empty());
     assert!(!m.info_block_at(0, 0));
     assert_eq!(
@@ -239,8 +246,124 @@ fn capacity_is_exact() {
     }
 }
 
+/// Bytes zeroed and verified on `dev`, summed.
+fn verified(m: &Model, dev: &str) -> u64 {
+    m.zeroed()
+        .iter()
+        .filter(|z| z.0 == dev && z.3)
+        .map(|z| z.2)
+        .sum()
+}
+
 #[test]
-fn erase_zeroes_the_whole_namespace_before_destroying_it() {
+fn delete_retires_the_namespace_and_the_eraser_zeroes_then_destroys_it() {
+    let m = model(&[G]);
+    let b = backend(&m);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &b);
+    let v = a
+        .create_volume(&CreateRequest::new("e", Bytes(200 * M)))
+        .unwrap();
+    assert!(v.erase_after);
+    // No zeroing at create.
+    assert!(m.zeroed().is_empty(), "{:?}", m.zeroed());
+    a.delete_volume(&v.id).unwrap();
+    // Back from DeleteVolume: the fsdax device is gone, the namespace is
+    // kept raw under the erasing marker with its info block wiped, and the
+    // extent is neither free nor a volume's device.
+    let ns = m.namespaces();
+    assert_eq!(ns.len(), 1, "{ns:?}");
+    assert_eq!(ns[0].3, format!("pmem-agent-erasing:{}", v.id));
+    assert_eq!(ns[0].4, "raw");
+    assert!(!m.info_block_at(0, 0));
+    assert_eq!(
+        verified(&m, "pmem0"),
+        0,
+        "zeroed before DeleteVolume returned"
+    );
+    let vol = a.volume(&v.id).unwrap().unwrap();
+    assert_eq!(vol.state, crate::VolumeState::Erasing);
+    assert!(
+        b.find(&crate::allocator::device_request(&vol))
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        a.capacity(Usage::AppDirect).unwrap()[0].available,
+        Bytes(G - v.size.0)
+    );
+    let rep = a.reconcile(true, false).unwrap();
+    assert!(rep.is_clean() && rep.actions.is_empty(), "{rep:?}");
+    assert_eq!(a.erase_pending().unwrap(), 1);
+    assert_eq!(verified(&m, "pmem0"), v.size.0, "{:?}", m.zeroed());
+    assert!(m.namespaces().is_empty());
+    assert_eq!(a.capacity(Usage::AppDirect).unwrap()[0].available, Bytes(G));
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn an_erase_resumes_after_a_reboot_and_the_namespace_is_never_an_orphan() {
+    let m = model(&[G]);
+    let dir = tempfile::tempdir().unwrap();
+    let v = {
+        let a = alloc(&dir, &backend(&m));
+        let v = a
+            .create_volume(&CreateRequest::new("e", Bytes(64 * M)))
+            .unwrap();
+        a.delete_volume(&v.id).unwrap();
+        v
+    };
+    // The labels keep the erasing marker; with the info block gone no
+    // fsdax claim comes back.
+    m.reboot();
+    let b = backend(&m);
+    let a = alloc(&dir, &b);
+    let rep = a.reconcile(false, false).unwrap();
+    assert!(rep.is_clean() && rep.orphans.is_empty(), "{rep:?}");
+    let ns = m.namespaces();
+    assert_eq!(ns.len(), 1, "{ns:?}");
+    assert_eq!(ns[0].3, format!("pmem-agent-erasing:{}", v.id));
+    assert_ne!(ns[0].4, "memory");
+    assert_eq!(
+        a.capacity(Usage::AppDirect).unwrap()[0].available,
+        Bytes(G - v.size.0)
+    );
+    assert_eq!(a.erase_pending().unwrap(), 1);
+    assert!(m.namespaces().is_empty());
+    assert!(a.volume(&v.id).unwrap().is_none());
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn an_erasing_namespace_without_a_ledger_row_is_an_orphan_erased_before_removal() {
+    let m = model(&[G]);
+    let v = {
+        let dir = tempfile::tempdir().unwrap();
+        let a = alloc(&dir, &backend(&m));
+        let v = a
+            .create_volume(&CreateRequest::new("e", Bytes(64 * M)))
+            .unwrap();
+        a.delete_volume(&v.id).unwrap();
+        v
+    };
+    // Another ledger (lost): the namespace is ours, reserved, not free.
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &backend(&m));
+    assert_eq!(
+        a.capacity(Usage::AppDirect).unwrap()[0].available,
+        Bytes(G - v.size.0)
+    );
+    let rep = a.reconcile(true, false).unwrap();
+    assert_eq!(rep.orphans.len(), 1, "{rep:?}");
+    assert_eq!(rep.orphans[0].owner, Owner::Ours(v.id.clone()));
+    a.reconcile(false, true).unwrap();
+    assert!(m.namespaces().is_empty());
+    assert_eq!(verified(&m, "pmem0"), v.size.0, "{:?}", m.zeroed());
+    assert_eq!(a.capacity(Usage::AppDirect).unwrap()[0].available, Bytes(G));
+}
+
+#[test]
+fn a_busy_device_refuses_the_retire_and_the_volume_stays_ready() {
     let m = model(&[G]);
     let b = backend(&m);
     let dir = tempfile::tempdir().unwrap();
@@ -248,15 +371,20 @@ fn erase_zeroes_the_whole_namespace_before_destroying_it() {
     let v = a
         .create_volume(&CreateRequest::new("e", Bytes(64 * M)))
         .unwrap();
-    assert!(v.erase_after);
+    m.set_busy("pmem0", true);
+    for _ in 0..3 {
+        let e = a.delete_volume(&v.id).unwrap_err();
+        assert!(matches!(&e, Error::FailedPrecondition(_)), "{e}");
+        assert_eq!(
+            a.volume(&v.id).unwrap().unwrap().state,
+            crate::VolumeState::Ready
+        );
+        assert_eq!(m.namespaces()[0].4, "memory");
+    }
+    m.set_busy("pmem0", false);
     a.delete_volume(&v.id).unwrap();
-    let z = m.zeroed();
-    assert!(
-        z.contains(&("pmem0".to_owned(), 0, v.size.0, true)),
-        "{z:?}"
-    );
+    assert_eq!(a.erase_pending().unwrap(), 1);
     assert!(m.namespaces().is_empty());
-    a.check_invariants().unwrap();
 }
 
 #[test]
@@ -387,12 +515,6 @@ fn failed_steps_are_undone_exactly() {
     m.fail_next_write("namespace0.0/size", libc::EINVAL);
     let e = create(&a, "v", 16 * M, Usage::AppDirect).unwrap_err();
     assert!(e.to_string().contains("region alignment"), "{e}");
-    // After the bind: the info block is wiped and the namespace deleted.
-    m.fail_next_zero();
-    let e = create(&a, "v", 16 * M, Usage::AppDirect).unwrap_err();
-    assert!(e.to_string().contains("zero the head"), "{e}");
-    assert!(m.namespaces().is_empty());
-    assert!(!m.info_block_at(0, 0));
     a.check_invariants().unwrap();
     // And the next create works.
     create(&a, "v", 16 * M, Usage::AppDirect).unwrap();
@@ -411,12 +533,12 @@ fn concurrent_creates_wait_for_earlier_extents() {
         let b = b.clone();
         let rb = rb.clone();
         std::thread::spawn(move || {
-            b.wipe_head(&rb).unwrap();
+            b.begin_create(&rb).unwrap();
             b.create(&rb)
         })
     };
     std::thread::sleep(Duration::from_millis(100));
-    b.wipe_head(&ra).unwrap();
+    b.begin_create(&ra).unwrap();
     b.create(&ra).unwrap();
     later.join().unwrap().unwrap();
     let ns = m.namespaces();
@@ -435,13 +557,13 @@ fn concurrent_creates_wait_for_earlier_extents() {
         )
         .unwrap(),
     );
-    b.wipe_head(&rb).unwrap();
+    b.begin_create(&rb).unwrap();
     let e = b.create(&rb).unwrap_err();
     assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
     assert!(m.writes().is_empty());
     // With A under way (wipe_head called) but stuck, B waits and gives up.
-    b.wipe_head(&ra).unwrap();
-    b.wipe_head(&rb).unwrap();
+    b.begin_create(&ra).unwrap();
+    b.begin_create(&rb).unwrap();
     let e = b.create(&rb).unwrap_err();
     assert!(matches!(e, Error::Busy(_)), "{e}");
     assert!(m.writes().is_empty());
@@ -515,12 +637,12 @@ fn interrupted_creates_are_completed() {
     let b = backend(&m);
     let r = req(&vid(1), "region0", 0, 16 * M);
     assert_eq!(b.find(&r).unwrap(), None);
-    b.wipe_head(&r).unwrap();
+    b.begin_create(&r).unwrap();
     let d = b.create(&r).unwrap();
     assert_eq!(d.path.as_deref(), Some("/dev/pmem0"));
     assert_eq!(m.namespaces()[0].0, seed);
     assert_eq!(m.namespaces()[0].4, "memory");
-    assert_eq!(m.zeroed().last().unwrap().0, "pmem0");
+    assert!(m.zeroed().is_empty(), "zeroed at create: {:?}", m.zeroed());
 
     // Crash after `size`, then a reboot: the kernel binds it raw.
     let m = model(&[G]);
@@ -528,7 +650,7 @@ fn interrupted_creates_are_completed() {
     m.reboot();
     assert_eq!(m.namespaces()[0].4, "raw");
     let b = backend(&m);
-    b.wipe_head(&r).unwrap();
+    b.begin_create(&r).unwrap();
     b.create(&r).unwrap();
     assert_eq!(m.namespaces()[0].4, "memory");
 
@@ -541,16 +663,15 @@ fn interrupted_creates_are_completed() {
     assert!(e.to_string().contains("refusing to re-initialise"), "{e}");
     assert_eq!(m.namespaces()[0].4, "raw");
 
-    // Crash after the bind, before the head wipe: wipe_head finishes it.
+    // Crash after the bind: a repeated create finds the complete device.
     let m = model(&[G]);
     let b = backend(&m);
-    b.wipe_head(&r).unwrap();
+    b.begin_create(&r).unwrap();
     b.create(&r).unwrap();
-    let n = m.zeroed().len();
-    b.wipe_head(&r).unwrap();
-    assert_eq!(m.zeroed().len(), n + 1);
+    b.begin_create(&r).unwrap();
     b.create(&r).unwrap();
     assert_eq!(m.namespaces().len(), 1);
+    assert!(m.zeroed().is_empty(), "zeroed at create: {:?}", m.zeroed());
 }
 
 #[test]
@@ -578,7 +699,7 @@ fn a_disabled_namespace_is_enabled_again() {
     let m = model(&[G]);
     let b = backend(&m);
     let r = req(&vid(1), "region0", 0, 16 * M);
-    b.wipe_head(&r).unwrap();
+    b.begin_create(&r).unwrap();
     b.create(&r).unwrap();
     // ndctl disable-namespace: only the pfn is unbound.
     m.write(&format!("{DEV}pfn0.0/driver/unbind"), "pfn0.0")
@@ -669,7 +790,7 @@ fn a_mismatched_namespace_is_an_error_not_a_guess() {
     let m = model(&[G]);
     let b = backend(&m);
     let r = req(&vid(1), "region0", 0, 16 * M);
-    b.wipe_head(&r).unwrap();
+    b.begin_create(&r).unwrap();
     b.create(&r).unwrap();
     let moved = req(&vid(1), "region0", 32 * M, 16 * M);
     let e = b.find(&moved).unwrap_err();

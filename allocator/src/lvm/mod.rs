@@ -13,11 +13,13 @@
 //!   huge-page aligned; `pe_start` is checked.
 //! - **Reports.** State comes from one `lvm fullreport` in JSON, cached
 //!   until the next change: one report per change, not one per call.
-//! - **Zeroing.** `lvcreate` does not zero (`--zero n`); the head of a new
-//!   LV is zeroed by us so earlier signatures never show through, and an
-//!   erase overwrites the whole LV before `lvremove`. Through the LV when
-//!   it is active, else (metadata-only mode) through the PV ranges the
-//!   report gives.
+//! - **Erase.** `lvcreate` does not zero (`--zero n`): extents are zeroed
+//!   when a volume is deleted, never at create. `retire` renames the LV to
+//!   `erasing-<volume id>` (the tenant's device path is gone; the LV keeps
+//!   its extents, so `lvcreate` cannot hand them out); `erase` overwrites
+//!   and verifies it in chunks, through the LV when it is active, else
+//!   (metadata-only mode) through the PV ranges the report gives; `destroy`
+//!   is `lvremove`.
 //! - **Metadata-only mode** (`--driverloaded n`): no device-mapper, so LVs
 //!   are never active and have no device node. For hosts without
 //!   device-mapper and for tests of command construction, parsing and
@@ -33,7 +35,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::{
-    Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, Placement, RegionStamp,
+    Allocated, Backend, Device, DeviceRequest, InventoryItem, Owner, Placement, Progress,
+    RegionStamp,
 };
 use crate::direct::sysfs::{BlockDevices, RealBlockDevices};
 use crate::error::{Error, Result};
@@ -52,8 +55,10 @@ pub const LEDGER_TAG_PREFIX: &str = "pmem-agent-ledger.";
 pub const EXTENT: u64 = 4 * MIB;
 /// Data alignment of our physical volumes: huge-page aligned extents.
 pub const DATA_ALIGN: u64 = 2 * MIB;
-/// Bytes zeroed at the head of a new LV.
-const HEAD_WIPE: u64 = 4 * MIB;
+/// Bytes an erase zeroes (and verifies) per step.
+const ERASE_CHUNK: u64 = 64 * MIB;
+/// Name prefix of a deleted volume's LV while it is erased.
+pub const ERASING_PREFIX: &str = "erasing-";
 
 #[derive(Debug, Clone)]
 pub struct LvmConfig {
@@ -87,7 +92,7 @@ pub struct LvmBackend {
     cfg: LvmConfig,
     slots: Vec<VgSlot>,
     cache: Mutex<Option<Arc<Snapshot>>>,
-    /// Volumes being created (wipe_head was called): only their LVs may
+    /// Volumes being created (begin_create was called): only their LVs may
     /// be made; a ready volume whose LV vanished is not made anew, empty.
     fresh: Mutex<HashSet<String>>,
     source: String,
@@ -241,12 +246,26 @@ impl LvmBackend {
 
     /// Our LV of a volume, if there is one.
     fn lv_of(&self, slot: &VgSlot, volume_id: &str) -> Result<Option<Lv>> {
+        self.lv_named(slot, volume_id)
+    }
+
+    /// A deleted volume's LV under its erasing name, if there is one.
+    fn retired_of(&self, slot: &VgSlot, volume_id: &str) -> Result<Option<Lv>> {
+        self.lv_named(slot, &format!("{ERASING_PREFIX}{volume_id}"))
+    }
+
+    /// The volume an LV of ours belongs to (live or erasing).
+    fn volume_of(lv: &Lv) -> &str {
+        lv.name.strip_prefix(ERASING_PREFIX).unwrap_or(&lv.name)
+    }
+
+    fn lv_named(&self, slot: &VgSlot, name: &str) -> Result<Option<Lv>> {
         let snap = self.snapshot()?;
         let vg = Self::vg(&snap, slot)?;
-        match vg.lv(volume_id) {
+        match vg.lv(name) {
             Some(lv) if Self::ours(lv) => Ok(Some(lv.clone())),
             Some(_) => Err(Error::Device(format!(
-                "logical volume {}/{volume_id} exists without our tag {TAG}; not using it",
+                "logical volume {}/{name} exists without our tag {TAG}; not using it",
                 slot.vg
             ))),
             None => Ok(None),
@@ -276,20 +295,17 @@ impl LvmBackend {
         })
     }
 
-    /// Zeroes `[0, len)` of an LV: through its device when active, else
-    /// through the PV ranges it maps to.
-    fn zero(&self, slot: &VgSlot, lv: &Lv, len: u64, verify: bool) -> Result<()> {
-        let len = len.min(lv.size);
+    /// Where an LV's bytes are, in order: (device, byte offset, length).
+    /// Its own device when active, else (metadata-only mode) the PV ranges.
+    fn segments(&self, slot: &VgSlot, lv: &Lv) -> Result<Vec<(String, u64, u64)>> {
         let what = format!("logical volume {}/{}", slot.vg, lv.name);
         if !self.cfg.metadata_only {
-            return self
-                .devs
-                .zero(Path::new(&lv.path), 0, len, verify)
-                .map_err(|e| Error::io(format!("zero {what} ({})", lv.path), e));
+            return Ok(vec![(lv.path.clone(), 0, lv.size)]);
         }
         let snap = self.snapshot()?;
         let vg = Self::vg(&snap, slot)?;
-        let mut left = len;
+        let mut out = Vec::new();
+        let mut left = lv.size;
         for (dev, first, count) in &lv.ranges {
             if left == 0 {
                 break;
@@ -301,14 +317,7 @@ impl LvmBackend {
                 ))
             })?;
             let n = (count * vg.extent_size).min(left);
-            self.devs
-                .zero(
-                    Path::new(dev),
-                    pv.pe_start + first * vg.extent_size,
-                    n,
-                    verify,
-                )
-                .map_err(|e| Error::io(format!("zero {what} on {dev}"), e))?;
+            out.push((dev.clone(), pv.pe_start + first * vg.extent_size, n));
             left -= n;
         }
         if left > 0 {
@@ -316,6 +325,34 @@ impl LvmBackend {
                 "{what} maps fewer bytes than its size {}",
                 lv.size
             )));
+        }
+        Ok(out)
+    }
+
+    /// Zeroes and verifies all of an LV, in chunks reported to `progress`.
+    fn zero_all(&self, slot: &VgSlot, lv: &Lv, progress: Progress<'_>) -> Result<()> {
+        let what = format!("logical volume {}/{}", slot.vg, lv.name);
+        for (dev, start, len) in self.segments(slot, lv)? {
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(ERASE_CHUNK);
+                self.devs
+                    .zero(Path::new(&dev), start + done, n, true)
+                    .map_err(|e| Error::io(format!("erase {what} on {dev}"), e))?;
+                done += n;
+                progress(n)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Activates an LV when LVs can be active at all and it is not.
+    fn activate(&self, slot: &VgSlot, lv: &Lv) -> Result<()> {
+        if !self.cfg.metadata_only && !lv.active {
+            self.change(
+                "lvchange",
+                &["--activate", "y", &format!("{}/{}", slot.vg, lv.name)],
+            )?;
         }
         Ok(())
     }
@@ -397,7 +434,7 @@ impl Backend for LvmBackend {
                     region: s.region.clone(),
                     offset: Bytes::ZERO,
                     len: Bytes(lv.size),
-                    volume: Self::ours(lv).then(|| lv.name.clone()),
+                    volume: Self::ours(lv).then(|| Self::volume_of(lv).to_owned()),
                     device: format!("{}/{}", s.vg, lv.name),
                 });
             }
@@ -409,12 +446,7 @@ impl Backend for LvmBackend {
         *relock(&self.cache) = None;
     }
 
-    fn erase_before_destroy(&self) -> bool {
-        // The LV is the map to its extents; after lvremove they are gone.
-        true
-    }
-
-    fn wipe_head(&self, req: &DeviceRequest) -> Result<()> {
+    fn begin_create(&self, req: &DeviceRequest) -> Result<()> {
         relock(&self.fresh).insert(req.volume_id.clone());
         Ok(())
     }
@@ -471,13 +503,7 @@ impl Backend for LvmBackend {
                 slot.vg, lv.name, lv.size, req.size
             )));
         }
-        let dev = self.device_of(slot, &lv)?;
-        if fresh {
-            // Also after a crash between lvcreate and here: still no data.
-            // Activation changes neither the path nor the PV ranges.
-            self.zero(slot, &lv, HEAD_WIPE, false)?;
-        }
-        Ok(dev)
+        self.device_of(slot, &lv)
     }
 
     fn find(&self, req: &DeviceRequest) -> Result<Option<Device>> {
@@ -492,27 +518,74 @@ impl Backend for LvmBackend {
         let slot = self.slot(&req.region)?;
         let _g = relock(&slot.lock);
         relock(&self.fresh).remove(&req.volume_id);
-        match self.lv_of(slot, &req.volume_id)? {
+        if let Some(lv) = self.lv_of(slot, &req.volume_id)? {
+            self.remove(slot, &lv, &req.volume_id)?;
+        }
+        match self.retired_of(slot, &req.volume_id)? {
             Some(lv) => self.remove(slot, &lv, &req.volume_id),
             None => Ok(()),
         }
     }
 
-    fn erase(&self, req: &DeviceRequest) -> Result<()> {
+    fn retire(&self, req: &DeviceRequest) -> Result<()> {
         let slot = self.slot(&req.region)?;
         let _g = relock(&slot.lock);
-        match self.lv_of(slot, &req.volume_id)? {
-            Some(lv) => {
-                if !self.cfg.metadata_only && !lv.active {
-                    self.change(
-                        "lvchange",
-                        &["--activate", "y", &format!("{}/{}", slot.vg, lv.name)],
-                    )?;
-                }
-                self.zero(slot, &lv, lv.size, true)
-            }
-            None => Ok(()),
+        relock(&self.fresh).remove(&req.volume_id);
+        let Some(lv) = self.lv_of(slot, &req.volume_id)? else {
+            return Ok(());
+        };
+        self.refuse_busy(&lv, &req.volume_id)?;
+        if !self.cfg.metadata_only && lv.active {
+            // Deactivating fails while anyone has the device open, so no
+            // descriptor of the tenant's survives to write behind the erase
+            // (O_EXCL only sees mounts and exclusive holders).
+            let full = format!("{}/{}", slot.vg, lv.name);
+            self.change("lvchange", &["--activate", "n", &full])
+                .map_err(|e| match e {
+                    Error::Device(m) if m.contains(" in use") => {
+                        Error::FailedPrecondition(format!(
+                            "device {} of volume {} is in use (open by another process): {m}",
+                            lv.path, req.volume_id
+                        ))
+                    }
+                    e => e,
+                })?;
         }
+        // The LV keeps its extents; only its name (and device path) goes.
+        self.change(
+            "lvrename",
+            &[
+                slot.vg.as_str(),
+                lv.name.as_str(),
+                &format!("{ERASING_PREFIX}{}", req.volume_id),
+            ],
+        )?;
+        tracing::info!(vg = %slot.vg, volume = %req.volume_id, "logical volume retired for erasing");
+        Ok(())
+    }
+
+    fn erase(&self, req: &DeviceRequest, progress: Progress<'_>) -> Result<()> {
+        let slot = self.slot(&req.region)?;
+        let lv = {
+            let _g = relock(&slot.lock);
+            let Some(lv) = self.retired_of(slot, &req.volume_id)? else {
+                if self.lv_of(slot, &req.volume_id)?.is_some() {
+                    return Err(Error::Device(format!(
+                        "logical volume {}/{} of deleted volume {} was not retired; retry the delete",
+                        slot.vg, req.volume_id, req.volume_id
+                    )));
+                }
+                // Removed already (a crash between lvremove and the ledger).
+                return Ok(());
+            };
+            self.activate(slot, &lv)?;
+            let lv = self.retired_of(slot, &req.volume_id)?.unwrap_or(lv);
+            self.refuse_busy(&lv, &req.volume_id)?;
+            lv
+        };
+        // The erasing LV is the eraser's alone and keeps its extents, so the
+        // group stays unlocked while it is zeroed.
+        self.zero_all(slot, &lv, progress)
     }
 
     fn resize(&self, req: &DeviceRequest) -> Result<Device> {
@@ -546,7 +619,7 @@ impl Backend for LvmBackend {
                     offset: Bytes::ZERO,
                     size: Bytes(lv.size),
                     owner: if Self::ours(lv) {
-                        Owner::Ours(lv.name.clone())
+                        Owner::Ours(Self::volume_of(lv).to_owned())
                     } else {
                         Owner::Foreign(format!(
                             "logical volume {}/{} ({} bytes, tags {:?})",
@@ -559,6 +632,12 @@ impl Backend for LvmBackend {
         Ok(out)
     }
 
+    fn is_retired(&self, item: &InventoryItem) -> bool {
+        item.path
+            .rsplit_once('/')
+            .is_some_and(|(_, lv)| lv.starts_with(ERASING_PREFIX))
+    }
+
     fn remove_orphan(&self, item: &InventoryItem) -> Result<()> {
         let Owner::Ours(id) = &item.owner else {
             return Err(Error::FailedPrecondition(format!(
@@ -568,10 +647,25 @@ impl Backend for LvmBackend {
         };
         let slot = self.slot(&item.region)?;
         let _g = relock(&slot.lock);
-        match self.lv_of(slot, id)? {
-            Some(lv) => self.remove(slot, &lv, id),
-            None => Ok(()),
+        let lv = match self.lv_of(slot, id)? {
+            Some(lv) => lv,
+            None => match self.retired_of(slot, id)? {
+                Some(lv) => lv,
+                None => return Ok(()),
+            },
+        };
+        if item.path != format!("{}/{}", slot.vg, lv.name) {
+            return Err(Error::FailedPrecondition(format!(
+                "logical volume {} changed since the inventory; not removing it",
+                item.path
+            )));
         }
+        // It may hold a tenant's data: zero it before its extents are free.
+        self.refuse_busy(&lv, id)?;
+        self.activate(slot, &lv)?;
+        let lv = self.lv_named(slot, &lv.name)?.unwrap_or(lv);
+        self.zero_all(slot, &lv, &mut |_| Ok(()))?;
+        self.remove(slot, &lv, id)
     }
 
     fn region_stamp(&self, region: &str) -> Result<RegionStamp> {
@@ -630,7 +724,7 @@ impl Backend for LvmBackend {
                         &["--activate", "y", &format!("{}/{}", slot.vg, lv.name)],
                     )?;
                 }
-                self.zero(slot, lv, lv.size, true)?;
+                self.zero_all(slot, lv, &mut |_| Ok(()))?;
                 self.remove(slot, lv, &lv.name)?;
                 lines.push(format!("erased and removed {}/{}", slot.vg, lv.name));
             }

@@ -4,6 +4,7 @@
 //! already carved up).
 
 use std::fmt::Debug;
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::backend::{Backend, DeviceRequest, Placement};
@@ -57,6 +58,8 @@ impl PvSource for DevicePvs {
 
 /// Smallest namespace worth adding to a volume group.
 const MIN_SHARE: u64 = 64 * MIB;
+/// Bytes zeroed at the head of a new physical-volume namespace.
+const PV_HEAD_WIPE: u64 = 4 * MIB;
 
 /// Our fsdax namespaces in libnvdimm regions, made through the direct
 /// backend (with its own `alt_name` marker, so the direct mode never takes
@@ -64,7 +67,7 @@ const MIN_SHARE: u64 = 64 * MIB;
 /// percentage or space freed by others later adds a namespace.
 #[derive(Debug)]
 pub struct NamespacePvs {
-    pub direct: Arc<dyn Backend>,
+    pub direct: Arc<crate::direct::DirectBackend>,
     pub percentage: u8,
 }
 
@@ -120,8 +123,13 @@ impl NamespacePvs {
                     usage: Usage::AppDirect,
                 };
                 tracing::info!(region = %spec.id, size = want.0, percentage = self.percentage, "creating a namespace for the volume group");
-                self.direct.wipe_head(&req)?;
+                self.direct.begin_create(&req)?;
                 let dev = self.direct.create(&req)?;
+                if let Some(p) = &dev.path {
+                    // Not a volume: space that may never have been ours, so
+                    // an old signature would make pvcreate stop and ask.
+                    self.direct.zero_head(Path::new(p), PV_HEAD_WIPE)?;
+                }
                 devices.extend(dev.path);
             }
         }

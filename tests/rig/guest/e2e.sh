@@ -189,6 +189,20 @@ ms_since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%d", (b - a) *
 # vol ID: the admin API's JSON for a volume.
 vol() { pmemctl_admin --json volume "$1"; }
 
+# wait_erased ID: DeleteVolume returns with the volume's extent `erasing`;
+# waits until the background eraser zeroed it and removed the row (the
+# extent is free then).
+vol_gone() { ! vol "$1" >/dev/null 2>&1; }
+wait_erased() {
+    wait_for 300 vol_gone "$1" || fail "volume $1 still erasing after 300 s: $(vol "$1" | jq -c .)"
+}
+
+# delete ID: DeleteVolume, then wait for the background erase.
+delete_erased() {
+    csi delete "$1" >/dev/null || return 1
+    wait_erased "$1"
+}
+
 # create NAME SIZE [ARGS...]: CreateVolume (eraseAfter false unless ARGS
 # say otherwise); prints the JSON answer.
 create() {

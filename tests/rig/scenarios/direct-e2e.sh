@@ -4,8 +4,9 @@
 #  boot 1: a foreign namespace (ndctl) carries the agent's state directory;
 #          identity, regions, capacity; fsdax volume -> stage/publish with
 #          DAX (or a manual dax mount when the Node service is missing);
-#          FileIO -> sector mode; eraseAfter zeroes the extent; busy delete
-#          refused; delete gives the space back; capacity exactness (maximum succeeds, one alignment step
+#          FileIO -> sector mode; a deleted volume's namespace is kept
+#          under the erasing marker and zeroed in the background, then
+#          destroyed; busy delete refused; delete gives the space back; capacity exactness (maximum succeeds, one alignment step
 #          more fails); kill -9 at two points of a create and restart: no
 #          orphan, no lost volume; read-only /sys refused; raw block volume
 #          published as the namespace's device; ephemeral inline volume
@@ -170,6 +171,10 @@ case $RIG_BOOT in
     t0=$EPOCHREALTIME
     check "delete vol-e (eraseAfter)" csi delete "$ve"
     erase_ms=$(ms_since "$t0")
+    holds "vol-e's namespace lost its volume marker at once" test -z "$(ns_of "$ve")"
+    wait_erased "$ve"
+    ok "vol-e erased in the background: $(grep -o "erased namespace.*" "$E2E_LOG" | tail -n 1)"
+    holds "the erasing namespace is destroyed" test -z "$(ns_json "pmem-agent-erasing:$ve")"
     # A raw namespace of the same size lands on the same extent (first fit).
     raw=$(ndctl create-namespace -r "$re" -s "$ns_size" -m raw -n erase-check) || fail "ndctl create raw erase-check"
     raw_dev=$(jq -r .dev <<<"$raw")
@@ -187,6 +192,7 @@ case $RIG_BOOT in
     t0=$EPOCHREALTIME
     check "delete vol-tmp" csi delete "$vt"
     delete_ms=$(ms_since "$t0")
+    wait_erased "$vt"
     holds "vol-tmp's namespace is gone" test -z "$(ns_of "$vt")"
     after=$(region_avail "$rt")
     holds "region $rt space back ($before -> $after)" test "$after" -gt "$before"
@@ -214,6 +220,7 @@ case $RIG_BOOT in
     check "NodeUnstageVolume vol-b" csi unstage "$vb" /mnt/stage-b
     check "delete vol-b" csi delete "$vb"
     holds "vol-b's namespace is gone" test -z "$(ns_of "$vb")"
+    wait_erased "$vb"
 
     # ---- a CSI ephemeral inline volume: made at publish, gone at unpublish
     log "ephemeral inline volume"
@@ -235,6 +242,7 @@ case $RIG_BOOT in
     holds "$eph's namespace is gone" test -z "$(ns_of "$ve")"
     expect_eq "$eph is gone from the ledger" \
         "$(pmemctl_admin --json volumes | jq --arg n "$eph" '[.[] | select(.name == $n)] | length')" 0
+    wait_erased "$ve"
 
     # ---- capacity exactness
     log "capacity exactness"
@@ -251,6 +259,7 @@ case $RIG_BOOT in
     expect_eq "vol-max capacity_bytes is the maximum" "$(jq -r .capacity_bytes <<<"$out")" "$max"
     expect_eq "vol-max block device is the maximum" "$(blockdev --getsize64 "$(vol "$vm" | jq -r .device)")" "$max"
     check "delete vol-max" csi delete "$vm"
+    wait_erased "$vm"
 
     # ---- kill -9 in the middle of creates, restart
     grep -q PMEM_AGENT_TEST_PAUSE_AT "$(command -v pmem-agent)" ||
@@ -284,16 +293,19 @@ case $RIG_BOOT in
 
     # ---- sysfs vs ndctl timings (same size, same guest)
     log "timings: our sysfs path vs ndctl (256MiB fsdax, TCG guest)"
-    ours_c=() ours_d=() nd_c=() nd_d=() agent_c=() agent_d=()
+    ours_c=() ours_d=() nd_c=() nd_d=() agent_c=() agent_d=() erase_d=()
     for i in 1 2 3; do
         t0=$EPOCHREALTIME
         out=$(create "timing-$i" 256MiB) || fail "create timing-$i"
         ours_c+=("$(ms_since "$t0")")
         agent_c+=("$(agent_ms 'namespace ready')")
         t0=$EPOCHREALTIME
-        csi delete "$(jq -r .volume_id <<<"$out")" >/dev/null
+        id=$(jq -r .volume_id <<<"$out")
+        csi delete "$id" >/dev/null
         ours_d+=("$(ms_since "$t0")")
+        wait_erased "$id"
         agent_d+=("$(agent_ms 'destroyed namespace')")
+        erase_d+=("$(agent_ms 'erased namespace')")
         t0=$EPOCHREALTIME
         ndctl create-namespace -r region0 -s 256M -m fsdax -n "nd-timing-$i" >/dev/null
         nd_c+=("$(ms_since "$t0")")
@@ -303,7 +315,7 @@ case $RIG_BOOT in
     done
     {
         echo "create fsdax 256MiB: pmemctl->agent (gRPC, ledger, sysfs) ${ours_c[*]} ms; backend alone ${agent_c[*]} ms; ndctl create-namespace ${nd_c[*]} ms"
-        echo "delete:              pmemctl->agent ${ours_d[*]} ms; backend alone ${agent_d[*]} ms; ndctl destroy-namespace ${nd_d[*]} ms"
+        echo "delete:              pmemctl->agent (retire) ${ours_d[*]} ms; background zeroing ${erase_d[*]} ms, destroy ${agent_d[*]} ms; ndctl destroy-namespace ${nd_d[*]} ms"
         echo "first volume: create ${create_ms} ms, delete ${delete_ms} ms; delete with eraseAfter of 64MiB ${erase_ms} ms; ndctl create of the state namespace ${ndctl_create_ms} ms"
     } | tee "$RIG_RESULTS/timings.txt" | indent
     ok "timings measured"
@@ -316,7 +328,7 @@ case $RIG_BOOT in
         out=$(create "hole-$h" 96MiB) || fail "create hole-$h"
         fill+=("$(jq -r .volume_id <<<"$out")")
     done
-    check "delete hole-2 (a hole between hole-1 and hole-3)" csi delete "${fill[1]}"
+    check "delete hole-2 (a hole between hole-1 and hole-3)" delete_erased "${fill[1]}"
     fill=("${fill[0]}" "${fill[2]}")
     max=0
     for i in $(seq 1 24); do
@@ -342,6 +354,9 @@ case $RIG_BOOT in
     for id in "${fill[@]}"; do
         csi delete "$id" >/dev/null || fail "delete $id"
     done
+    for id in "${fill[@]}"; do
+        wait_erased "$id"
+    done
     ok "deleted the $((${#fill[@]} - 2)) volumes that filled both regions, and hole-1, hole-3"
 
     # ---- device events: with udevd running, an operator's ndctl is noticed
@@ -358,7 +373,7 @@ case $RIG_BOOT in
     holds "udevd has a database entry for $dev_ev (the create waits for it)" \
         test -e "/run/udev/data/b$((16#$(stat -c %t "$dev_ev"))):$((16#$(stat -c %T "$dev_ev")))"
     expect_eq "the create did not time out waiting for udevd" "$(grep -c "udevd has not processed" "$E2E_LOG" || true)" 0
-    check "delete vol-ev" csi delete "$(jq -r .volume_id <<<"$out")"
+    check "delete vol-ev" delete_erased "$(jq -r .volume_id <<<"$out")"
     sleep 1
     expect_eq "our own volume is not reported as foreign" "$(grep -Ec "foreign device (appeared|went away)" "$E2E_LOG" || true)" 0
     free0() { pmemctl_admin --json regions | jq '.[] | select(.id == "region0") | .available_bytes'; }
@@ -424,7 +439,7 @@ case $RIG_BOOT in
     check "umount vol-a" umount /mnt/check-a
     vols=$(pmemctl_admin --json volumes)
     for id in $(jq -r '.[].id' <<<"$vols"); do
-        check "delete $id" csi delete "$id"
+        check "delete $id" delete_erased "$id"
     done
     expect_eq "only the foreign and our identity namespaces are left" \
         "$(ndctl list -N | jq -r '[.[].name | select(startswith("pmem-agent-id:") | not)] | join(",")')" "$STATE_NS"

@@ -6,9 +6,12 @@
 #          agent makes its namespaces, PVs (2 MiB aligned) and VGs;
 #          xfs volume staged/published with DAX on the LV, then grown
 #          online with its data intact; fragmentation: A+C fits after A
-#          and C are deleted (and GetCapacity said so); kill -9 right after
-#          lvcreate and right after lvremove, restart: no orphan, no lost
-#          volume; per-operation times and lvm invocations
+#          and C are deleted and erased (and GetCapacity said so); a deleted
+#          volume's LV is renamed erasing-<id> at once and zeroed, then
+#          removed, in the background; kill -9 right after lvcreate, right
+#          after the delete's lvrename and right after the eraser's
+#          lvremove, restart: no orphan, no lost volume, the erase resumes;
+#          per-operation times and lvm invocations
 #  boot 2: same DIMMs: volume groups found and activated, reconcile clean,
 #          data intact; the ledger lost: refused at start, rebuilt with
 #          pmemctl ledger rebuild (dry run, --apply), data intact;
@@ -138,7 +141,15 @@ case $RIG_BOOT in
     expect_eq "data read back through the LV" "$(head -c $((4 * MIB)) "$(vol "$vb" | jq -r .device)" | sha256sum)" "$(sha256sum </tmp/blk)"
     check "NodeUnpublishVolume vol-b" csi unpublish "$vb" /mnt/pub-b
     check "NodeUnstageVolume vol-b" csi unstage "$vb" /mnt/stage-b
-    check "delete vol-b" csi delete "$vb"
+    # Held open (not exclusively) by a process: the delete is refused and
+    # the volume stays ready, so no descriptor can write behind the erase.
+    dev_vb=$(vol "$vb" | jq -r .device)
+    exec 7<"$dev_vb"
+    e=$(csi delete "$vb" 2>&1) && fail "deleting an open LV succeeded"
+    ok "delete of an open LV refused: $e"
+    expect_eq "vol-b is still ready" "$(vol "$vb" | jq -r .state)" ready
+    exec 7<&-
+    check "delete vol-b" delete_erased "$vb"
 
     # ---- FileIO: ext4 without DAX
     log "FileIO volume: ext4 without dax"
@@ -150,7 +161,7 @@ case $RIG_BOOT in
     holds "vol-f is ext4 mounted without dax" ext4_without_dax /mnt/pub-f
     check "NodeUnpublishVolume vol-f" csi unpublish "$vfi" /mnt/pub-f
     check "NodeUnstageVolume vol-f" csi unstage "$vfi" /mnt/stage-f
-    check "delete vol-f" csi delete "$vfi"
+    check "delete vol-f" delete_erased "$vfi"
 
     # ---- fragmentation: A+C fits after deleting A and C
     log "fragmentation"
@@ -169,8 +180,8 @@ case $RIG_BOOT in
     out=$(create frag-D "$(avail region0)") || fail "create frag-D with the rest"
     vd=$(jq -r .volume_id <<<"$out")
     expect_eq "region0 is full" "$(avail region0)" 0
-    check "delete A" csi delete "${ids[0]}"
-    check "delete C" csi delete "${ids[2]}"
+    check "delete A" delete_erased "${ids[0]}"
+    check "delete C" delete_erased "${ids[2]}"
     lvs -o lv_name,seg_pe_ranges pmem-region0 | indent
     max=$(pmemctl_csi --json csi capacity | jq -r .maximum_volume_size)
     expect_eq "GetCapacity: the largest volume is A+C" "$max" $((2 * unit))
@@ -183,7 +194,8 @@ case $RIG_BOOT in
     check "delete frag-AC" csi delete "$vac"
     delete_ms=$(ms_since "$t0")
     delete_calls=$(($(lvm_calls) - calls0))
-    for id in "${ids[1]}" "$vd" "$vf"; do check "delete $id" csi delete "$id"; done
+    wait_erased "$vac"
+    for id in "${ids[1]}" "$vd" "$vf"; do check "delete $id" delete_erased "$id"; done
 
     # ---- eraseAfter: zeroed through the LV before lvremove
     out=$(create vol-e 64MiB --erase-after true) || fail "create vol-e"
@@ -193,13 +205,17 @@ case $RIG_BOOT in
     t0=$EPOCHREALTIME
     check "delete vol-e (eraseAfter)" csi delete "$ve"
     erase_ms=$(ms_since "$t0")
-    holds "vol-e's LV is gone" not_in "$(our_lvs | xargs)" "$ve"
+    holds "vol-e's LV lost its name at once" not_in "$(our_lvs | xargs)" "$ve"
+    t0=$EPOCHREALTIME
+    wait_erased "$ve"
+    zero_ms=$(ms_since "$t0")
+    holds "vol-e's LV is zeroed and removed in the background" not_in "$(our_lvs | xargs)" "erasing-$ve"
 
     # ---- kill -9 right after lvcreate and right after lvremove
-    for sub in lvcreate lvremove; do
+    for sub in lvcreate lvrename lvremove; do
         log "crash: kill -9 right after $sub"
-        if [[ $sub == lvremove ]]; then
-            out=$(create crash-del 32MiB) || fail "create crash-del"
+        if [[ $sub != lvcreate ]]; then
+            out=$(create "crash-$sub" 32MiB --erase-after true) || fail "create crash-$sub"
             victim=$(jq -r .volume_id <<<"$out")
         fi
         agent_stop
@@ -227,10 +243,13 @@ case $RIG_BOOT in
             id=$(jq -r .id <<<"$v")
             again=$(create crash-new 32MiB) || fail "retry of crash-new"
             expect_eq "the retried CreateVolume returns the same volume" "$(jq -r .volume_id <<<"$again")" "$id"
-            check "delete crash-new" csi delete "$id"
+            check "delete crash-new" delete_erased "$id"
         else
-            holds "crash-del is gone from the ledger" test -z "$(pmemctl_admin --json volumes | jq -r '.[] | select(.name == "crash-del") | .id')"
+            # Interrupted in DeleteVolume (lvrename) or in the eraser
+            # (lvremove): reconciliation and the eraser finish it.
             check "the retried DeleteVolume succeeds" csi delete "$victim"
+            wait_erased "$victim"
+            holds "crash-$sub's LV is gone" not_in "$(our_lvs | xargs)" "erasing-$victim"
         fi
     done
     expect_eq "only vol-a's LV is left" "$(our_lvs | xargs)" "$va"
@@ -241,7 +260,7 @@ case $RIG_BOOT in
         echo "create 320MiB: ${create_ms} ms, ${create_calls} lvm invocations"
         echo "expand 320->640MiB online (controller + xfs_growfs): ${expand_ms} ms, ${expand_calls} lvm invocations"
         echo "delete (A+C, no erase): ${delete_ms} ms, ${delete_calls} lvm invocations"
-        echo "delete 64MiB with eraseAfter: ${erase_ms} ms"
+        echo "delete 64MiB: ${erase_ms} ms (returns after lvrename); background zeroing + lvremove: ${zero_ms} ms"
     } | tee "$RIG_RESULTS/timings.txt" | indent
     ok "timings measured"
     agent_stop
@@ -276,7 +295,7 @@ case $RIG_BOOT in
     check "mount -o dax rebuilt vol-a" mount_dax "$dev_a" /mnt/check-a xfs
     expect_eq "data intact after the rebuild" "$(sha256sum </mnt/check-a/data)" "$(cat /mnt/check-a/data.sha256)"
     check "umount vol-a" umount /mnt/check-a
-    check "delete vol-a" csi delete "$va"
+    check "delete vol-a" delete_erased "$va"
     expect_eq "no LVs of ours left" "$(our_lvs | xargs)" ""
     agent_stop
     ;;

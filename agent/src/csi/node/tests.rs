@@ -48,9 +48,6 @@ impl Backend for FakeBackend {
             location: "memory".into(),
         }])
     }
-    fn wipe_head(&self, _req: &DeviceRequest) -> AllocResult<()> {
-        Ok(())
-    }
     fn create(&self, req: &DeviceRequest) -> AllocResult<Device> {
         Ok(fake_device(req))
     }
@@ -60,7 +57,11 @@ impl Backend for FakeBackend {
     fn destroy(&self, _req: &DeviceRequest) -> AllocResult<()> {
         Ok(())
     }
-    fn erase(&self, _req: &DeviceRequest) -> AllocResult<()> {
+    fn erase(
+        &self,
+        _req: &DeviceRequest,
+        _progress: pmem_allocator::backend::Progress<'_>,
+    ) -> AllocResult<()> {
         Ok(())
     }
     fn resize(&self, req: &DeviceRequest) -> AllocResult<Device> {
@@ -995,7 +996,7 @@ async fn ephemeral_inline_lifecycle() {
         .await
         .unwrap();
     assert!(r.host.mount_at(&target).is_none());
-    assert!(r.driver.alloc.volume_by_name("csi-abc").unwrap().is_none());
+    assert!(deleted(&r, "csi-abc"));
     r.node
         .unpublish(unpublish_req("csi-abc", &target))
         .await
@@ -1072,7 +1073,14 @@ async fn ephemeral_inline_errors() {
         Code::Internal,
         "mkfs exploded",
     );
-    assert!(r.driver.alloc.volumes().unwrap().is_empty());
+    assert!(
+        r.driver
+            .alloc
+            .volumes()
+            .unwrap()
+            .iter()
+            .all(|v| v.state == pmem_allocator::VolumeState::Erasing)
+    );
     r.host.unfail("mkfs");
     r.node
         .publish(ephemeral_req("e1", &t, &[("size", "1Gi")]))
@@ -1115,7 +1123,7 @@ async fn startup_collects_ephemeral_volumes_whose_mount_is_gone() {
             .len(),
         1
     );
-    assert!(r.driver.alloc.volume_by_name("gone").unwrap().is_none());
+    assert!(deleted(&r, "gone"));
     assert!(r.driver.alloc.volume_by_name("kept").unwrap().is_some());
     assert!(r.driver.alloc.volume(&p.id).unwrap().is_some());
     assert_eq!(r.pubs(&p).len(), 1);
@@ -1481,9 +1489,6 @@ impl Backend for BusyBackend {
         }
         Ok(())
     }
-    fn wipe_head(&self, req: &DeviceRequest) -> AllocResult<()> {
-        FakeBackend.wipe_head(req)
-    }
     fn create(&self, req: &DeviceRequest) -> AllocResult<Device> {
         FakeBackend.create(req)
     }
@@ -1493,8 +1498,12 @@ impl Backend for BusyBackend {
     fn destroy(&self, req: &DeviceRequest) -> AllocResult<()> {
         self.check_idle(req)
     }
-    fn erase(&self, req: &DeviceRequest) -> AllocResult<()> {
-        FakeBackend.erase(req)
+    fn erase(
+        &self,
+        req: &DeviceRequest,
+        progress: &mut dyn FnMut(u64) -> AllocResult<()>,
+    ) -> AllocResult<()> {
+        FakeBackend.erase(req, progress)
     }
     fn resize(&self, req: &DeviceRequest) -> AllocResult<Device> {
         FakeBackend.resize(req)
@@ -1816,4 +1825,13 @@ async fn path_error_codes_table() {
     assert!(r.host.mount_at(&target).is_none());
     assert_eq!(r.pubs(&v).len(), 1, "only the stage record is left");
     r.node.unstage(unstage_req(&v.id, &staging)).await.unwrap();
+}
+
+/// Deleted: gone, or left to the background eraser (its extent reserved).
+fn deleted(r: &Rig, name: &str) -> bool {
+    r.driver
+        .alloc
+        .volume_by_name(name)
+        .unwrap()
+        .is_none_or(|v| v.state == pmem_allocator::VolumeState::Erasing)
 }

@@ -210,8 +210,8 @@ impl SimBackend {
 /// `ledger=<ledger id> region=<region id>`. An attribute, not a header in
 /// the file, so no byte of the region is taken (capacity and every extent
 /// stay as they were, also for ledgers from before identities) and the
-/// file can grow without moving anything; it needs a filesystem with user
-/// extended attributes (ext4, xfs, btrfs, tmpfs since Linux 6.6).
+/// file can grow without moving anything. Filesystems without user
+/// extended attributes get a sidecar file instead ([`sidecar`]).
 pub const STAMP_XATTR: &str = "user.pmem-agent.identity";
 
 fn open_nofollow(path: &Path, create: bool) -> Result<File> {
@@ -270,6 +270,69 @@ fn write_stamp(f: &File, value: &str) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Where the attribute cannot be kept (ramfs, tmpfs before Linux 6.6): a
+/// file beside the region file, `<region file>.identity`, holding the stamp
+/// and the region file's inode, so a deleted and re-created (or replaced)
+/// region file does not inherit it.
+fn sidecar(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".identity");
+    std::path::PathBuf::from(p)
+}
+
+fn unsupported(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EOPNOTSUPP)
+}
+
+/// The stamp of a region file: its attribute, or the sidecar where the
+/// filesystem has no user attributes. A sidecar written for another inode
+/// is reported as such (it is not this file's stamp).
+fn read_file_stamp(f: &File, path: &Path) -> std::io::Result<Option<String>> {
+    match read_stamp(f) {
+        Err(e) if unsupported(&e) => {}
+        other => return other,
+    }
+    let mut side = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(sidecar(path))
+    {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut v = String::new();
+    std::io::Read::by_ref(&mut side)
+        .take(512)
+        .read_to_string(&mut v)?;
+    let ino = std::os::unix::fs::MetadataExt::ino(&f.metadata()?);
+    let want = format!("ino={ino}");
+    if v.split_whitespace().any(|p| p == want) {
+        Ok(Some(v.trim().to_owned()))
+    } else {
+        Ok(Some(format!(
+            "ledger=(a stamp written for another file than inode {ino}) region=?"
+        )))
+    }
+}
+
+fn write_file_stamp(f: &File, path: &Path, value: &str) -> std::io::Result<()> {
+    match write_stamp(f, value) {
+        Err(e) if unsupported(&e) => {}
+        other => return other,
+    }
+    let ino = std::os::unix::fs::MetadataExt::ino(&f.metadata()?);
+    let mut side = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(sidecar(path))?;
+    std::io::Write::write_all(&mut side, format!("{value} ino={ino}\n").as_bytes())?;
+    side.sync_all()
 }
 
 fn stamp_value(ledger_id: &str, region: &str) -> String {
@@ -653,7 +716,7 @@ impl Backend for SimBackend {
             Err(e) => return Err(Error::io(format!("stat region file {}", path.display()), e)),
         }
         let f = open_nofollow(path, false)?;
-        let v = read_stamp(&f).map_err(|e| {
+        let v = read_file_stamp(&f, path).map_err(|e| {
             Error::io(
                 format!("read identity of region file {}", path.display()),
                 e,
@@ -679,17 +742,8 @@ impl Backend for SimBackend {
             f.set_len(size.0)
                 .map_err(|e| Error::io(format!("size region file {}", path.display()), e))?;
         }
-        write_stamp(&f, &stamp_value(ledger_id, region)).map_err(|e| {
-            let hint = if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                " (the filesystem does not support user extended attributes, which the sim backend keeps the region's identity in; put the state directory on ext4, xfs, btrfs or tmpfs >= 6.6)"
-            } else {
-                ""
-            };
-            Error::io(
-                format!("stamp region file {}{hint}", path.display()),
-                e,
-            )
-        })?;
+        write_file_stamp(&f, path, &stamp_value(ledger_id, region))
+            .map_err(|e| Error::io(format!("stamp region file {}", path.display()), e))?;
         f.sync_all()
             .map_err(|e| Error::io(format!("sync region file {}", path.display()), e))?;
         if let Some(dir) = path.parent()
@@ -745,5 +799,54 @@ impl Backend for SimBackend {
             self.zero_range(region, *o, *l, &mut |_| Ok(()))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod stamp_tests {
+    use super::*;
+
+    /// Root (CI runs as root): on ramfs, which keeps no user extended
+    /// attributes, the stamp lives in the sidecar, and a re-created region
+    /// file does not inherit it.
+    #[test]
+    fn without_xattrs_the_stamp_is_a_sidecar_bound_to_the_inode() {
+        let d = tempfile::tempdir().unwrap();
+        let mnt = d.path().join("ramfs");
+        std::fs::create_dir(&mnt).unwrap();
+        nix::mount::mount(
+            Some("ramfs"),
+            &mnt,
+            Some("ramfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount ramfs (the test needs root)");
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _u = Unmount(&mnt);
+        let path = mnt.join("region0.img");
+        let f = open_nofollow(&path, true).unwrap();
+        let e = write_stamp(&f, "x").unwrap_err();
+        assert!(unsupported(&e), "ramfs took a user xattr: {e}");
+        let value = stamp_value("abc", "region0");
+        write_file_stamp(&f, &path, &value).unwrap();
+        let got = read_file_stamp(&f, &path).unwrap().unwrap();
+        assert_eq!(parse_stamp(&got), Some(("abc", "region0")), "{got}");
+        // The file replaced: the sidecar is not its stamp.
+        drop(f);
+        let keep = open_nofollow(&mnt.join("keep-inode-busy"), true).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let f = open_nofollow(&path, true).unwrap();
+        let got = read_file_stamp(&f, &path).unwrap().unwrap();
+        assert_ne!(parse_stamp(&got).map(|p| p.0), Some("abc"), "{got}");
+        drop(keep);
+        // No sidecar at all: unstamped.
+        std::fs::remove_file(sidecar(&path)).unwrap();
+        assert_eq!(read_file_stamp(&f, &path).unwrap(), None);
     }
 }

@@ -350,6 +350,10 @@ impl ControllerService {
             Some((_, fs_min)) => min.max(Bytes(fs_min)),
             None => min,
         };
+        // A CreateVolume of `maximum_volume_size` must succeed: when no
+        // hole holds the filesystem's minimum, nothing of these
+        // capabilities fits.
+        let max = if max < min { Bytes(0) } else { max };
         Ok(csi::GetCapacityResponse {
             available_capacity: to_i64(Bytes(available)),
             maximum_volume_size: Some(to_i64(max)),

@@ -539,9 +539,11 @@ struct Undo {
 fn open_source(source: &BindSource, device: u64) -> Result<(OwnedFd, u32, String), MountError> {
     match source {
         BindSource::Device(p) => {
+            // The backend's device path, not a request's: it may be a link
+            // (lvm's /dev/VG/LV -> ../dm-N); what it opens is checked below.
             let fd = nix::fcntl::open(
                 p,
-                OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                OFlag::O_PATH | OFlag::O_CLOEXEC,
                 nix::sys::stat::Mode::empty(),
             )
             .map_err(|e| MountError::sys(format!("open {}", p.display()), e))?;

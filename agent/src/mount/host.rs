@@ -518,7 +518,7 @@ fn grow_xfs(fd: BorrowedFd<'_>, path: &Confined, size: u64) -> Result<(), MountE
 /// mount's root.
 fn grow_ext4(fd: BorrowedFd<'_>, path: &Confined, size: u64) -> Result<(), MountError> {
     let at = || path.real().display().to_string();
-    let s = nix::sys::statvfs::fstatvfs(&fd)
+    let s = nix::sys::statvfs::fstatvfs(fd)
         .map_err(|e| MountError::sys(format!("fstatvfs {}", at()), e))?;
     // ext4 reports its block size as f_bsize.
     let bs = s.block_size();

@@ -373,3 +373,123 @@ async fn hostile_erase_a_delete_racing_an_exclusive_holder_never_sticks_in_delet
     eprintln!("{refused} of {rounds} deletes refused by the racing holder");
     assert!(refused > 0, "the holder never raced a delete");
 }
+
+fn list_page(r: &csi::ListVolumesResponse) -> Vec<String> {
+    r.entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect()
+}
+
+/// A deleted volume whose extent is still being erased is gone for the CO:
+/// ControllerGetVolume, ValidateVolumeCapabilities and ControllerExpandVolume
+/// answer NotFound, ListVolumes skips it (also when a page boundary falls
+/// on it), its extent stays out of GetCapacity; the operator's
+/// `pmemctl volumes` shows it `erasing`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_erase_an_erasing_volume_is_gone_for_the_co() {
+    assert!(common::is_root(), "needs root (loop devices)");
+    // 4 MiB/s: the 512 MiB erase outlasts the test by far.
+    let d = Daemon::start(&["--sim-regions", "1", "--erase-rate", "4MiB"]).await;
+    let total = available(&d).await;
+    let a = create(&d, "a", 64 * MIB, true).await;
+    let big = create(&d, "big", 512 * MIB, true).await;
+    let c = create(&d, "c", 64 * MIB, true).await;
+    let mut ctl = d.controller().await;
+    let list = |max: i32, token: String| csi::ListVolumesRequest {
+        max_entries: max,
+        starting_token: token,
+    };
+    // A page boundary that falls on "big" while it still exists.
+    let p1 = ctl
+        .list_volumes(list(1, String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list_page(&p1), vec![a.id.clone()]);
+    assert!(!p1.next_token.is_empty());
+
+    delete(&d, &big.id).await.unwrap();
+    assert_eq!(get(&d, &big.id).await.unwrap().state, "erasing");
+
+    let e = ctl
+        .controller_get_volume(csi::ControllerGetVolumeRequest {
+            volume_id: big.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let e = ctl
+        .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: big.id.clone(),
+            volume_capabilities: create_req("x", MIB, true).volume_capabilities,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let e = ctl
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: big.id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: i64::try_from(600 * MIB).unwrap(),
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    // DeleteVolume again: it is gone, so OK.
+    delete(&d, &big.id).await.unwrap();
+
+    // The next page starts at the erasing row's place and skips it.
+    let p2 = ctl
+        .list_volumes(list(1, p1.next_token.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list_page(&p2), vec![c.id.clone()]);
+    assert!(p2.next_token.is_empty(), "{:?}", p2.next_token);
+    let all = ctl
+        .list_volumes(list(0, String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list_page(&all), vec![a.id.clone(), c.id.clone()]);
+    // Pages of one entry walk a, c and nothing else.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let p = ctl.list_volumes(list(1, token)).await.unwrap().into_inner();
+        seen.extend(list_page(&p));
+        if p.next_token.is_empty() {
+            break;
+        }
+        token = p.next_token;
+    }
+    assert_eq!(seen, vec![a.id.clone(), c.id.clone()]);
+    // Still reserved: neither free nor counted.
+    assert_eq!(available(&d).await, total - 640 * MIB);
+
+    // The operator's view keeps it.
+    let out = std::process::Command::new(common::bin("pmemctl"))
+        .arg("--admin-endpoint")
+        .arg(format!("unix://{}", d.admin_sock().display()))
+        .args(["--json", "volumes"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let vols: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"] == big.id.as_str())
+        .unwrap_or_else(|| panic!("{} not in pmemctl volumes: {vols}", big.id));
+    assert_eq!(row["state"], "erasing", "{row}");
+    assert_eq!(row["name"], format!("erasing:{}", big.id).as_str(), "{row}");
+
+    delete(&d, &a.id).await.unwrap();
+    delete(&d, &c.id).await.unwrap();
+}

@@ -650,3 +650,214 @@ async fn hostile_path_error_codes() {
         .unwrap();
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+fn stats_req(id: &str, path: &Path) -> csi::NodeGetVolumeStatsRequest {
+    csi::NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: s(path),
+        staging_target_path: String::new(),
+    }
+}
+
+fn expand_req(
+    id: &str,
+    path: &Path,
+    staging: Option<&Path>,
+    bytes: i64,
+) -> csi::NodeExpandVolumeRequest {
+    csi::NodeExpandVolumeRequest {
+        volume_id: id.into(),
+        volume_path: s(path),
+        staging_target_path: staging.map(s).unwrap_or_default(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+fn fs_bytes(p: &Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(p).unwrap();
+    s.blocks() * s.fragment_size()
+}
+
+/// NodeGetVolumeStats and NodeExpandVolume resolve their paths beneath the
+/// kubelet root without following symlinks and work through descriptors,
+/// as stage and publish do: a path with a symlinked component (a link to
+/// the real place, or an ancestor swapped for one) is InvalidArgument and
+/// nothing is grown; an unknown volume is NotFound first; the plain paths
+/// work, and the online xfs grow through the mount's descriptor grows it.
+#[tokio::test]
+async fn hostile_stats_and_expand_never_follow_symlinks() {
+    let d = Daemon::start(&[]).await;
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let k = d.kubelet_root();
+    let xfs = || mount_cap("xfs", &[]);
+    let v = create(&mut c, "grow", 512 * MIB, xfs()).await;
+    let staging = k.join("plugins/st/grow");
+    let pod = k.join("pods/p");
+    let target = pod.join("grow");
+    n.node_stage_volume(stage_req(&v, &staging, xfs()))
+        .await
+        .unwrap();
+    n.node_publish_volume(publish_req(&v, &staging, &target, xfs()))
+        .await
+        .unwrap();
+    c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+        volume_id: v.clone(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 768 * MIB,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(xfs()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let before = fs_bytes(&target);
+
+    let mut failures = Vec::new();
+    let mut want = |what: &str, got: (Code, String), code: Code| {
+        assert!(
+            got.1.len() < 600,
+            "{what}: message of {} bytes",
+            got.1.len()
+        );
+        if got.0 != code {
+            failures.push(format!(
+                "{what}: want {code:?}, got {:?} ({})",
+                got.0, got.1
+            ));
+        }
+    };
+    // A symlink beneath the root to the real place.
+    std::os::unix::fs::symlink(&pod, k.join("alias")).unwrap();
+    std::os::unix::fs::symlink(staging.parent().unwrap(), k.join("st-alias")).unwrap();
+    let via = k.join("alias/grow");
+    let st_via = k.join("st-alias/grow");
+    want(
+        "stats through a symlink",
+        code_of(n.node_get_volume_stats(stats_req(&v, &via)).await),
+        Code::InvalidArgument,
+    );
+    want(
+        "expand through a symlink",
+        code_of(
+            n.node_expand_volume(expand_req(&v, &via, None, 768 * MIB))
+                .await,
+        ),
+        Code::InvalidArgument,
+    );
+    want(
+        "expand with a staging path through a symlink",
+        code_of(
+            n.node_expand_volume(expand_req(&v, &target, Some(&st_via), 768 * MIB))
+                .await,
+        ),
+        Code::InvalidArgument,
+    );
+    want(
+        "an unknown volume through a symlink",
+        code_of(n.node_get_volume_stats(stats_req("pmem-nope", &via)).await),
+        Code::NotFound,
+    );
+    want(
+        "expand of an unknown volume through a symlink",
+        code_of(
+            n.node_expand_volume(expand_req("pmem-nope", &via, None, MIB))
+                .await,
+        ),
+        Code::NotFound,
+    );
+    want(
+        "stats outside the root",
+        code_of(
+            n.node_get_volume_stats(stats_req(&v, &d.dir.path().join("elsewhere")))
+                .await,
+        ),
+        Code::InvalidArgument,
+    );
+    // The recorded path's ancestor swapped for a symlink to where it went.
+    let moved = k.join("pods/p.real");
+    std::fs::rename(&pod, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &pod).unwrap();
+    want(
+        "stats of the recorded path through a swapped ancestor",
+        code_of(n.node_get_volume_stats(stats_req(&v, &target)).await),
+        Code::InvalidArgument,
+    );
+    want(
+        "expand of the recorded path through a swapped ancestor",
+        code_of(
+            n.node_expand_volume(expand_req(&v, &target, None, 768 * MIB))
+                .await,
+        ),
+        Code::InvalidArgument,
+    );
+    assert_eq!(
+        fs_bytes(&moved.join("grow")),
+        before,
+        "grown through a symlink"
+    );
+    std::fs::remove_file(&pod).unwrap();
+    std::fs::rename(&moved, &pod).unwrap();
+
+    // The plain paths work; the grow goes through the mount's descriptor.
+    let st = n
+        .node_get_volume_stats(stats_req(&v, &target))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.usage.len(), 2, "{st:?}");
+    assert_eq!(u64::try_from(st.usage[0].total).unwrap(), before, "{st:?}");
+    let ne = n
+        .node_expand_volume(expand_req(&v, &target, Some(&staging), 768 * MIB))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ne.capacity_bytes, 768 * MIB);
+    let after = fs_bytes(&target);
+    assert!(
+        after > before + 200 * (MIB as u64),
+        "xfs grew from {before} to {after}"
+    );
+    // Again, through the publish alone (the recorded stage is used): a no-op.
+    n.node_expand_volume(expand_req(&v, &target, None, 768 * MIB))
+        .await
+        .unwrap();
+    assert_eq!(fs_bytes(&target), after);
+
+    // A raw block publish: the target file is judged through its fd.
+    let b = create(&mut c, "grow-b", 64 * MIB, block()).await;
+    let bstage = k.join("plugins/st/grow-b");
+    let btarget = pod.join("grow-b");
+    n.node_stage_volume(stage_req(&b, &bstage, block()))
+        .await
+        .unwrap();
+    n.node_publish_volume(publish_req(&b, &bstage, &btarget, block()))
+        .await
+        .unwrap();
+    want(
+        "stats of a block target through a symlink",
+        code_of(
+            n.node_get_volume_stats(stats_req(&b, &k.join("alias/grow-b")))
+                .await,
+        ),
+        Code::InvalidArgument,
+    );
+    let st = n
+        .node_get_volume_stats(stats_req(&b, &btarget))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.usage[0].total, 64 * MIB, "{st:?}");
+    assert!(!st.volume_condition.unwrap().abnormal);
+
+    for (id, t, st) in [(&b, &btarget, &bstage), (&v, &target, &staging)] {
+        n.node_unpublish_volume(unpublish_req(id, t)).await.unwrap();
+        n.node_unstage_volume(unstage_req(id, st)).await.unwrap();
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

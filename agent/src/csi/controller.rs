@@ -48,6 +48,17 @@ pub fn volume_context(v: &Volume) -> HashMap<String, String> {
     ])
 }
 
+/// A volume as the CO may see it. One deleted but still being erased in the
+/// background (`erasing`, its row renamed) is gone: DeleteVolume returned
+/// for it. The admin API keeps showing it to the operator.
+fn live(v: Option<Volume>) -> Option<Volume> {
+    v.filter(|v| v.state != VolumeState::Erasing)
+}
+
+fn gone(id: &str) -> pmem_allocator::Error {
+    pmem_allocator::Error::NotFound(format!("volume {id} does not exist"))
+}
+
 fn to_i64(b: Bytes) -> i64 {
     i64::try_from(b.0).unwrap_or(i64::MAX)
 }
@@ -173,7 +184,7 @@ impl ControllerService {
             return Err(invalid("volume_capabilities is required"));
         }
         let id = req.volume_id.clone();
-        let v = blocking(&self.driver.alloc, move |a| a.volume(&id)).await?;
+        let v = blocking(&self.driver.alloc, move |a| a.volume(&id).map(live)).await?;
         let v = v.ok_or_else(|| {
             AgentError::NotFound(format!("volume {} does not exist", req.volume_id))
         })?;
@@ -274,7 +285,7 @@ impl ControllerService {
         check_id("volume_id", &req.volume_id)?;
         let id = req.volume_id.clone();
         let found = blocking(&self.driver.alloc, move |a| {
-            let Some(v) = a.volume(&id)? else {
+            let Some(v) = live(a.volume(&id)?) else {
                 return Ok(None);
             };
             let usable = a.usable_of(&v)?;
@@ -380,6 +391,10 @@ impl ControllerService {
         let _lock = self.driver.lock_volume(&req.volume_id)?;
         let id = req.volume_id.clone();
         let usable = blocking(&self.driver.alloc, move |a| {
+            // Under the volume's lock: it cannot start erasing meanwhile.
+            if live(a.volume(&id)?).is_none() {
+                return Err(gone(&id));
+            }
             let v = a.expand_volume(&id, required, limit)?;
             a.usable_of(&v)
         })

@@ -333,11 +333,6 @@ impl NodeService {
         self.root.check(field, raw).map_err(path_error)
     }
 
-    /// The same, as the path the mount table shows (for read-only use).
-    fn check_path(&self, field: &'static str, raw: &str) -> AgentResult<PathBuf> {
-        self.confine(field, raw).map(|c| c.real().to_owned())
-    }
-
     async fn volume(&self, id: &str) -> AgentResult<Option<Volume>> {
         let id = id.to_owned();
         blocking(&self.driver.alloc, move |a| a.volume(&id)).await
@@ -391,15 +386,6 @@ impl NodeService {
                 v.id
             ))
         })
-    }
-
-    /// Whether the mount `m` at `path` shows the device `rdev`: a filesystem
-    /// on it, or a bind mount of its device node.
-    async fn holds(&self, m: &MountEntry, path: &Path, rdev: u64) -> AgentResult<bool> {
-        if m.dev == rdev {
-            return Ok(true);
-        }
-        Ok(self.host.device_number(path).await? == Some(rdev))
     }
 
     /// Makes sure the device carries the wanted filesystem: formats an empty
@@ -1067,31 +1053,32 @@ impl NodeService {
             .volume_or_ephemeral(&req.volume_id)
             .await?
             .ok_or_else(|| not_found(format!("volume {} does not exist", req.volume_id)))?;
-        let path = self.check_path("volume_path", &req.volume_path)?;
+        let path = self.confine("volume_path", &req.volume_path)?;
         let pubs = self.publications(&v.id).await?;
-        let record = pubs
-            .iter()
-            .find(|p| p.path == req.volume_path || resolved(&p.path) == path);
+        let record = pubs.iter().find(|p| path.same_as(&p.path));
         let dev = v.device.as_deref().map(PathBuf::from);
         let rdev = match &dev {
             Some(d) => self.host.device_number(d).await?,
             None => None,
         };
-        let mounts = self.host.mounts().await?;
-        let entry = top_mount(&mounts, &path);
-        let ours = match (entry, rdev) {
-            (Some(e), Some(r)) => self.holds(e, &path, r).await?,
+        // What is at the path, from a descriptor opened beneath the root
+        // (its mount by the mount id of that descriptor, never by name).
+        let state = self.host.inspect(&path).await?;
+        let entry = state.as_ref().and_then(|s| s.mount.as_ref());
+        let ours = match (&state, rdev) {
+            (Some(s), Some(r)) => s.shows(r),
             _ => false,
         };
         if !ours && record.is_none() {
             return Err(not_found(format!(
                 "volume_path {} is not a staging or publish path of volume {}",
-                req.volume_path, v.id
+                shown(&path),
+                v.id
             )));
         }
         let block = match record {
             Some(p) => is_block(p),
-            None => entry.is_some_and(|e| Some(e.dev) != rdev),
+            None => state.as_ref().is_some_and(|s| s.kind == libc::S_IFBLK),
         };
         let dev_name = dev
             .as_ref()
@@ -1101,6 +1088,10 @@ impl NodeService {
         if rdev.is_none() {
             problems.push(format!("device {dev_name} of volume {} is missing", v.id));
         }
+        let fs_mount = match (ours, entry, rdev) {
+            (true, Some(e), Some(r)) if e.dev == r => Some((e, r)),
+            _ => None,
+        };
         if block {
             if let (Some(d), Some(_)) = (&dev, rdev) {
                 usage.push(csi::VolumeUsage {
@@ -1114,11 +1105,13 @@ impl NodeService {
             if !ours && !staged_only && rdev.is_some() {
                 problems.push(format!(
                     "device of volume {} is not mounted at {}",
-                    v.id, req.volume_path
+                    v.id,
+                    shown(&path)
                 ));
             }
-        } else if let (true, Some(e)) = (ours, entry) {
-            let s = self.host.statvfs(&path).await?;
+        } else if let Some((e, r)) = fs_mount {
+            // Through a descriptor of the mount's root, checked again there.
+            let s = self.host.statvfs(&path, r).await?;
             let bs = s.block_size;
             usage.push(csi::VolumeUsage {
                 available: to_i64(s.blocks_avail.saturating_mul(bs)),
@@ -1146,12 +1139,15 @@ impl NodeService {
             problems.push(match entry {
                 Some(e) => format!(
                     "{} has a mount of another device ({} from {}) instead of volume {}",
-                    req.volume_path, e.fs_type, e.source, v.id
+                    shown(&path),
+                    e.fs_type,
+                    quote(&e.source),
+                    v.id
                 ),
                 None => format!(
                     "volume {} is not mounted at {} although it is recorded as {}d there",
                     v.id,
-                    req.volume_path,
+                    shown(&path),
                     record.map_or("publish", |p| p.kind.as_str())
                 ),
             });
@@ -1189,11 +1185,11 @@ impl NodeService {
             .volume_or_ephemeral(&req.volume_id)
             .await?
             .ok_or_else(|| not_found(format!("volume {} does not exist", req.volume_id)))?;
-        let path = self.check_path("volume_path", &req.volume_path)?;
+        let path = self.confine("volume_path", &req.volume_path)?;
         let staging = if req.staging_target_path.is_empty() {
             None
         } else {
-            Some(self.check_path("staging_target_path", &req.staging_target_path)?)
+            Some(self.confine("staging_target_path", &req.staging_target_path)?)
         };
         ready(&v)?;
         let dev = device_of(&v)?;
@@ -1218,55 +1214,36 @@ impl NodeService {
             )));
         }
         let pubs = self.publications(&v.id).await?;
-        let record = pubs
-            .iter()
-            .find(|p| p.path == req.volume_path || resolved(&p.path) == path);
-        let mounts = self.host.mounts().await?;
-        let entry = top_mount(&mounts, &path);
-        let ours = match entry {
-            Some(e) => self.holds(e, &path, rdev).await?,
-            None => false,
-        };
+        let record = pubs.iter().find(|p| path.same_as(&p.path));
+        let state = self.host.inspect(&path).await?;
+        let ours = state.as_ref().is_some_and(|s| s.shows(rdev));
         if !ours && record.is_none() {
             return Err(not_found(format!(
                 "volume_path {} is not a staging or publish path of volume {}",
-                req.volume_path, v.id
+                shown(&path),
+                v.id
             )));
         }
         let block = cap.as_ref().is_some_and(|c| c.access == Access::Block)
             || record.is_some_and(is_block)
-            || entry.is_some_and(|e| ours && e.dev != rdev);
+            || (ours && state.as_ref().is_some_and(|s| s.kind == libc::S_IFBLK));
         if block {
             return Ok(csi::NodeExpandVolumeResponse {
                 capacity_bytes: to_i64(size),
             });
         }
-        // Grow through a writable mount of the device: the staging mount
-        // when given, else any read-write one (a read-only publish cannot
-        // grow), else the path itself.
-        let mountpoint = staging
-            .filter(|s| top_mount(&mounts, s).is_some_and(|e| e.dev == rdev))
-            .or_else(|| {
-                mounts
-                    .iter()
-                    .rev()
-                    .find(|e| e.dev == rdev && !e.read_only())
-                    .map(|e| e.mount_point.clone())
-            })
-            .or_else(|| ours.then(|| path.clone()));
-        match mountpoint {
-            Some(mp) => {
-                let fs = top_mount(&mounts, &mp)
-                    .map(|e| e.fs_type.clone())
-                    .unwrap_or_default();
-                self.grow_mounted(&v, &dev, &mp, &fs, size).await?;
-            }
+        match self
+            .writable_mount(&path, state.as_ref(), staging.as_ref(), &pubs, rdev)
+            .await?
+        {
+            Some((mp, fs)) => self.grow_mounted(&v, &dev, &mp, &fs, size, rdev).await?,
             None => match self.host.probe(&dev).await? {
                 Probe::Filesystem(t) if t == "ext4" => self.grow_ext4_offline(&v, &dev).await?,
                 Probe::Filesystem(t) if t == "xfs" => {
                     return Err(failed(format!(
                         "volume {} is not mounted at {} and xfs grows only while mounted; stage it and retry",
-                        v.id, req.volume_path
+                        v.id,
+                        shown(&path)
                     )));
                 }
                 // Formatted to the full size when staged.
@@ -1285,25 +1262,81 @@ impl NodeService {
         })
     }
 
+    /// Where to grow the filesystem of device `rdev` while it is mounted:
+    /// the request's staging path, else a recorded stage or read-write
+    /// publish of the volume (a read-only mount cannot grow), else the
+    /// request path itself; each a confined path judged through its
+    /// descriptor, never a mount point looked up by name. With the
+    /// filesystem type found there.
+    async fn writable_mount(
+        &self,
+        path: &Confined,
+        state: Option<&PathState>,
+        staging: Option<&Confined>,
+        pubs: &[Publication],
+        rdev: u64,
+    ) -> AgentResult<Option<(Confined, String)>> {
+        let usable = |s: Option<PathState>| {
+            s.and_then(|s| s.mount)
+                .filter(|e| e.dev == rdev && !e.read_only())
+                .map(|e| e.fs_type)
+        };
+        if let Some(s) = staging
+            && let Some(fs) = usable(self.host.inspect(s).await?)
+        {
+            return Ok(Some((s.clone(), fs)));
+        }
+        let recorded = pubs
+            .iter()
+            .filter(|p| p.kind == PublicationKind::Stage)
+            .chain(
+                pubs.iter()
+                    .filter(|p| p.kind == PublicationKind::Publish && !p.readonly),
+            );
+        for p in recorded {
+            let field = match p.kind {
+                PublicationKind::Stage => "staging_target_path",
+                PublicationKind::Publish => "target_path",
+            };
+            // A row from before confinement (outside the root) is skipped.
+            let Ok(c) = self.root.check(field, &p.path) else {
+                continue;
+            };
+            // A recorded path that cannot be read now is no candidate.
+            if let Ok(s) = self.host.inspect(&c).await
+                && let Some(fs) = usable(s)
+            {
+                return Ok(Some((c, fs)));
+            }
+        }
+        Ok(state
+            .and_then(|s| s.mount.as_ref())
+            .filter(|e| e.dev == rdev)
+            .map(|e| (path.clone(), e.fs_type.clone())))
+    }
+
     async fn grow_mounted(
         &self,
         v: &Volume,
         dev: &Path,
-        mountpoint: &Path,
+        mountpoint: &Confined,
         fs: &str,
         size: u64,
+        rdev: u64,
     ) -> AgentResult<()> {
         match fs {
             "xfs" => {
-                tracing::info!(volume = %v.id, mountpoint = %mountpoint.display(), "growing xfs filesystem");
-                self.host.grow_online(FsType::Xfs, dev, mountpoint).await?;
+                tracing::info!(volume = %v.id, mountpoint = %mountpoint.real().display(), "growing xfs filesystem");
+                self.host
+                    .grow_online(FsType::Xfs, mountpoint, rdev, size)
+                    .await?;
             }
             "ext4" => {
                 let fs_size = self.host.ext4_size(dev).await?;
                 if fs_size.saturating_add(GROW_SLACK) <= size {
-                    tracing::info!(volume = %v.id, device = %dev.display(), "growing ext4 filesystem online");
+                    tracing::info!(volume = %v.id, mountpoint = %mountpoint.real().display(), "growing ext4 filesystem online");
                     self.host
-                        .grow_online(FsType::Ext4, dev, mountpoint)
+                        .grow_online(FsType::Ext4, mountpoint, rdev, size)
                         .await
                         .map_err(|e| {
                             failed(format!(
@@ -1315,9 +1348,10 @@ impl NodeService {
             }
             other => {
                 return Err(failed(format!(
-                    "volume {} is mounted at {} as {other:?}, which pmem-agent cannot grow",
+                    "volume {} is mounted at {} as {}, which pmem-agent cannot grow",
                     v.id,
-                    mountpoint.display()
+                    shown(mountpoint),
+                    quote(other)
                 )));
             }
         }

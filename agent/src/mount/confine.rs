@@ -315,6 +315,32 @@ impl Confined {
         }
     }
 
+    /// A readable descriptor of the directory at the path (the root of the
+    /// top mount when something is mounted there), for calls that need more
+    /// than `O_PATH` (`fstatvfs`, filesystem ioctls). Walked like
+    /// [`Confined::open`]; `None` when it does not exist.
+    pub fn open_dir(&self) -> Result<Option<OwnedFd>, MountError> {
+        let Some((dir, name)) = self.parent(false)? else {
+            return Ok(None);
+        };
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(resolve_flags());
+        match openat2(dir.as_fd(), name.as_os_str(), how) {
+            Ok(f) => Ok(Some(f)),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(Errno::ENOTDIR) => {
+                let kind = self
+                    .open_in(dir.as_fd(), &name)?
+                    .map(|fd| statx_fd(fd.as_fd()).map(|s| s.kind()))
+                    .transpose()?
+                    .unwrap_or(libc::S_IFREG);
+                Err(self.wrong_type("a directory", kind))
+            }
+            Err(e) => Err(self.step_error(e, &self.rel)),
+        }
+    }
+
     /// Creates the path as a directory (and missing parents); an existing
     /// directory is fine, anything else is FailedPrecondition.
     pub fn make_dir(&self) -> Result<OwnedFd, MountError> {

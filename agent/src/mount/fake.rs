@@ -231,6 +231,36 @@ impl FakeState {
         Some(PathState { kind, rdev, mount })
     }
 
+    /// The device whose filesystem is the top mount at `real` (the
+    /// confined `path`), as the real host checks it through its fd.
+    fn fs_mounted(
+        &self,
+        path: &Confined,
+        real: &Path,
+        device: u64,
+    ) -> Result<&FakeDevice, MountError> {
+        let not = || {
+            MountError::Refused(format!(
+                "{} {} is not a mount of the volume's filesystem",
+                path.field(),
+                path.lexical().display()
+            ))
+        };
+        let m = self
+            .mounts
+            .iter()
+            .rev()
+            .find(|m| m.mount_point == real)
+            .ok_or_else(not)?;
+        if m.dev != device || self.block_binds.contains_key(real) {
+            return Err(not());
+        }
+        self.devices
+            .values()
+            .find(|d| d.rdev == device)
+            .ok_or_else(not)
+    }
+
     fn check(&self, op: &str) -> Result<(), MountError> {
         match self.fail.get(op) {
             Some(msg) => Err(err(op, msg)),
@@ -522,20 +552,11 @@ impl Host for FakeHost {
         Ok(())
     }
 
-    async fn statvfs(&self, path: &Path) -> Result<FsStats, MountError> {
+    async fn statvfs(&self, path: &Confined, device: u64) -> Result<FsStats, MountError> {
         let st = self.state();
         st.check("statvfs")?;
-        let Some(m) = st.mounts.iter().rev().find(|m| m.mount_point == path) else {
-            return Err(MountError::sys(
-                format!("statvfs {}", path.display()),
-                nix::errno::Errno::ENOENT,
-            ));
-        };
-        let size = st
-            .devices
-            .values()
-            .find(|d| d.rdev == m.dev)
-            .map_or(0, |d| d.fs_size);
+        let real = st.confine(path)?;
+        let size = st.fs_mounted(path, &real, device)?.fs_size;
         Ok(FsStats {
             block_size: 4096,
             blocks: size / 4096,
@@ -553,19 +574,22 @@ impl Host for FakeHost {
     async fn grow_online(
         &self,
         fs: FsType,
-        dev: &Path,
-        mountpoint: &Path,
+        path: &Confined,
+        device: u64,
+        size: u64,
     ) -> Result<(), MountError> {
         let mut st = self.state();
         st.check("grow_online")?;
+        let real = st.confine(path)?;
+        st.fs_mounted(path, &real, device)?;
         st.calls.push(format!(
-            "grow_online {} {} {}",
+            "grow_online {} {} {size}",
             fs.as_str(),
-            dev.display(),
-            mountpoint.display()
+            real.display()
         ));
-        let d = st.device(dev)?;
-        d.fs_size = d.size;
+        if let Some(d) = st.devices.values_mut().find(|d| d.rdev == device) {
+            d.fs_size = size.min(d.size);
+        }
         Ok(())
     }
 

@@ -322,11 +322,12 @@ impl Host for RealHost {
         blocking("extent size hint", move || set_extent_hint(&dir)).await
     }
 
-    async fn statvfs(&self, path: &Path) -> Result<FsStats, MountError> {
-        let path = path.to_owned();
+    async fn statvfs(&self, path: &Confined, device: u64) -> Result<FsStats, MountError> {
+        let path = path.clone();
         blocking("statvfs", move || {
-            let s = nix::sys::statvfs::statvfs(&path)
-                .map_err(|e| MountError::sys(format!("statvfs {}", path.display()), e))?;
+            let (fd, _) = open_mount_root(&path, device)?;
+            let s = nix::sys::statvfs::fstatvfs(&fd)
+                .map_err(|e| MountError::sys(format!("fstatvfs {}", path.real().display()), e))?;
             Ok(FsStats {
                 block_size: s.fragment_size(),
                 blocks: s.blocks(),
@@ -353,14 +354,28 @@ impl Host for RealHost {
     async fn grow_online(
         &self,
         fs: FsType,
-        dev: &Path,
-        mountpoint: &Path,
+        path: &Confined,
+        device: u64,
+        size: u64,
     ) -> Result<(), MountError> {
-        let argv = match fs {
-            FsType::Xfs => ["xfs_growfs", path_str(mountpoint)?],
-            FsType::Ext4 => ["resize2fs", path_str(dev)?],
-        };
-        run_ok(&argv, GROW_DEADLINE).await.map(|_| ())
+        let path = path.clone();
+        blocking("grow", move || {
+            let (fd, e) = open_mount_root(&path, device)?;
+            if e.fs_type != fs.as_str() {
+                return Err(MountError::Refused(format!(
+                    "{} {} is a {} filesystem, not {}",
+                    path.field(),
+                    quote(&path.lexical().to_string_lossy()),
+                    e.fs_type,
+                    fs.as_str()
+                )));
+            }
+            match fs {
+                FsType::Xfs => grow_xfs(fd.as_fd(), &path, size),
+                FsType::Ext4 => grow_ext4(fd.as_fd(), &path, size),
+            }
+        })
+        .await
     }
 
     async fn grow_offline_ext4(&self, dev: &Path) -> Result<(), MountError> {
@@ -388,6 +403,138 @@ impl Host for RealHost {
         let path = path.clone();
         blocking("remove", move || remove(&path, leaf)).await
     }
+}
+
+/// A readable fd of the root of the mount at `path`, opened beneath the
+/// kubelet root without following symlinks, and that mount's entry; the
+/// mount must be a filesystem on `device`. Calls through the fd act on
+/// that filesystem whatever happens to the path afterwards.
+fn open_mount_root(path: &Confined, device: u64) -> Result<(OwnedFd, MountEntry), MountError> {
+    let not = || {
+        MountError::Refused(format!(
+            "{} {} is not a mount of the volume's filesystem",
+            path.field(),
+            quote(&path.lexical().to_string_lossy())
+        ))
+    };
+    let fd = path.open_dir()?.ok_or_else(not)?;
+    let st = statx_fd(fd.as_fd())?;
+    if !st.mount_root || st.dev != device {
+        return Err(not());
+    }
+    // The fd's mount, by the id statx gave: mountinfo by name is not asked.
+    let e = entry(st.mnt_id)?.ok_or_else(|| {
+        MountError::Parse(format!(
+            "mount {} of {} is not in /proc/self/mountinfo",
+            st.mnt_id,
+            path.real().display()
+        ))
+    })?;
+    if e.dev != device {
+        return Err(not());
+    }
+    Ok((fd, e))
+}
+
+/// `struct xfs_fsop_geom_v1` (`XFS_IOC_FSGEOMETRY_V1`), which every
+/// kernel with XFS answers.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct XfsGeometryV1 {
+    blocksize: u32,
+    rtextsize: u32,
+    agblocks: u32,
+    agcount: u32,
+    logblocks: u32,
+    sectsize: u32,
+    inodesize: u32,
+    imaxpct: u32,
+    datablocks: u64,
+    rtblocks: u64,
+    rtextents: u64,
+    logstart: u64,
+    uuid: [u8; 16],
+    sunit: u32,
+    swidth: u32,
+    version: i32,
+    flags: u32,
+    logsectsize: u32,
+    rtsectsize: u32,
+    dirblocksize: u32,
+}
+
+/// `struct xfs_growfs_data` (`XFS_IOC_FSGROWFSDATA`).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct XfsGrowfsData {
+    newblocks: u64,
+    imaxpct: u32,
+}
+
+nix::ioctl_read!(xfs_geometry_v1, b'X', 100, XfsGeometryV1);
+nix::ioctl_write_ptr!(xfs_growfs_data, b'X', 110, XfsGrowfsData);
+nix::ioctl_write_ptr!(ext4_resize_fs, b'f', 16, u64);
+
+/// What `xfs_growfs -d` does, on the fd of the mount's root: the data
+/// section to the whole device (the kernel drops a last allocation group
+/// too small to keep). Never asks for fewer blocks than it has.
+fn grow_xfs(fd: BorrowedFd<'_>, path: &Confined, size: u64) -> Result<(), MountError> {
+    let at = || path.real().display().to_string();
+    let mut geo = XfsGeometryV1::default();
+    // SAFETY: an fd on an xfs filesystem and a correctly sized struct the
+    // kernel fills.
+    unsafe { xfs_geometry_v1(fd.as_raw_fd(), &mut geo) }
+        .map_err(|e| MountError::sys(format!("XFS_IOC_FSGEOMETRY {}", at()), e))?;
+    if geo.blocksize == 0 {
+        return Err(MountError::Parse(format!(
+            "xfs at {} reports a block size of 0",
+            at()
+        )));
+    }
+    let blocks = size / u64::from(geo.blocksize);
+    if blocks <= geo.datablocks {
+        return Ok(());
+    }
+    let req = XfsGrowfsData {
+        newblocks: blocks,
+        imaxpct: geo.imaxpct,
+    };
+    // SAFETY: as above; the kernel only reads the struct.
+    unsafe { xfs_growfs_data(fd.as_raw_fd(), &req) }.map_err(|e| {
+        MountError::sys(
+            format!(
+                "XFS_IOC_FSGROWFSDATA {} from {} to {blocks} blocks",
+                at(),
+                geo.datablocks
+            ),
+            e,
+        )
+    })?;
+    Ok(())
+}
+
+/// What `resize2fs` does for a mounted ext4 on a kernel with online
+/// resize: `EXT4_IOC_RESIZE_FS` with the new block count, on the fd of the
+/// mount's root.
+fn grow_ext4(fd: BorrowedFd<'_>, path: &Confined, size: u64) -> Result<(), MountError> {
+    let at = || path.real().display().to_string();
+    let s = nix::sys::statvfs::fstatvfs(fd)
+        .map_err(|e| MountError::sys(format!("fstatvfs {}", at()), e))?;
+    // ext4 reports its block size as f_bsize.
+    let bs = s.block_size();
+    if bs == 0 {
+        return Err(MountError::Parse(format!(
+            "ext4 at {} reports a block size of 0",
+            at()
+        )));
+    }
+    let blocks: u64 = size / bs;
+    // SAFETY: an fd on an ext4 filesystem and a pointer to a u64 the
+    // kernel only reads.
+    unsafe { ext4_resize_fs(fd.as_raw_fd(), &blocks) }.map_err(|e| {
+        MountError::sys(format!("EXT4_IOC_RESIZE_FS {} to {blocks} blocks", at()), e)
+    })?;
+    Ok(())
 }
 
 fn mount_table() -> Result<Vec<MountEntry>, MountError> {

@@ -252,15 +252,22 @@ pub trait Host: Send + Sync + Debug {
     /// Sets a 2 MiB extent size hint on the root of the xfs mount at
     /// `dir` (inherited by new files).
     async fn set_extent_hint(&self, dir: &Confined) -> Result<(), MountError>;
-    async fn statvfs(&self, path: &Path) -> Result<FsStats, MountError>;
+    /// `statvfs` of the filesystem at `path`, through a descriptor opened
+    /// beneath the root, which must be the root of a mount of a filesystem
+    /// on `device` (else FailedPrecondition).
+    async fn statvfs(&self, path: &Confined, device: u64) -> Result<FsStats, MountError>;
     /// Size of the ext4 filesystem on `dev` in bytes (from its superblock).
     async fn ext4_size(&self, dev: &Path) -> Result<u64, MountError>;
-    /// Grows a mounted filesystem to the device size.
+    /// Grows the filesystem mounted at `path` to `size` bytes while it is
+    /// mounted, through a descriptor of the mount's root opened beneath the
+    /// root and checked to be a mount of a filesystem on `device`, so no
+    /// rename or symlink can point the grow at another filesystem.
     async fn grow_online(
         &self,
         fs: FsType,
-        dev: &Path,
-        mountpoint: &Path,
+        path: &Confined,
+        device: u64,
+        size: u64,
     ) -> Result<(), MountError>;
     /// Checks and grows an unmounted ext4 filesystem to the device size.
     async fn grow_offline_ext4(&self, dev: &Path) -> Result<(), MountError>;

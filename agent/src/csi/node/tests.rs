@@ -1162,8 +1162,8 @@ async fn expand_grows_filesystems() {
         r.host.calls("grow"),
         vec![format!(
             "grow_online xfs {} {}",
-            r.dev(&v).display(),
-            staging.display()
+            staging.display(),
+            2u64 << 30
         )]
     );
 
@@ -1176,11 +1176,7 @@ async fn expand_grows_filesystems() {
         .unwrap();
     assert_eq!(
         r.host.calls("grow").last().unwrap(),
-        &format!(
-            "grow_online xfs {} {}",
-            r.dev(&v).display(),
-            staging.display()
-        )
+        &format!("grow_online xfs {} {}", staging.display(), 3u64 << 30)
     );
 
     // ext4: online refused (as without CAP_SYS_RESOURCE) → clear error;
@@ -1841,4 +1837,123 @@ fn deleted(r: &Rig, name: &str) -> bool {
         .volume_by_name(name)
         .unwrap()
         .is_none_or(|v| v.state == pmem_allocator::VolumeState::Erasing)
+}
+
+/// NodeGetVolumeStats and NodeExpandVolume resolve their paths beneath the
+/// root without following symlinks, as stage and publish do: a symlinked
+/// component is InvalidArgument even where the mount table by name would
+/// have led to the volume, a path outside the root too, and an unknown
+/// volume is NotFound before any path is judged.
+#[tokio::test]
+async fn stats_and_expand_resolve_paths_beneath_the_root() {
+    let r = Rig::new();
+    let v = r.create("pv", 512);
+    let staging = r.path("plugins/st/pv");
+    let target = r.path("pods/a/pv");
+    r.node
+        .stage(stage_req(&v.id, &staging, xfs()))
+        .await
+        .unwrap();
+    r.node
+        .publish(publish_req(&v.id, &staging, &target, xfs(), false))
+        .await
+        .unwrap();
+    r.host.with_device(&r.dev(&v), |d| d.size = 2 << 30);
+    // An ancestor of both recorded paths becomes a symlink.
+    r.host.state().symlinks.insert(r.path("pods"));
+    r.host.state().symlinks.insert(r.path("plugins"));
+    assert_fails(
+        r.node.stats(stats_req(&v.id, &target)).await,
+        Code::InvalidArgument,
+        "symbolic link",
+    );
+    assert_fails(
+        r.node
+            .expand(expand_req(&v.id, &target, None, 2 << 30))
+            .await,
+        Code::InvalidArgument,
+        "symbolic link",
+    );
+    assert!(r.host.calls("grow").is_empty());
+    r.host.state().symlinks.remove(&r.path("pods"));
+    // The staging path given with the request: the same.
+    assert_fails(
+        r.node
+            .expand(expand_req(&v.id, &target, Some(&staging), 2 << 30))
+            .await,
+        Code::InvalidArgument,
+        "symbolic link",
+    );
+    // A recorded stage that cannot be reached is no candidate: the
+    // read-write publish is grown.
+    r.node
+        .expand(expand_req(&v.id, &target, None, 2 << 30))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.host.calls("grow"),
+        vec![format!(
+            "grow_online xfs {} {}",
+            target.display(),
+            2u64 << 30
+        )]
+    );
+    r.host.state().symlinks.remove(&r.path("plugins"));
+    // Outside the root.
+    let outside = r.base.join("elsewhere/pv");
+    assert_fails(
+        r.node.stats(stats_req(&v.id, &outside)).await,
+        Code::InvalidArgument,
+        "not under the kubelet root",
+    );
+    assert_fails(
+        r.node.expand(expand_req(&v.id, &outside, None, 0)).await,
+        Code::InvalidArgument,
+        "not under the kubelet root",
+    );
+    // An unknown volume is NotFound first, whatever the path.
+    r.host.state().symlinks.insert(r.path("pods"));
+    assert_fails(
+        r.node.stats(stats_req("pmem-nope", &target)).await,
+        Code::NotFound,
+        "pmem-nope",
+    );
+    assert_fails(
+        r.node
+            .expand(expand_req("pmem-nope", &target, None, 0))
+            .await,
+        Code::NotFound,
+        "pmem-nope",
+    );
+    r.host.state().symlinks.remove(&r.path("pods"));
+    // The normal paths work.
+    let st = r.node.stats(stats_req(&v.id, &target)).await.unwrap();
+    assert_eq!(st.usage.len(), 2);
+    assert!(!st.volume_condition.unwrap().message.contains("symbolic"));
+    r.node.stats(stats_req(&v.id, &staging)).await.unwrap();
+    r.host.with_device(&r.dev(&v), |d| d.size = 3 << 30);
+    r.node
+        .expand(expand_req(&v.id, &target, Some(&staging), 3 << 30))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.host.calls("grow").last().unwrap(),
+        &format!("grow_online xfs {} {}", staging.display(), 3u64 << 30)
+    );
+    // A recorded path whose mount was replaced by another device's: not
+    // grown there, and the stats say so.
+    r.host.unmount_raw(&target);
+    r.host.mount_raw(Path::new("tmpfs"), &target, "tmpfs");
+    let c = r
+        .node
+        .stats(stats_req(&v.id, &target))
+        .await
+        .unwrap()
+        .volume_condition
+        .unwrap();
+    assert!(
+        c.abnormal && c.message.contains("another device"),
+        "{}",
+        c.message
+    );
 }

@@ -22,6 +22,13 @@
 
 # shellcheck disable=SC2034 # read by agent_start (guest/e2e.sh)
 E2E_BACKEND=direct
+# A single-tenant test node: volumes made with eraseAfter=false (the create
+# helper's default) are not zeroed when deleted, which keeps filling and
+# emptying both regions fast under TCG. The erase path runs for every volume
+# made with --erase-after true (vol-e, the timings); the hostile suites on
+# the host check the multi-tenant default.
+# shellcheck disable=SC2034
+E2E_AGENT_ARGS=--allow-unerased-reuse
 MIB=$((1024 * 1024))
 STATE_NS=rig-state
 
@@ -296,7 +303,7 @@ case $RIG_BOOT in
     ours_c=() ours_d=() nd_c=() nd_d=() agent_c=() agent_d=() erase_d=()
     for i in 1 2 3; do
         t0=$EPOCHREALTIME
-        out=$(create "timing-$i" 256MiB) || fail "create timing-$i"
+        out=$(create "timing-$i" 256MiB --erase-after true) || fail "create timing-$i"
         ours_c+=("$(ms_since "$t0")")
         agent_c+=("$(agent_ms 'namespace ready')")
         t0=$EPOCHREALTIME

@@ -19,6 +19,10 @@
 
 # shellcheck disable=SC2034 # read by agent_start (guest/e2e.sh)
 E2E_BACKEND=lvm
+# A single-tenant test node (see direct-e2e): eraseAfter=false volumes are
+# not zeroed at delete; the erase path runs for --erase-after true volumes.
+# shellcheck disable=SC2034
+E2E_AGENT_ARGS=--allow-unerased-reuse
 MIB=$((1024 * 1024))
 STATE_NS=rig-state
 export RUST_LOG=info,pmem_allocator::lvm=debug

@@ -376,7 +376,22 @@ impl LvmBackend {
 
     fn remove(&self, slot: &VgSlot, lv: &Lv, volume_id: &str) -> Result<()> {
         self.refuse_busy(lv, volume_id)?;
+        // An LV held open (not exclusively) passes the O_EXCL check; lvm
+        // refuses it before changing anything, which is the client's
+        // precondition, not an internal error (the delete is undone).
         self.change("lvremove", &["--yes", &format!("{}/{}", slot.vg, lv.name)])
+            .map_err(|e| in_use(e, lv, volume_id))
+    }
+}
+
+/// An lvm refusal because the LV is open, as the precondition it is.
+fn in_use(e: Error, lv: &Lv, volume_id: &str) -> Error {
+    match e {
+        Error::Device(m) if m.contains(" in use") => Error::FailedPrecondition(format!(
+            "device {} of volume {volume_id} is in use (open by another process): {m}",
+            lv.path
+        )),
+        e => e,
     }
 }
 
@@ -541,15 +556,7 @@ impl Backend for LvmBackend {
             // (O_EXCL only sees mounts and exclusive holders).
             let full = format!("{}/{}", slot.vg, lv.name);
             self.change("lvchange", &["--activate", "n", &full])
-                .map_err(|e| match e {
-                    Error::Device(m) if m.contains(" in use") => {
-                        Error::FailedPrecondition(format!(
-                            "device {} of volume {} is in use (open by another process): {m}",
-                            lv.path, req.volume_id
-                        ))
-                    }
-                    e => e,
-                })?;
+                .map_err(|e| in_use(e, &lv, &req.volume_id))?;
         }
         // The LV keeps its extents; only its name (and device path) goes.
         self.change(

@@ -316,7 +316,7 @@ async fn assert_lost(d: &Daemon, v: &admin::Volume) {
         "{}",
         cond.message
     );
-    let regions = list_regions(&d).await;
+    let regions = list_regions(d).await;
     assert!(!regions[0].lost.is_empty());
     assert_eq!(regions[0].available_bytes, 0);
     assert!(regions[1].lost.is_empty());

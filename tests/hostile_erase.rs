@@ -8,50 +8,34 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::Daemon;
+use common::util::{
+    block_create_req, capacity, free_port, get_volume, loop_name, metric, open_excl, read_at,
+    wait_until, write_at,
+};
 use pmem_proto::admin;
 use pmem_proto::csi;
-use pmem_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, access_mode::Mode};
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
 /// Where the tenant's marker goes.
 const MARKER_AT: u64 = 32 * MIB;
 
-fn create_req(name: &str, size: u64, erase_after: bool) -> csi::CreateVolumeRequest {
-    csi::CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: i64::try_from(size).unwrap(),
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![csi::VolumeCapability {
-            access_mode: Some(AccessMode {
-                mode: Mode::SingleNodeWriter as i32,
-            }),
-            access_type: Some(AccessType::Block(BlockVolume {})),
-        }],
-        parameters: HashMap::from([("eraseAfter".to_owned(), erase_after.to_string())]),
-        ..Default::default()
-    }
-}
-
 async fn create(d: &Daemon, name: &str, size: u64, erase_after: bool) -> admin::Volume {
     let v = d
         .controller()
         .await
-        .create_volume(create_req(name, size, erase_after))
+        .create_volume(block_create_req(name, size, erase_after))
         .await
         .unwrap_or_else(|e| panic!("create {name}: {e}"))
         .into_inner()
         .volume
         .unwrap();
-    get(d, &v.volume_id)
+    get_volume(d, &v.volume_id)
         .await
         .expect("created volume in the ledger")
 }
@@ -67,83 +51,16 @@ async fn delete(d: &Daemon, id: &str) -> Result<(), tonic::Status> {
         .map(|_| ())
 }
 
-/// The ledger's view of a volume, `None` once its row is gone.
-async fn get(d: &Daemon, id: &str) -> Option<admin::Volume> {
-    match d
-        .admin()
-        .await
-        .get_volume(admin::GetVolumeRequest {
-            volume_id: id.to_owned(),
-        })
-        .await
-    {
-        Ok(v) => Some(v.into_inner()),
-        Err(s) if s.code() == Code::NotFound => None,
-        Err(s) => panic!("get volume {id}: {s}"),
-    }
-}
-
-/// Waits until the eraser removed the row (polling; the deadline only
-/// bounds a hang, it asserts no speed).
+/// Waits until the eraser removed the row.
 async fn wait_gone(d: &Daemon, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while get(d, id).await.is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "volume {id} still not erased; log:\n{}",
-            d.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(d, &format!("volume {id} erased"), 120, async || {
+        get_volume(d, id).await.is_none()
+    })
+    .await;
 }
 
 async fn available(d: &Daemon) -> u64 {
-    let c = d
-        .controller()
-        .await
-        .get_capacity(csi::GetCapacityRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    u64::try_from(c.available_capacity).unwrap()
-}
-
-fn write_marker(dev: &str, at: u64, byte: u8) {
-    let f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
-    f.write_all_at(&[byte; 4096], at).unwrap();
-    f.sync_all().unwrap();
-}
-
-fn read_at(dev: &str, at: u64) -> Vec<u8> {
-    let f = std::fs::File::open(dev).unwrap();
-    let mut buf = vec![0u8; 4096];
-    f.read_exact_at(&mut buf, at).unwrap();
-    buf
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn metric(port: u16, name: &str) -> f64 {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in\n{body}"))
+    u64::try_from(capacity(d).await.available_capacity).unwrap()
 }
 
 /// tenantA writes a marker at 32 MiB and is deleted; tenantB, created on
@@ -160,7 +77,7 @@ async fn hostile_erase_no_volume_sees_a_previous_volumes_bytes() {
         let d = Daemon::start(&extra).await;
         let case = format!("eraseAfter={erase_after} single-tenant={single_tenant}");
         let a = create(&d, "tenantA", 64 * MIB, erase_after).await;
-        write_marker(&a.device, MARKER_AT, 0xA5);
+        write_at(&a.device, MARKER_AT, &[0xA5; 4096]);
         delete(&d, &a.id).await.unwrap();
         wait_gone(&d, &a.id).await;
         let b = create(&d, "tenantB", 64 * MIB, true).await;
@@ -169,7 +86,7 @@ async fn hostile_erase_no_volume_sees_a_previous_volumes_bytes() {
             (a.region.as_str(), a.offset_bytes),
             "{case}: tenantB is not on tenantA's extent"
         );
-        let got = read_at(&b.device, MARKER_AT);
+        let got = read_at(&b.device, MARKER_AT, 4096);
         if single_tenant {
             assert!(
                 got.iter().all(|&x| x == 0xA5),
@@ -182,7 +99,7 @@ async fn hostile_erase_no_volume_sees_a_previous_volumes_bytes() {
             );
         }
         // Nothing is zeroed at create either: tenantB's own bytes stay.
-        write_marker(&b.device, 0, 0x5A);
+        write_at(&b.device, 0, &[0x5A; 4096]);
         delete(&d, &b.id).await.unwrap();
         wait_gone(&d, &b.id).await;
     }
@@ -203,14 +120,16 @@ async fn hostile_erase_runs_in_the_background_and_resumes_after_kill_9() {
     let total = available(&d).await;
     let big = create(&d, "big", 512 * MIB, true).await;
     for at in [0, MARKER_AT, 256 * MIB, 511 * MIB] {
-        write_marker(&big.device, at, 0xA5);
+        write_at(&big.device, at, &[0xA5; 4096]);
     }
     delete(&d, &big.id).await.unwrap();
-    let now = get(&d, &big.id).await.expect("row kept while erasing");
+    let now = get_volume(&d, &big.id)
+        .await
+        .expect("row kept while erasing");
     assert_eq!(now.state, "erasing", "DeleteVolume waited for the erase");
     assert_eq!(now.device, big.device);
     assert_ne!(
-        common_loop_name(&big.device),
+        loop_name(&big.device),
         format!("pmem-agent:{}", big.id),
         "the tenant's loop device is still attached"
     );
@@ -222,14 +141,14 @@ async fn hostile_erase_runs_in_the_background_and_resumes_after_kill_9() {
     let full = d
         .controller()
         .await
-        .create_volume(create_req("nope", 16 * MIB, true))
+        .create_volume(block_create_req("nope", 16 * MIB, true))
         .await
         .unwrap_err();
     assert_eq!(full.code(), Code::ResourceExhausted, "{full}");
     delete(&d, &other.id).await.unwrap();
 
     // A crash in the middle of the erase.
-    assert_eq!(get(&d, &big.id).await.unwrap().state, "erasing");
+    assert_eq!(get_volume(&d, &big.id).await.unwrap().state, "erasing");
     d.kill();
     d.extra = base.iter().map(|s| s.to_string()).collect();
     d.spawn().await;
@@ -242,29 +161,12 @@ async fn hostile_erase_runs_in_the_background_and_resumes_after_kill_9() {
     assert_eq!(c.offset_bytes, big.offset_bytes);
     for at in [0, MARKER_AT, 256 * MIB, 511 * MIB] {
         assert!(
-            read_at(&c.device, at).iter().all(|&x| x == 0),
+            read_at(&c.device, at, 4096).iter().all(|&x| x == 0),
             "tenantC reads big's bytes at {at}"
         );
     }
     delete(&d, &c.id).await.unwrap();
     d.stop();
-}
-
-/// `lo_file_name` of a loop device ("" when it is not attached).
-fn common_loop_name(dev: &str) -> String {
-    pmem_allocator::loopdev::list()
-        .unwrap()
-        .into_iter()
-        .find(|l| l.path.display().to_string() == dev)
-        .map(|l| l.name)
-        .unwrap_or_default()
-}
-
-fn open_excl(dev: &str) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_EXCL)
-        .open(dev)
 }
 
 /// Held open exclusively (as a mount does) or plainly by some process, the
@@ -292,7 +194,7 @@ async fn hostile_erase_a_refused_delete_leaves_the_volume_ready() {
                 "exclusive={exclusive} try {i}: {e}"
             );
             assert!(e.message().contains("in use"), "{e}");
-            let now = get(&d, &v.id).await.unwrap();
+            let now = get_volume(&d, &v.id).await.unwrap();
             assert_eq!(now.state, "ready", "exclusive={exclusive} try {i}");
             assert_eq!(now.device, v.device);
         }
@@ -302,7 +204,7 @@ async fn hostile_erase_a_refused_delete_leaves_the_volume_ready() {
             held.sync_all().unwrap();
         }
         drop(held);
-        assert_eq!(common_loop_name(&v.device), format!("pmem-agent:{}", v.id));
+        assert_eq!(loop_name(&v.device), format!("pmem-agent:{}", v.id));
         let mut f = std::fs::File::open(&v.device).unwrap();
         let mut b = [0u8; 512];
         f.read_exact(&mut b).unwrap();
@@ -338,7 +240,7 @@ async fn hostile_erase_a_delete_racing_an_exclusive_holder_never_sticks_in_delet
                     // numbers are reused by other tests once it is gone.
                     let ours = std::fs::read_to_string(&sys)
                         .is_ok_and(|b| std::path::Path::new(b.trim()) == region)
-                        && common_loop_name(&dev) == name;
+                        && loop_name(&dev) == name;
                     if !ours {
                         break;
                     }
@@ -358,7 +260,7 @@ async fn hostile_erase_a_delete_racing_an_exclusive_holder_never_sticks_in_delet
                 Err(e) => {
                     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
                     refused += 1;
-                    let now = get(&d, &v.id)
+                    let now = get_volume(&d, &v.id)
                         .await
                         .expect("refused delete removed the row");
                     assert_eq!(now.state, "ready", "refused delete left {now:?}");

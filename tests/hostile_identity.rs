@@ -8,79 +8,42 @@
 mod common;
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
+use common::util::{
+    block_create_req, capacity, free_port, get_volume, list_regions, pmemctl_output, probe,
+    read_at, reconcile_report, scrape, write_at,
+};
 use common::{Daemon, bin};
 use pmem_proto::admin;
 use pmem_proto::csi;
-use pmem_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, access_mode::Mode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
 const MARK: u8 = 0xA7;
 
-fn block_req(name: &str, bytes: u64) -> csi::CreateVolumeRequest {
-    csi::CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: i64::try_from(bytes).unwrap(),
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![csi::VolumeCapability {
-            access_mode: Some(AccessMode {
-                mode: Mode::SingleNodeWriter as i32,
-            }),
-            access_type: Some(AccessType::Block(BlockVolume {})),
-        }],
-        parameters: HashMap::from([("eraseAfter".to_owned(), "true".to_owned())]),
-        ..Default::default()
-    }
-}
-
 async fn create(d: &Daemon, name: &str, bytes: u64) -> admin::Volume {
     let v = d
         .controller()
         .await
-        .create_volume(block_req(name, bytes))
+        .create_volume(block_create_req(name, bytes, true))
         .await
         .unwrap_or_else(|e| panic!("create {name}: {e}; log:\n{}", d.log()))
         .into_inner()
         .volume
         .unwrap();
-    get(d, &v.volume_id).await
-}
-
-async fn get(d: &Daemon, id: &str) -> admin::Volume {
-    d.admin()
-        .await
-        .get_volume(admin::GetVolumeRequest {
-            volume_id: id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+    get_volume(d, &v.volume_id).await.unwrap()
 }
 
 /// Writes a 1 MiB marker at 32 MiB into the volume's block device.
 fn write_marker(v: &admin::Volume) {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&v.device)
-        .unwrap();
-    f.write_all_at(&vec![MARK; MIB as usize], 32 * MIB).unwrap();
-    f.sync_all().unwrap();
+    write_at(&v.device, 32 * MIB, &[MARK; MIB as usize]);
 }
 
 /// The 1 MiB at 32 MiB of the volume's block device.
 fn read_at_32m(v: &admin::Volume) -> Vec<u8> {
-    let f = std::fs::File::open(&v.device).unwrap();
-    let mut buf = vec![0u8; MIB as usize];
-    f.read_exact_at(&mut buf, 32 * MIB).unwrap();
-    buf
+    read_at(&v.device, 32 * MIB, MIB as usize)
 }
 
 fn ledger(d: &Daemon) -> PathBuf {
@@ -104,30 +67,7 @@ fn remove_ledger(d: &Daemon) {
 /// in recovery, never ready).
 async fn spawn_recovering(d: &mut Daemon) {
     d.spawn_process().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(c) = d.child.as_mut()
-            && let Ok(Some(st)) = c.try_wait()
-        {
-            panic!("pmem-agent exited with {st}; log:\n{}", d.log());
-        }
-        if d.admin_sock().exists()
-            && let Ok(ch) =
-                pmem_agent::client::connect(&format!("unix://{}", d.admin_sock().display())).await
-            && admin::admin_client::AdminClient::new(ch)
-                .ledger_status(admin::Empty {})
-                .await
-                .is_ok()
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "admin socket not up in 30s; log:\n{}",
-            d.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    d.wait_admin().await;
 }
 
 async fn ledger_status(d: &Daemon) -> admin::LedgerStatusResponse {
@@ -139,27 +79,8 @@ async fn ledger_status(d: &Daemon) -> admin::LedgerStatusResponse {
         .into_inner()
 }
 
-async fn probe_ready(d: &Daemon) -> bool {
-    d.identity()
-        .await
-        .unwrap()
-        .probe(csi::ProbeRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .ready
-        .unwrap_or(false)
-}
-
 fn pmemctl(d: &Daemon, args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin("pmemctl"))
-        .arg("--admin-endpoint")
-        .arg(format!("unix://{}", d.admin_sock().display()))
-        .arg("--endpoint")
-        .arg(format!("unix://{}", d.csi_sock().display()))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = pmemctl_output(d, args);
     (
         out.status.success(),
         format!(
@@ -175,13 +96,13 @@ async fn assert_refused(d: &Daemon, name: &str) {
     let e = d
         .controller()
         .await
-        .create_volume(block_req(name, 64 * MIB))
+        .create_volume(block_create_req(name, 64 * MIB, true))
         .await
         .expect_err("a create over a refused ledger must fail");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     assert!(e.message().contains("pmemctl ledger rebuild"), "{e}");
     assert!(e.message().contains("--reinitialize"), "{e}");
-    assert!(!probe_ready(d).await, "Probe must not say ready");
+    assert!(!probe(d).await.unwrap_or(false), "Probe must not say ready");
     let st = ledger_status(d).await;
     assert!(!st.refused.is_empty());
     assert!(d.log().contains("LEDGER REFUSED"), "{}", d.log());
@@ -204,14 +125,7 @@ async fn hostile_identity_lost_ledger_is_refused_and_rebuilt() {
         st.refused
     );
     // Nothing was stamped or placed: the volume list is empty, capacity 0.
-    let caps = d
-        .controller()
-        .await
-        .get_capacity(csi::GetCapacityRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(caps.available_capacity, 0);
+    assert_eq!(capacity(&d).await.available_capacity, 0);
 
     // A dry run lists tenantA's volume and writes nothing.
     let (ok, out) = pmemctl(&d, &["--json", "ledger", "rebuild"]);
@@ -234,7 +148,7 @@ async fn hostile_identity_lost_ledger_is_refused_and_rebuilt() {
     d.wait_ready().await;
 
     // tenantA is back, with its data; tenantB never sees it.
-    let back = get(&d, &a.id).await;
+    let back = get_volume(&d, &a.id).await.unwrap();
     assert_eq!(
         (back.region.as_str(), back.offset_bytes),
         (a.region.as_str(), a.offset_bytes)
@@ -251,7 +165,7 @@ async fn hostile_identity_lost_ledger_is_refused_and_rebuilt() {
     // And the state survives a restart without refusal.
     d.stop();
     d.spawn().await;
-    assert_eq!(get(&d, &a.id).await.state, "ready");
+    assert_eq!(get_volume(&d, &a.id).await.unwrap().state, "ready");
 }
 
 #[tokio::test]
@@ -284,21 +198,9 @@ async fn hostile_identity_truncated_ledger_then_reinitialize_erases() {
         .volumes;
     assert!(vols.is_empty(), "{vols:?}");
     // tenantA's loop device is gone and its bytes are zero in the file.
-    let rep = d
-        .admin()
-        .await
-        .reconcile(admin::ReconcileRequest {
-            dry_run: true,
-            remove_orphans: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let rep = reconcile_report(&d).await;
     assert!(rep.orphans.is_empty(), "{:?}", rep.orphans);
-    let f = std::fs::File::open(region_file(&d, 0)).unwrap();
-    let mut buf = vec![0u8; MIB as usize];
-    f.read_exact_at(&mut buf, a.offset_bytes + 32 * MIB)
-        .unwrap();
+    let buf = read_at(region_file(&d, 0), a.offset_bytes + 32 * MIB, MIB as usize);
     assert!(
         buf.iter().all(|&x| x == 0),
         "tenantA's data survived --reinitialize"
@@ -414,14 +316,7 @@ async fn assert_lost(d: &Daemon, v: &admin::Volume) {
         "{}",
         cond.message
     );
-    let regions = d
-        .admin()
-        .await
-        .list_regions(admin::ListRegionsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .regions;
+    let regions = list_regions(d).await;
     assert!(!regions[0].lost.is_empty());
     assert_eq!(regions[0].available_bytes, 0);
     assert!(regions[1].lost.is_empty());
@@ -445,26 +340,6 @@ async fn assert_lost(d: &Daemon, v: &admin::Volume) {
     assert!(d.log().contains("region lost"), "{}", d.log());
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn metrics(port: u16) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    buf
-}
-
 #[tokio::test]
 async fn hostile_identity_deleted_region_is_lost_until_forgotten() {
     let port = free_port();
@@ -479,7 +354,7 @@ async fn hostile_identity_deleted_region_is_lost_until_forgotten() {
     d.spawn().await;
     assert!(!region_file(&d, 0).exists(), "region0.img was re-created");
     assert_lost(&d, &v).await;
-    let m = metrics(port).await;
+    let m = scrape(port).await;
     assert!(m.contains("pmem_agent_volumes_lost 1"), "{m}");
     assert!(
         m.contains(r#"pmem_agent_region_lost{region="region0"} 1"#),
@@ -503,7 +378,7 @@ async fn hostile_identity_deleted_region_is_lost_until_forgotten() {
     let w = create(&d, "fresh", 1024 * MIB).await;
     assert_eq!(w.region, "region0");
     assert!(read_at_32m(&w).iter().all(|&x| x == 0));
-    let m = metrics(port).await;
+    let m = scrape(port).await;
     assert!(m.contains("pmem_agent_volumes_lost 0"), "{m}");
 }
 
@@ -533,10 +408,7 @@ async fn hostile_identity_replaced_region_is_lost_until_reinit() {
     assert!(ok, "{out}");
     assert!(out.contains(&v.id), "{out}");
     assert!(ledger_status(&d).await.lost_regions.is_empty());
-    let file = std::fs::File::open(&f).unwrap();
-    let mut buf = vec![0u8; MIB as usize];
-    file.read_exact_at(&mut buf, v.offset_bytes + 32 * MIB)
-        .unwrap();
+    let buf = read_at(&f, v.offset_bytes + 32 * MIB, MIB as usize);
     assert!(buf.iter().all(|&x| x == 0), "reinit left data behind");
     let w = create(&d, "fresh", 1024 * MIB).await;
     assert_eq!(w.region, "region0");
@@ -556,25 +428,9 @@ async fn hostile_identity_orphans_are_reserved_on_sim() {
             .unwrap();
     }
     d.spawn().await;
-    let rep = d
-        .admin()
-        .await
-        .reconcile(admin::ReconcileRequest {
-            dry_run: true,
-            remove_orphans: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let rep = reconcile_report(&d).await;
     assert_eq!(rep.orphans.len(), 1, "{rep:?}");
-    let regions = d
-        .admin()
-        .await
-        .list_regions(admin::ListRegionsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .regions;
+    let regions = list_regions(&d).await;
     assert_eq!(
         regions[0].available_bytes,
         512 * MIB,
@@ -592,7 +448,7 @@ async fn hostile_identity_orphans_are_reserved_on_sim() {
     let b = create(&d, "next", 512 * MIB).await;
     assert_eq!(b.offset_bytes, 512 * MIB);
     let e = c
-        .create_volume(block_req("full", 16 * MIB))
+        .create_volume(block_create_req("full", 16 * MIB, true))
         .await
         .expect_err("the node is full");
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
@@ -605,14 +461,7 @@ async fn hostile_identity_orphans_are_reserved_on_sim() {
         })
         .await
         .unwrap();
-    let regions = d
-        .admin()
-        .await
-        .list_regions(admin::ListRegionsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .regions;
+    let regions = list_regions(&d).await;
     assert_eq!(regions[0].available_bytes, 512 * MIB);
     assert!(!regions[0].extents[0].reserved);
 }

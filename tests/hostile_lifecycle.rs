@@ -13,78 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Daemon;
-use pmem_agent::mount::mountinfo::{self, MountEntry};
+use common::util::{free_port, get_volume, metric, mount_cap, mounts, reconcile_report, s};
+use pmem_agent::mount::mountinfo::MountEntry;
 use pmem_proto::admin;
 use pmem_proto::csi;
-use pmem_proto::csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;
-const DRIVER: &str = "pmem-agent.csi";
-
-fn mount_cap(fs: &str) -> csi::VolumeCapability {
-    csi::VolumeCapability {
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-        access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: fs.into(),
-            mount_flags: vec![],
-            volume_mount_group: String::new(),
-        })),
-    }
-}
-
-/// The kubelet root of a daemon started by [`start`].
-fn root(d: &Daemon) -> PathBuf {
-    d.dir.path().canonicalize().unwrap().join("kubelet")
-}
-
-async fn start(extra: &[&str]) -> Daemon {
-    let dir = tempfile::Builder::new()
-        .prefix("pmem-agent-test")
-        .tempdir()
-        .unwrap();
-    let kroot = dir.path().canonicalize().unwrap().join("kubelet");
-    std::fs::create_dir_all(&kroot).unwrap();
-    let mut args: Vec<String> = vec!["--kubelet-root".into(), kroot.display().to_string()];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut d = Daemon {
-        dir,
-        child: None,
-        extra: args,
-        node_id: "test-node".into(),
-        allocd: None,
-    };
-    d.spawn().await;
-    d
-}
-
-/// Where the kubelet stages a volume; the directory exists, as the kubelet
-/// makes it before NodeStageVolume.
-fn staging_of(d: &Daemon, name: &str) -> PathBuf {
-    let p = root(d).join(format!(
-        "plugins/kubernetes.io/csi/{DRIVER}/{name}/globalmount"
-    ));
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
-
-/// Where the kubelet publishes a volume into a pod; its parent exists, as
-/// the kubelet makes it before NodePublishVolume.
-fn target_of(d: &Daemon, pod: &str, name: &str) -> PathBuf {
-    let p = root(d).join(format!("pods/{pod}/volumes/kubernetes.io~csi/{name}/mount"));
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    p
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
-fn mounts() -> Vec<MountEntry> {
-    mountinfo::parse(&std::fs::read_to_string("/proc/self/mountinfo").unwrap()).unwrap()
-}
 
 fn mounted_at(p: &Path) -> bool {
     mounts().iter().any(|m| m.mount_point == p)
@@ -114,7 +49,7 @@ fn create_req(name: &str, bytes: i64, limit: i64, fs: &str) -> csi::CreateVolume
             required_bytes: bytes,
             limit_bytes: limit,
         }),
-        volume_capabilities: vec![mount_cap(fs)],
+        volume_capabilities: vec![mount_cap(fs, &[])],
         ..Default::default()
     }
 }
@@ -123,7 +58,7 @@ fn stage_req(id: &str, staging: &Path, fs: &str) -> csi::NodeStageVolumeRequest 
     csi::NodeStageVolumeRequest {
         volume_id: id.into(),
         staging_target_path: s(staging),
-        volume_capability: Some(mount_cap(fs)),
+        volume_capability: Some(mount_cap(fs, &[])),
         ..Default::default()
     }
 }
@@ -133,33 +68,9 @@ fn publish_req(id: &str, staging: &Path, target: &Path, fs: &str) -> csi::NodePu
         volume_id: id.into(),
         staging_target_path: s(staging),
         target_path: s(target),
-        volume_capability: Some(mount_cap(fs)),
+        volume_capability: Some(mount_cap(fs, &[])),
         ..Default::default()
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The value of the sample `name` on the daemon's /metrics.
-async fn metric(port: u16, name: &str) -> f64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in\n{body}"))
 }
 
 /// A tiny deterministic generator (xorshift); the seed is printed.
@@ -180,7 +91,7 @@ impl Rng {
 /// clients was answered with Internal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_storm_leaves_no_mount_without_a_record() {
-    let d = Arc::new(start(&[]).await);
+    let d = Arc::new(Daemon::start(&[]).await);
     let names: Vec<String> = (0..3).map(|i| format!("storm-{i}")).collect();
     let ids: Arc<std::sync::Mutex<HashMap<String, String>>> = Arc::default();
     let seed = std::time::SystemTime::now()
@@ -209,8 +120,8 @@ async fn hostile_storm_leaves_no_mount_without_a_record() {
                 tokio::time::sleep(Duration::from_millis(rng.next(25))).await;
                 let name = &names[rng.next(names.len() as u64) as usize];
                 let id = ids.lock().unwrap().get(name).cloned();
-                let staging = staging_of(&d, name);
-                let target = target_of(&d, &format!("pod-{name}"), name);
+                let staging = d.staging_of(name);
+                let target = d.target_of(&format!("pod-{name}"), name);
                 let id = match (id, rng.next(6)) {
                     (None, _) | (_, 0) => {
                         let r = ctl
@@ -322,7 +233,7 @@ async fn hostile_storm_leaves_no_mount_without_a_record() {
         .iter()
         .flat_map(|v| v.publications.iter().map(|p| PathBuf::from(&p.path)))
         .collect();
-    let kroot = root(&d);
+    let kroot = d.kubelet_root();
     let ours: Vec<MountEntry> = mounts()
         .into_iter()
         .filter(|m| m.mount_point.starts_with(&kroot))
@@ -346,7 +257,7 @@ async fn hostile_storm_leaves_no_mount_without_a_record() {
     let mut ctl = d.controller().await;
     let mut node = d.node().await;
     for v in &vols {
-        let target = target_of(&d, &format!("pod-{}", v.name), &v.name);
+        let target = d.target_of(&format!("pod-{}", v.name), &v.name);
         node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
             volume_id: v.id.clone(),
             target_path: s(&target),
@@ -355,7 +266,7 @@ async fn hostile_storm_leaves_no_mount_without_a_record() {
         .unwrap();
         node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
             volume_id: v.id.clone(),
-            staging_target_path: s(&staging_of(&d, &v.name)),
+            staging_target_path: s(&d.staging_of(&v.name)),
         })
         .await
         .unwrap();
@@ -377,7 +288,7 @@ async fn hostile_storm_leaves_no_mount_without_a_record() {
 #[tokio::test]
 async fn hostile_crash_between_mount_and_record_is_recovered_at_start() {
     let port = free_port();
-    let mut d = start(&["--metrics-address", &format!("127.0.0.1:{port}")]).await;
+    let mut d = Daemon::start(&["--metrics-address", &format!("127.0.0.1:{port}")]).await;
     let mut ctl = d.controller().await;
     let v = ctl
         .create_volume(create_req("crashed", 64 * MIB, 0, "ext4"))
@@ -386,20 +297,12 @@ async fn hostile_crash_between_mount_and_record_is_recovered_at_start() {
         .into_inner()
         .volume
         .unwrap();
-    let info = d
-        .admin()
-        .await
-        .get_volume(admin::GetVolumeRequest {
-            volume_id: v.volume_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let info = get_volume(&d, &v.volume_id).await.unwrap();
     let dev = PathBuf::from(&info.device);
     d.kill();
     // What the interrupted stage did: mkfs and mount, no record.
-    let staging = staging_of(&d, "crashed");
-    let odd = root(&d).join("somewhere/else");
+    let staging = d.staging_of("crashed");
+    let odd = d.kubelet_root().join("somewhere/else");
     let st = std::process::Command::new("mkfs.ext4")
         .args(["-q", "-F"])
         .arg(&dev)
@@ -418,28 +321,11 @@ async fn hostile_crash_between_mount_and_record_is_recovered_at_start() {
         .unwrap();
     }
     d.spawn().await;
-    let info = d
-        .admin()
-        .await
-        .get_volume(admin::GetVolumeRequest {
-            volume_id: v.volume_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let info = get_volume(&d, &v.volume_id).await.unwrap();
     assert_eq!(info.publications.len(), 1, "{info:?}");
     assert_eq!(info.publications[0].kind, "stage");
     assert_eq!(PathBuf::from(&info.publications[0].path), staging);
-    let rep = d
-        .admin()
-        .await
-        .reconcile(admin::ReconcileRequest {
-            dry_run: true,
-            remove_orphans: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let rep = reconcile_report(&d).await;
     assert!(
         rep.node_history
             .iter()
@@ -489,7 +375,7 @@ async fn hostile_crash_between_mount_and_record_is_recovered_at_start() {
 /// judged.
 #[tokio::test]
 async fn hostile_unknown_volume_is_not_found_before_the_path_is_judged() {
-    let d = start(&[]).await;
+    let d = Daemon::start(&[]).await;
     let mut node = d.node().await;
     let e = node
         .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
@@ -517,7 +403,7 @@ async fn hostile_unknown_volume_is_not_found_before_the_path_is_judged() {
 /// log line (no ResourceExhausted from the client's metadata limit).
 #[tokio::test]
 async fn hostile_megabyte_fields_are_invalid_with_bounded_echoes() {
-    let d = start(&[]).await;
+    let d = Daemon::start(&[]).await;
     let big = "x".repeat(3 << 20);
     let mut ctl = d.controller().await;
     let mut node = d.node().await;
@@ -551,11 +437,11 @@ async fn hostile_megabyte_fields_are_invalid_with_bounded_echoes() {
     ));
     statuses.push((
         "NodeStageVolume volume_id",
-        node.node_stage_volume(stage_req(&big, &staging_of(&d, "b"), "ext4"))
+        node.node_stage_volume(stage_req(&big, &d.staging_of("b"), "ext4"))
             .await
             .map(|_| ()),
     ));
-    let mut publish = publish_req("id", &staging_of(&d, "b"), &target_of(&d, "p", "b"), "");
+    let mut publish = publish_req("id", &d.staging_of("b"), &d.target_of("p", "b"), "");
     publish.volume_context.insert("size".into(), big.clone());
     publish
         .volume_context
@@ -568,7 +454,7 @@ async fn hostile_megabyte_fields_are_invalid_with_bounded_echoes() {
         "NodeGetVolumeStats volume_id",
         node.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
             volume_id: big.clone(),
-            volume_path: s(&staging_of(&d, "b")),
+            volume_path: s(&d.staging_of("b")),
             staging_target_path: String::new(),
         })
         .await
@@ -578,7 +464,7 @@ async fn hostile_megabyte_fields_are_invalid_with_bounded_echoes() {
         "NodeUnpublishVolume target_path",
         node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
             volume_id: "id".into(),
-            target_path: format!("{}/{big}", s(&root(&d))),
+            target_path: format!("{}/{big}", s(&d.kubelet_root())),
         })
         .await
         .map(|_| ()),
@@ -608,7 +494,7 @@ async fn hostile_megabyte_fields_are_invalid_with_bounded_echoes() {
 /// volumes follow the same rule: the volume then stages.
 #[tokio::test]
 async fn hostile_small_xfs_claims_are_rounded_up_to_the_filesystem_minimum() {
-    let d = start(&[]).await;
+    let d = Daemon::start(&[]).await;
     let mut ctl = d.controller().await;
     let min_xfs = 300 * MIB;
     // "" is the default filesystem: xfs.
@@ -646,7 +532,7 @@ async fn hostile_small_xfs_claims_are_rounded_up_to_the_filesystem_minimum() {
         let fs = fs.to_owned();
         async move {
             c.get_capacity(csi::GetCapacityRequest {
-                volume_capabilities: vec![mount_cap(&fs)],
+                volume_capabilities: vec![mount_cap(&fs, &[])],
                 ..Default::default()
             })
             .await
@@ -662,7 +548,7 @@ async fn hostile_small_xfs_claims_are_rounded_up_to_the_filesystem_minimum() {
     // The rounded volume stages: mkfs.xfs accepts it.
     let vols = volumes(&d).await;
     let small = vols.iter().find(|v| v.name == "small-xfs").unwrap();
-    let staging = staging_of(&d, "small-xfs");
+    let staging = d.staging_of("small-xfs");
     let mut node = d.node().await;
     node.node_stage_volume(stage_req(&small.id, &staging, "xfs"))
         .await
@@ -674,7 +560,7 @@ async fn hostile_small_xfs_claims_are_rounded_up_to_the_filesystem_minimum() {
     .await
     .unwrap();
     // Inline: a 100Mi xfs volume is rounded up and mounted.
-    let target = target_of(&d, "inline-pod", "inline");
+    let target = d.target_of("inline-pod", "inline");
     let req = ephemeral_req("csi-small-inline", &target, &[("size", "100Mi")]);
     node.node_publish_volume(req).await.unwrap();
     let vols = volumes(&d).await;
@@ -712,7 +598,7 @@ fn ephemeral_req(id: &str, target: &Path, attrs: &[(&str, &str)]) -> csi::NodePu
     csi::NodePublishVolumeRequest {
         volume_id: id.into(),
         target_path: s(target),
-        volume_capability: Some(mount_cap("")),
+        volume_capability: Some(mount_cap("", &[])),
         volume_context: ctx,
         ..Default::default()
     }
@@ -726,7 +612,7 @@ fn ephemeral_req(id: &str, target: &Path, attrs: &[(&str, &str)]) -> csi::NodePu
 async fn hostile_failed_inline_unpublish_is_collected_without_restart() {
     // A long period: only the after-failure collection can do it in time.
     let port = free_port();
-    let d = start(&[
+    let d = Daemon::start(&[
         "--ephemeral-collect-interval",
         "3600",
         "--metrics-address",
@@ -735,7 +621,7 @@ async fn hostile_failed_inline_unpublish_is_collected_without_restart() {
     .await;
     let mut node = d.node().await;
     let id = "csi-5f1c0ffee0000000000000000000000000000000000000000000000000000000";
-    let target = target_of(&d, "0c8f7a4e", "my-csi-volume");
+    let target = d.target_of("0c8f7a4e", "my-csi-volume");
     // #18.4: an unknown attribute names every known key, size among them.
     let e = node
         .node_publish_volume(ephemeral_req(
@@ -797,16 +683,7 @@ async fn hostile_failed_inline_unpublish_is_collected_without_restart() {
     }
     // The pass that deleted it reports it right after.
     loop {
-        let rep = d
-            .admin()
-            .await
-            .reconcile(admin::ReconcileRequest {
-                dry_run: true,
-                remove_orphans: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let rep = reconcile_report(&d).await;
         if rep
             .node_history
             .iter()

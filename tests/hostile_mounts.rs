@@ -13,48 +13,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::Daemon;
-use pmem_agent::mount::mountinfo::{self, MountEntry};
+use common::util::{block_cap as block, mount_cap, mounts, s};
+use pmem_agent::mount::mountinfo::MountEntry;
 use pmem_proto::csi;
 use pmem_proto::csi::controller_client::ControllerClient;
-use pmem_proto::csi::volume_capability::access_mode::Mode;
-use pmem_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use tonic::Code;
 use tonic::transport::Channel;
 
 const MIB: i64 = 1 << 20;
 
-fn mount_cap(fs: &str, flags: &[&str]) -> csi::VolumeCapability {
-    csi::VolumeCapability {
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-        access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: fs.into(),
-            mount_flags: flags.iter().map(|f| (*f).to_owned()).collect(),
-            volume_mount_group: String::new(),
-        })),
-    }
-}
-
 fn ext4() -> csi::VolumeCapability {
     mount_cap("ext4", &[])
-}
-
-fn block() -> csi::VolumeCapability {
-    csi::VolumeCapability {
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-        access_type: Some(AccessType::Block(BlockVolume {})),
-    }
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
-fn mounts() -> Vec<MountEntry> {
-    mountinfo::parse(&std::fs::read_to_string("/proc/self/mountinfo").unwrap()).unwrap()
 }
 
 fn mount_at(p: &Path) -> Option<MountEntry> {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::util::{block_cap, free_port, sample, scrape};
 use common::{Daemon, bin};
 use loona_hpack::{Decoder, Encoder};
 use pmem_proto::{admin, csi};
@@ -377,7 +378,7 @@ async fn hostile_bare_path_authority_gets_answers_on_every_socket() {
 /// pmem-allocd's allocator socket, and pmem-agent in front of it.
 #[tokio::test]
 async fn hostile_bare_path_authority_on_the_allocator_socket() {
-    let mut d = unstarted(&["--sim-mode", "file-only"]);
+    let mut d = Daemon::unstarted(&["--sim-mode", "file-only"]);
     // Held by the harness, so a failing test still kills it.
     d.allocd = Some(
         d.allocd_command()
@@ -414,20 +415,6 @@ impl Drop for KillOnDrop {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-}
-
-/// A daemon's directory and arguments, nothing spawned yet.
-fn unstarted(extra: &[&str]) -> Daemon {
-    Daemon {
-        dir: tempfile::Builder::new()
-            .prefix("pmem-agent-test")
-            .tempdir()
-            .unwrap(),
-        child: None,
-        extra: extra.iter().map(|s| s.to_string()).collect(),
-        node_id: "test-node".into(),
-        allocd: None,
     }
 }
 
@@ -524,21 +511,6 @@ fn spawn_then_close_stderr(mut cmd: Command, ready: &str) -> std::process::Child
     child
 }
 
-fn scrape(port: u16) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in metrics:\n{text}"))
-}
-
 async fn drive_calls(d: &Daemon) {
     let mut id = d.identity().await.unwrap();
     let mut c = d.controller().await;
@@ -552,14 +524,7 @@ async fn drive_calls(d: &Daemon) {
                     required_bytes: 16 << 20,
                     limit_bytes: 0,
                 }),
-                volume_capabilities: vec![csi::VolumeCapability {
-                    access_mode: Some(csi::volume_capability::AccessMode {
-                        mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
-                    }),
-                    access_type: Some(csi::volume_capability::AccessType::Block(
-                        csi::volume_capability::BlockVolume {},
-                    )),
-                }],
+                volume_capabilities: vec![block_cap()],
                 ..Default::default()
             })
             .await
@@ -582,20 +547,12 @@ async fn drive_calls(d: &Daemon) {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The reader of the agent's stderr goes away: calls keep working, the
 /// dropped log lines are counted, SIGTERM exits 0.
 #[tokio::test]
 async fn hostile_stderr_closed_calls_work_and_sigterm_exits_0() {
     let port = free_port();
-    let mut d = unstarted(&[
+    let mut d = Daemon::unstarted(&[
         "--sim-mode",
         "file-only",
         "--metrics-address",
@@ -610,11 +567,9 @@ async fn hostile_stderr_closed_calls_work_and_sigterm_exits_0() {
     d.child = Some(spawn_then_close_stderr(d.command(), "pmem-agent ready"));
     d.wait_ready().await;
     drive_calls(&d).await;
-    let text = tokio::task::spawn_blocking(move || scrape(port))
-        .await
-        .unwrap();
+    let text = scrape(port).await;
     assert!(
-        metric(&text, "pmem_agent_log_write_errors_total") >= 10.0,
+        sample(&text, "pmem_agent_log_write_errors_total") >= 10.0,
         "{text}"
     );
     let st = d.stop();
@@ -629,7 +584,7 @@ async fn hostile_stderr_closed_calls_work_and_sigterm_exits_0() {
 #[tokio::test]
 async fn hostile_stderr_closed_pmem_allocd_keeps_serving_and_exits_0() {
     // JSON logs here, text in the test above: both formats go through the sink.
-    let mut d = unstarted(&["--sim-mode", "file-only", "--log-format", "json"]);
+    let mut d = Daemon::unstarted(&["--sim-mode", "file-only", "--log-format", "json"]);
     d.allocd = Some(spawn_then_close_stderr(
         d.allocd_command(),
         "pmem-allocd ready",

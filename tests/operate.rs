@@ -7,17 +7,10 @@ use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::Duration;
 
+use common::util::{free_port, pmemctl_output, probe};
 use common::{Daemon, bin};
 use pmem_proto::csi;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn http_get(port: u16, path: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -148,15 +141,7 @@ async fn operate_systemd_notify_ready_after_socket_serves() {
     let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(msg.contains("READY=1"), "{msg}");
     // At READY=1 the CSI socket already serves and Probe says ready.
-    let ready = d
-        .identity()
-        .await
-        .unwrap()
-        .probe(csi::ProbeRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .ready;
+    let ready = probe(&d).await;
     assert_eq!(ready, Some(true));
     let st = d.stop();
     assert!(st.success(), "exit {st}; log:\n{}", d.log());
@@ -165,14 +150,7 @@ async fn operate_systemd_notify_ready_after_socket_serves() {
 }
 
 fn pmemctl(d: &Daemon, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin("pmemctl"))
-        .arg("--endpoint")
-        .arg(format!("unix://{}", d.csi_sock().display()))
-        .arg("--admin-endpoint")
-        .arg(format!("unix://{}", d.admin_sock().display()))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = pmemctl_output(d, args);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

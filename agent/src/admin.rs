@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use pmem_allocator::Usage;
+use pmem_allocator::{RegionRecovery, Usage};
 use pmem_proto::admin;
 use pmem_proto::admin::admin_server::Admin;
 use tonic::{Request, Response, Status};
@@ -13,6 +13,7 @@ use crate::driver::Driver;
 use crate::error::{AgentError, invalid};
 use crate::mount::host::RealHost;
 use crate::rpc::{blocking, call};
+use crate::store::VolumeStore;
 use crate::wire;
 
 #[derive(Debug, Clone)]
@@ -23,6 +24,27 @@ pub struct AdminService {
 impl AdminService {
     pub fn new(driver: Arc<Driver>) -> AdminService {
         AdminService { driver }
+    }
+
+    /// ForgetRegion and ReinitRegion: the same request, checks and answer
+    /// around a different allocator operation on the named lost region.
+    async fn region_recovery(
+        &self,
+        method: &'static str,
+        req: Request<admin::RegionRequest>,
+        op: fn(&dyn VolumeStore, &str) -> pmem_allocator::Result<RegionRecovery>,
+    ) -> Result<Response<admin::RegionRecoveryResponse>, Status> {
+        let d = &self.driver;
+        let region = req.into_inner().region;
+        let subject = region.clone();
+        call(&d.metrics, method, &subject, async move {
+            if region.is_empty() {
+                return Err(invalid("region is required"));
+            }
+            let r = blocking(&d.alloc, move |a| op(a, &region)).await?;
+            Ok(wire::recovery_to_wire(&r))
+        })
+        .await
     }
 }
 
@@ -207,33 +229,15 @@ impl Admin for AdminService {
         &self,
         req: Request<admin::RegionRequest>,
     ) -> Result<Response<admin::RegionRecoveryResponse>, Status> {
-        let d = &self.driver;
-        let region = req.into_inner().region;
-        let subject = region.clone();
-        call(&d.metrics, "admin.ForgetRegion", &subject, async move {
-            if region.is_empty() {
-                return Err(invalid("region is required"));
-            }
-            let r = blocking(&d.alloc, move |a| a.forget_region(&region)).await?;
-            Ok(wire::recovery_to_wire(&r))
-        })
-        .await
+        self.region_recovery("admin.ForgetRegion", req, |a, r| a.forget_region(r))
+            .await
     }
 
     async fn reinit_region(
         &self,
         req: Request<admin::RegionRequest>,
     ) -> Result<Response<admin::RegionRecoveryResponse>, Status> {
-        let d = &self.driver;
-        let region = req.into_inner().region;
-        let subject = region.clone();
-        call(&d.metrics, "admin.ReinitRegion", &subject, async move {
-            if region.is_empty() {
-                return Err(invalid("region is required"));
-            }
-            let r = blocking(&d.alloc, move |a| a.reinit_region(&region)).await?;
-            Ok(wire::recovery_to_wire(&r))
-        })
-        .await
+        self.region_recovery("admin.ReinitRegion", req, |a, r| a.reinit_region(r))
+            .await
     }
 }

@@ -959,26 +959,28 @@ impl Allocator {
 }
 
 #[cfg(test)]
-mod hook_tests {
+pub(crate) mod hook_tests {
     //! The backend hooks the direct backend relies on: placement, reserved
     //! extents, unusable regions, erase before destroy, resize refusal.
 
     use super::*;
     use crate::backend::{Device, InventoryItem, Placement};
 
-    const A: u64 = 16 << 20;
+    pub(crate) const A: u64 = 16 << 20;
 
+    /// A backend of two 8 × A regions whose devices are nothing but a log
+    /// of the calls ("create 2": at offset 2 × A).
     #[derive(Debug, Default)]
-    struct Fake {
+    pub(crate) struct Fake {
         placement: Placement,
         reserved: Mutex<Vec<Allocated>>,
         unusable: Vec<String>,
         refuse_resize: bool,
-        calls: Mutex<Vec<String>>,
+        pub(crate) calls: Mutex<Vec<String>>,
     }
 
     impl Fake {
-        fn log(&self, what: &str, req: &DeviceRequest) {
+        pub(crate) fn log(&self, what: &str, req: &DeviceRequest) {
             relock(&self.calls).push(format!("{what} {}", req.offset.0 / A));
         }
     }

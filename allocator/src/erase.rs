@@ -326,23 +326,23 @@ fn worker_loop(weak: &Weak<Allocator>, shared: &Shared) {
 mod tests {
     use super::*;
     use crate::CreateRequest;
+    use crate::allocator::hook_tests::{A, Fake};
     use crate::backend::{Backend, Device, DeviceRequest, InventoryItem, Progress};
     use crate::region::RegionSpec;
 
-    const A: u64 = 16 << 20;
-
-    /// A backend whose erases can be held until released, recording calls.
+    /// A backend of one 4 × A region whose erases can be held until
+    /// released; devices and the call log are [`Fake`]'s.
     #[derive(Debug, Default)]
     struct Slow {
-        calls: Mutex<Vec<String>>,
+        fake: Fake,
         hold: Mutex<bool>,
         released: Condvar,
         fail_erase: AtomicBool,
     }
 
     impl Slow {
-        fn log(&self, s: String) {
-            relock(&self.calls).push(s);
+        fn calls(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+            relock(&self.fake.calls)
         }
         fn release(&self) {
             *relock(&self.hold) = false;
@@ -368,28 +368,19 @@ mod tests {
             }])
         }
         fn create(&self, req: &DeviceRequest) -> Result<Device> {
-            self.log(format!("create {}", req.offset.0 / A));
-            Ok(Device {
-                path: None,
-                size: req.size,
-            })
+            self.fake.create(req)
         }
         fn find(&self, req: &DeviceRequest) -> Result<Option<Device>> {
-            Ok(Some(Device {
-                path: None,
-                size: req.size,
-            }))
+            self.fake.find(req)
         }
         fn destroy(&self, req: &DeviceRequest) -> Result<()> {
-            self.log(format!("destroy {}", req.offset.0 / A));
-            Ok(())
+            self.fake.destroy(req)
         }
         fn retire(&self, req: &DeviceRequest) -> Result<()> {
-            self.log(format!("retire {}", req.offset.0 / A));
-            Ok(())
+            self.fake.retire(req)
         }
         fn erase(&self, req: &DeviceRequest, progress: Progress<'_>) -> Result<()> {
-            self.log(format!("erase {}", req.offset.0 / A));
+            self.fake.log("erase", req);
             let mut h = relock(&self.hold);
             while *h {
                 h = self.released.wait(h).unwrap_or_else(|e| e.into_inner());
@@ -402,13 +393,13 @@ mod tests {
             progress(req.size.0 - req.size.0 / 2)
         }
         fn resize(&self, req: &DeviceRequest) -> Result<Device> {
-            self.create(req)
+            self.fake.resize(req)
         }
         fn inventory(&self) -> Result<Vec<InventoryItem>> {
-            Ok(Vec::new())
+            self.fake.inventory()
         }
-        fn remove_orphan(&self, _item: &InventoryItem) -> Result<()> {
-            Ok(())
+        fn remove_orphan(&self, item: &InventoryItem) -> Result<()> {
+            self.fake.remove_orphan(item)
         }
     }
 
@@ -445,7 +436,7 @@ mod tests {
             VolumeState::Erasing
         );
         wait_until("the erase to start", || {
-            relock(&b.calls).iter().any(|c| c == "erase 0")
+            b.calls().iter().any(|c| c == "erase 0")
         });
         assert_eq!(avail(&a), Bytes(2 * A), "erasing extent counted as free");
         let st = a.erase_stats().unwrap();
@@ -472,7 +463,7 @@ mod tests {
             (0, 0, 3 * A)
         );
         assert_eq!(
-            *relock(&b.calls),
+            *b.calls(),
             [
                 "create 0",
                 "retire 0",
@@ -519,7 +510,7 @@ mod tests {
         a.delete_volume(&v.id).unwrap();
         assert_eq!(a.erase_pending().unwrap(), 1);
         assert_eq!(
-            *relock(&b.calls),
+            *b.calls(),
             [
                 "create 0",
                 "retire 0",

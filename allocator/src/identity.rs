@@ -315,6 +315,16 @@ pub struct RegionRecovery {
     pub actions: Vec<String>,
 }
 
+impl RegionRecovery {
+    /// One action line per dropped volume.
+    fn push_dropped(&mut self) {
+        for v in &self.volumes {
+            self.actions
+                .push(format!("dropped volume {} ({:?})", v.id, v.name));
+        }
+    }
+}
+
 impl Allocator {
     /// Why the ledger is refused, or `None` when it serves.
     pub fn refusal(&self) -> Option<String> {
@@ -638,11 +648,7 @@ impl Allocator {
     /// identity (sim: a new, empty region file), so it serves again.
     pub fn forget_region(&self, region: &str) -> Result<RegionRecovery> {
         let why = self.lost_reason(region)?;
-        let volumes: Vec<Volume> = self
-            .volumes()?
-            .into_iter()
-            .filter(|v| v.region == region)
-            .collect();
+        let volumes = self.region_volumes(region)?;
         let mut rec = RegionRecovery {
             region: region.to_owned(),
             volumes,
@@ -650,9 +656,8 @@ impl Allocator {
         };
         for v in &rec.volumes {
             tracing::warn!(region, volume = %v.id, name = %v.name, "region forget: dropping lost volume from the ledger");
-            rec.actions
-                .push(format!("dropped volume {} ({:?})", v.id, v.name));
         }
+        rec.push_dropped();
         {
             let mut st = self.state();
             st.ledger.drop_region_volumes(region)?;
@@ -694,11 +699,7 @@ impl Allocator {
     pub fn reinit_region(&self, region: &str) -> Result<RegionRecovery> {
         let why = self.lost_reason(region)?;
         let ledger_id = self.ledger_id()?;
-        let volumes: Vec<Volume> = self
-            .volumes()?
-            .into_iter()
-            .filter(|v| v.region == region)
-            .collect();
+        let volumes = self.region_volumes(region)?;
         tracing::warn!(region, reason = %why, volumes = volumes.len(), "region reinit: ERASING the region; its data is gone");
         let actions = self.backend().reinit_region(region, &ledger_id)?;
         {
@@ -711,12 +712,18 @@ impl Allocator {
             volumes,
             actions,
         };
-        for v in &rec.volumes {
-            rec.actions
-                .push(format!("dropped volume {} ({:?})", v.id, v.name));
-        }
+        rec.push_dropped();
         self.reload()?;
         Ok(rec)
+    }
+
+    /// The ledger's volumes on one region.
+    fn region_volumes(&self, region: &str) -> Result<Vec<Volume>> {
+        Ok(self
+            .volumes()?
+            .into_iter()
+            .filter(|v| v.region == region)
+            .collect())
     }
 
     /// Re-reads regions, maps and identities after a recovery step.
@@ -748,6 +755,21 @@ mod tests {
         RegionStamp::Stamped(id.into())
     }
 
+    /// The verdict of a ledger that recorded no stamps yet.
+    fn judge_unstamped(ledger: &str, probes: &[Probe]) -> Verdict {
+        judge(ledger, &BTreeMap::new(), probes)
+    }
+
+    fn serve(stamp: &[&str], lost: &[(&str, &str)]) -> Verdict {
+        Verdict::Serve {
+            stamp: stamp.iter().map(|r| (*r).to_owned()).collect(),
+            lost: lost
+                .iter()
+                .map(|(r, why)| ((*r).to_owned(), (*why).to_owned()))
+                .collect(),
+        }
+    }
+
     fn stamped(rs: &[&str]) -> BTreeMap<String, String> {
         rs.iter()
             .map(|r| ((*r).to_owned(), "L".to_owned()))
@@ -756,28 +778,20 @@ mod tests {
 
     #[test]
     fn first_start_on_clean_regions_stamps_them_all() {
-        let v = judge(
+        let v = judge_unstamped(
             "L",
-            &BTreeMap::new(),
             &[
                 probe("r0", RegionStamp::Unstamped, 0, 0),
                 probe("r1", RegionStamp::Missing("no file".into()), 0, 0),
             ],
         );
-        assert_eq!(
-            v,
-            Verdict::Serve {
-                stamp: vec!["r0".into(), "r1".into()],
-                lost: BTreeMap::new()
-            }
-        );
+        assert_eq!(v, serve(&["r0", "r1"], &[]));
     }
 
     #[test]
     fn empty_ledger_over_stamped_or_used_regions_is_refused() {
-        let v = judge(
+        let v = judge_unstamped(
             "L2",
-            &BTreeMap::new(),
             &[probe("r0", st("L"), 1, 0), probe("r1", st("L"), 0, 0)],
         );
         assert!(
@@ -785,11 +799,7 @@ mod tests {
             "{v:?}"
         );
         // No stamps (a ledger lost before identities existed) but our devices.
-        let v = judge(
-            "L2",
-            &BTreeMap::new(),
-            &[probe("r0", RegionStamp::Unstamped, 2, 0)],
-        );
+        let v = judge_unstamped("L2", &[probe("r0", RegionStamp::Unstamped, 2, 0)]);
         assert!(
             matches!(&v, Verdict::Refuse(m) if m.contains("r0 (2 devices)")),
             "{v:?}"
@@ -798,21 +808,14 @@ mod tests {
 
     #[test]
     fn ledger_from_before_identities_is_adopted() {
-        let v = judge(
+        let v = judge_unstamped(
             "L",
-            &BTreeMap::new(),
             &[
                 probe("r0", RegionStamp::Unstamped, 2, 2),
                 probe("r1", RegionStamp::Missing("gone".into()), 0, 1),
             ],
         );
-        assert_eq!(
-            v,
-            Verdict::Serve {
-                stamp: vec!["r0".into()],
-                lost: BTreeMap::from([("r1".into(), "gone".into())])
-            }
-        );
+        assert_eq!(v, serve(&["r0"], &[("r1", "gone")]));
     }
 
     #[test]
@@ -869,17 +872,7 @@ mod tests {
 
     #[test]
     fn backends_without_identity_are_never_refused() {
-        let v = judge(
-            "L",
-            &BTreeMap::new(),
-            &[probe("r0", RegionStamp::Unsupported, 3, 0)],
-        );
-        assert_eq!(
-            v,
-            Verdict::Serve {
-                stamp: vec![],
-                lost: BTreeMap::new()
-            }
-        );
+        let v = judge_unstamped("L", &[probe("r0", RegionStamp::Unsupported, 3, 0)]);
+        assert_eq!(v, serve(&[], &[]));
     }
 }

@@ -15,6 +15,8 @@ use pmem_proto::csi::identity_client::IdentityClient;
 use pmem_proto::csi::node_client::NodeClient;
 use tonic::transport::Channel;
 
+pub mod util;
+
 /// Path of a workspace binary. Cargo builds workspace binaries for
 /// integration tests only of the same package, so build them on demand.
 pub fn bin(name: &str) -> PathBuf {
@@ -62,19 +64,23 @@ impl Daemon {
     /// Starts a daemon with small sim regions (2 × 1 GiB) unless `extra`
     /// overrides them, and waits until Probe says ready.
     pub async fn start(extra: &[&str]) -> Daemon {
-        let dir = tempfile::Builder::new()
-            .prefix("pmem-agent-test")
-            .tempdir()
-            .expect("tempdir");
-        let mut d = Daemon {
-            dir,
+        let mut d = Daemon::unstarted(extra);
+        d.spawn().await;
+        d
+    }
+
+    /// A daemon's directory and arguments, nothing spawned yet.
+    pub fn unstarted(extra: &[&str]) -> Daemon {
+        Daemon {
+            dir: tempfile::Builder::new()
+                .prefix("pmem-agent-test")
+                .tempdir()
+                .expect("tempdir"),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             node_id: "test-node".into(),
             allocd: None,
-        };
-        d.spawn().await;
-        d
+        }
     }
 
     /// The daemon's kubelet root (`--kubelet-root`), inside its temp dir,
@@ -204,6 +210,41 @@ impl Daemon {
     }
 
     pub async fn wait_ready(&mut self) {
+        self.wait_up("pmem-agent not ready", async |d: &Daemon| {
+            if d.csi_sock().exists()
+                && let Ok(mut c) = d.identity().await
+                && let Ok(r) = c.probe(pmem_proto::csi::ProbeRequest {}).await
+            {
+                r.into_inner().ready == Some(true)
+            } else {
+                false
+            }
+        })
+        .await;
+    }
+
+    /// Waits until the admin socket answers (the daemon may be in
+    /// recovery, never ready).
+    pub async fn wait_admin(&mut self) {
+        self.wait_up("admin socket not up", async |d: &Daemon| {
+            if d.admin_sock().exists()
+                && let Ok(ch) =
+                    pmem_agent::client::connect(&format!("unix://{}", d.admin_sock().display()))
+                        .await
+            {
+                AdminClient::new(ch)
+                    .ledger_status(pmem_proto::admin::Empty {})
+                    .await
+                    .is_ok()
+            } else {
+                false
+            }
+        })
+        .await;
+    }
+
+    /// Polls `up` for 30s, failing at once when the agent exits.
+    async fn wait_up(&mut self, what: &str, up: impl AsyncFn(&Daemon) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(c) = self.child.as_mut()
@@ -211,16 +252,12 @@ impl Daemon {
             {
                 panic!("pmem-agent exited early with {st}; log:\n{}", self.log());
             }
-            if self.csi_sock().exists()
-                && let Ok(mut c) = self.identity().await
-                && let Ok(r) = c.probe(pmem_proto::csi::ProbeRequest {}).await
-                && r.into_inner().ready == Some(true)
-            {
+            if up(self).await {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "pmem-agent not ready in 30s; log:\n{}",
+                "{what} in 30s; log:\n{}",
                 self.log()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -15,6 +15,7 @@ use pmem_proto::csi::controller_client::ControllerClient;
 use pmem_proto::csi::identity_client::IdentityClient;
 use pmem_proto::csi::node_client::NodeClient;
 use serde_json::{Value, json};
+use tonic::transport::Channel;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Operate a pmem-agent daemon")]
@@ -236,6 +237,20 @@ fn extent_bar(r: &pmem_proto::admin::Region, width: u64) -> String {
     bar.into_iter().collect()
 }
 
+/// A client of the admin socket.
+async fn admin(cli: &Cli) -> Result<AdminClient<Channel>, String> {
+    Ok(AdminClient::new(connect(&cli.admin_endpoint).await?))
+}
+
+/// Success when `ok`, else 1 (a check that found something wrong).
+fn exit_code(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
 async fn run(cli: Cli) -> Result<ExitCode, String> {
     let out = |v: Value, table: String| {
         if cli.json {
@@ -264,14 +279,10 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 json!({"name": info.name, "version": info.vendor_version, "manifest": info.manifest, "ready": ready}),
                 format!("{} {} ready={ready}\n", info.name, info.vendor_version),
             );
-            return Ok(if ready {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            });
+            return Ok(exit_code(ready));
         }
         Cmd::Regions => {
-            let mut c = AdminClient::new(connect(&cli.admin_endpoint).await?);
+            let mut c = admin(&cli).await?;
             let r = c
                 .list_regions(pmem_proto::admin::ListRegionsRequest {})
                 .await
@@ -316,7 +327,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             out(Value::Array(v), t);
         }
         Cmd::Volumes { state, persistency } => {
-            let mut c = AdminClient::new(connect(&cli.admin_endpoint).await?);
+            let mut c = admin(&cli).await?;
             let r = c
                 .list_volumes(pmem_proto::admin::ListVolumesRequest {
                     state: state.clone().unwrap_or_default(),
@@ -345,7 +356,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             out(Value::Array(r.volumes.iter().map(volume_json).collect()), t);
         }
         Cmd::Volume { id } => {
-            let mut c = AdminClient::new(connect(&cli.admin_endpoint).await?);
+            let mut c = admin(&cli).await?;
             let v = c
                 .get_volume(pmem_proto::admin::GetVolumeRequest {
                     volume_id: id.clone(),
@@ -361,7 +372,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             apply,
             remove_orphans,
         } => {
-            let mut c = AdminClient::new(connect(&cli.admin_endpoint).await?);
+            let mut c = admin(&cli).await?;
             let r = c
                 .reconcile(pmem_proto::admin::ReconcileRequest {
                     dry_run: !apply,
@@ -405,7 +416,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             );
         }
         Cmd::Orphans => {
-            let mut c = AdminClient::new(connect(&cli.admin_endpoint).await?);
+            let mut c = admin(&cli).await?;
             let r = c
                 .reconcile(pmem_proto::admin::ReconcileRequest {
                     dry_run: true,
@@ -431,7 +442,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             out(Value::Array(r.orphans.iter().map(dev_json).collect()), t);
         }
         Cmd::Ledger(LedgerCmd::Status) => {
-            let mut c = AdminClient::new(connect(&cli.admin_endpoint).await?);
+            let mut c = admin(&cli).await?;
             let r = c
                 .ledger_status(pmem_proto::admin::Empty {})
                 .await
@@ -452,14 +463,10 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 json!({"ledger_id": r.ledger_id, "refused": r.refused, "lost_regions": r.lost_regions}),
                 t,
             );
-            return Ok(if r.refused.is_empty() && r.lost_regions.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            });
+            return Ok(exit_code(r.refused.is_empty() && r.lost_regions.is_empty()));
         }
         Cmd::Ledger(LedgerCmd::Rebuild { apply }) => {
-            let mut c = AdminClient::new(connect(&cli.admin_endpoint).await?);
+            let mut c = admin(&cli).await?;
             let r = c
                 .rebuild_ledger(pmem_proto::admin::RebuildLedgerRequest { apply: *apply })
                 .await
@@ -501,7 +508,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             );
         }
         Cmd::Region(cmd) => {
-            let mut c = AdminClient::new(connect(&cli.admin_endpoint).await?);
+            let mut c = admin(&cli).await?;
             let r = match cmd {
                 RegionCmd::Forget { region } => c
                     .forget_region(pmem_proto::admin::RegionRequest {

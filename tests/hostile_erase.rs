@@ -312,7 +312,7 @@ async fn hostile_erase_an_erasing_volume_is_gone_for_the_co() {
     assert!(!p1.next_token.is_empty());
 
     delete(&d, &big.id).await.unwrap();
-    assert_eq!(get(&d, &big.id).await.unwrap().state, "erasing");
+    assert_eq!(get_volume(&d, &big.id).await.unwrap().state, "erasing");
 
     let e = ctl
         .controller_get_volume(csi::ControllerGetVolumeRequest {
@@ -324,7 +324,7 @@ async fn hostile_erase_an_erasing_volume_is_gone_for_the_co() {
     let e = ctl
         .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
             volume_id: big.id.clone(),
-            volume_capabilities: create_req("x", MIB, true).volume_capabilities,
+            volume_capabilities: block_create_req("x", MIB, true).volume_capabilities,
             ..Default::default()
         })
         .await

@@ -427,7 +427,7 @@ fn resolve_flags() -> ResolveFlag {
 }
 
 /// One name beneath `dir`, never through a symlink.
-fn step(dir: BorrowedFd<'_>, name: &OsStr, extra: OFlag) -> Result<OwnedFd, Errno> {
+pub(super) fn step(dir: BorrowedFd<'_>, name: &OsStr, extra: OFlag) -> Result<OwnedFd, Errno> {
     let how = OpenHow::new()
         .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | extra)
         .resolve(resolve_flags());

@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use nix::fcntl::OFlag;
 use nix::unistd::UnlinkatFlags;
 
-use super::confine::{Stat, fd_path, quote, statx_fd};
+use super::confine::{Stat, fd_path, quote, statx_fd, step};
 use super::exec::{self, run, run_ok};
 use super::{
     BindSource, Confined, FsStats, FsType, Host, Leaf, MountEntry, MountError, MountSpec,
@@ -563,15 +563,8 @@ fn undo_new(
     before: &HashSet<u64>,
     check: &dyn Fn(&Stat) -> bool,
 ) {
-    let how = nix::fcntl::OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
-        .resolve(
-            nix::fcntl::ResolveFlag::RESOLVE_BENEATH
-                | nix::fcntl::ResolveFlag::RESOLVE_NO_SYMLINKS
-                | nix::fcntl::ResolveFlag::RESOLVE_NO_MAGICLINKS,
-        );
     let at = below(dir, name);
-    let ours = nix::fcntl::openat2(dir, name, how)
+    let ours = step(dir, name, OFlag::empty())
         .ok()
         .and_then(|fd| statx_fd(fd.as_fd()).ok())
         .is_some_and(|st| st.mount_root && !before.contains(&st.mnt_id) && check(&st));

@@ -721,15 +721,16 @@ fn unmount(target: &Confined, device: u64) -> Result<Unmounted, MountError> {
     if !st.mount_root {
         return Ok(Unmounted::NotMounted);
     }
-    let e = entry(st.mnt_id)?.ok_or_else(|| {
-        MountError::Parse(format!(
-            "mount {} of {} is not in /proc/self/mountinfo",
-            st.mnt_id,
-            target.real().display()
-        ))
-    })?;
     let shows = st.dev == device || (st.kind() == libc::S_IFBLK && st.rdev == device);
     if !shows {
+        // Only a foreign mount is reported by its entry; ours is not looked up.
+        let e = entry(st.mnt_id)?.ok_or_else(|| {
+            MountError::Parse(format!(
+                "mount {} of {} is not in /proc/self/mountinfo",
+                st.mnt_id,
+                target.real().display()
+            ))
+        })?;
         return Ok(Unmounted::Foreign(e));
     }
     let at = below(dir.as_fd(), &name);

@@ -353,14 +353,7 @@ impl Confined {
             Ok(()) | Err(Errno::EEXIST) => {}
             Err(e) => return Err(self.step_error(e, &self.rel)),
         }
-        let fd = self.open_in(dir.as_fd(), &name)?.ok_or_else(|| {
-            MountError::Refused(format!(
-                "{} {} vanished right after it was created",
-                self.field,
-                self.shown()
-            ))
-        })?;
-        let st = statx_fd(fd.as_fd())?;
+        let (fd, st) = self.created(dir.as_fd(), &name)?;
         if st.kind() != libc::S_IFDIR {
             return Err(self.wrong_type("a directory", st.kind()));
         }
@@ -382,7 +375,18 @@ impl Confined {
             Err(Errno::EEXIST) => {}
             Err(e) => return Err(self.step_error(e, &self.rel)),
         }
-        let fd = self.open_in(dir.as_fd(), &name)?.ok_or_else(|| {
+        let (fd, st) = self.created(dir.as_fd(), &name)?;
+        // A block device node here is our own earlier bind of one.
+        if st.kind() != libc::S_IFREG && !(st.kind() == libc::S_IFBLK && st.mount_root) {
+            return Err(self.wrong_type("a regular file", st.kind()));
+        }
+        Ok(fd)
+    }
+
+    /// The fd and `statx` of what [`Confined::make_dir`] or
+    /// [`Confined::make_file`] just created (or found) at `name` in `dir`.
+    fn created(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<(OwnedFd, Stat), MountError> {
+        let fd = self.open_in(dir, name)?.ok_or_else(|| {
             MountError::Refused(format!(
                 "{} {} vanished right after it was created",
                 self.field,
@@ -390,11 +394,7 @@ impl Confined {
             ))
         })?;
         let st = statx_fd(fd.as_fd())?;
-        // A block device node here is our own earlier bind of one.
-        if st.kind() != libc::S_IFREG && !(st.kind() == libc::S_IFBLK && st.mount_root) {
-            return Err(self.wrong_type("a regular file", st.kind()));
-        }
-        Ok(fd)
+        Ok((fd, st))
     }
 
     pub fn wrong_type(&self, want: &str, got: u32) -> MountError {

@@ -668,6 +668,8 @@ impl NodeService {
             return Ok(csi::NodeUnstageVolumeResponse {});
         };
         let mut live = Vec::new();
+        // Read once, and only if a row from before confinement needs it.
+        let mut table: Option<Vec<MountEntry>> = None;
         for p in pubs.iter().filter(|p| p.kind == PublicationKind::Publish) {
             let dev = self.recorded_device(p, &v).await?;
             let mounted = match self.root.check("target_path", &p.path) {
@@ -680,8 +682,11 @@ impl NodeService {
                 // A row from before confinement (outside the root): judged
                 // from the mount table only, never touched.
                 Err(_) => {
-                    let mounts = self.host.mounts().await?;
-                    top_mount(&mounts, &resolved(&p.path))
+                    if table.is_none() {
+                        table = Some(self.host.mounts().await?);
+                    }
+                    let mounts = table.as_deref().unwrap_or_default();
+                    top_mount(mounts, &resolved(&p.path))
                         .is_some_and(|e| dev.is_none_or(|d| e.dev == d))
                 }
             };

@@ -313,20 +313,7 @@ pub fn persistency_from_wire(s: &str) -> Result<Persistency, Error> {
 
 /// The allocator's error as a status (pmem-allocd's boundary).
 pub fn error_to_status(e: &Error) -> Status {
-    let code = match e {
-        Error::InvalidArgument(_) => Code::InvalidArgument,
-        Error::NotFound(_) => Code::NotFound,
-        Error::Conflict(_) => Code::AlreadyExists,
-        Error::Exhausted { .. } => Code::ResourceExhausted,
-        Error::OutOfRange(_) => Code::OutOfRange,
-        Error::FailedPrecondition(_) => Code::FailedPrecondition,
-        Error::Busy(_) => Code::Aborted,
-        Error::LedgerLocked { .. } | Error::Unavailable(_) => Code::Unavailable,
-        Error::Ledger { .. }
-        | Error::LedgerCorrupt { .. }
-        | Error::Io { .. }
-        | Error::Device(_) => Code::Internal,
-    };
+    let code = crate::error::alloc_code(e);
     Status::new(code, e.to_string())
 }
 

@@ -178,11 +178,7 @@ impl Admin for AdminService {
         let d = &self.driver;
         call(&d.metrics, "admin.LedgerStatus", "", async {
             let s = blocking(&d.alloc, |a| a.ledger_status()).await?;
-            Ok(admin::LedgerStatusResponse {
-                ledger_id: s.ledger_id,
-                refused: s.refused.unwrap_or_default(),
-                lost_regions: s.lost.into_iter().collect(),
-            })
+            Ok(wire::ledger_status_to_wire(s))
         })
         .await
     }

@@ -10,6 +10,8 @@ use pmem_allocator::{
     VolumeState,
 };
 use pmem_proto::admin;
+
+use crate::store::LedgerStatus;
 use tonic::{Code, Status};
 
 fn bad(what: &str, v: &str) -> Error {
@@ -298,6 +300,22 @@ pub fn recovery_from_wire(w: &admin::RegionRecoveryResponse) -> Result<RegionRec
             .collect::<Result<_, _>>()?,
         actions: w.actions.clone(),
     })
+}
+
+pub fn ledger_status_to_wire(s: LedgerStatus) -> admin::LedgerStatusResponse {
+    admin::LedgerStatusResponse {
+        ledger_id: s.ledger_id,
+        refused: s.refused.unwrap_or_default(),
+        lost_regions: s.lost.into_iter().collect(),
+    }
+}
+
+pub fn ledger_status_from_wire(w: admin::LedgerStatusResponse) -> LedgerStatus {
+    LedgerStatus {
+        ledger_id: w.ledger_id,
+        refused: (!w.refused.is_empty()).then_some(w.refused),
+        lost: w.lost_regions.into_iter().collect(),
+    }
 }
 
 pub fn usage_from_wire(s: &str) -> Result<Usage, Error> {

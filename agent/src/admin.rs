@@ -178,11 +178,7 @@ impl Admin for AdminService {
         let d = &self.driver;
         call(&d.metrics, "admin.LedgerStatus", "", async {
             let s = blocking(&d.alloc, |a| a.ledger_status()).await?;
-            Ok(admin::LedgerStatusResponse {
-                ledger_id: s.ledger_id,
-                refused: s.refused.unwrap_or_default(),
-                lost_regions: s.lost.into_iter().collect(),
-            })
+            Ok(wire::ledger_status_to_wire(s))
         })
         .await
     }
@@ -194,33 +190,24 @@ impl Admin for AdminService {
         let d = &self.driver;
         let apply = req.into_inner().apply;
         call(&d.metrics, "admin.RebuildLedger", "", async move {
-            let (rep, usable) = blocking(&d.alloc, move |a| {
+            let w = blocking(&d.alloc, move |a| {
                 let rep = a.rebuild_ledger(apply)?;
-                let usable = rep
-                    .volumes
-                    .iter()
-                    .map(|v| a.usable_of(v).unwrap_or(v.size))
-                    .collect::<Vec<_>>();
-                Ok((rep, usable))
+                Ok(wire::rebuild_to_wire(&rep, |v| {
+                    a.usable_of(v).unwrap_or(v.size)
+                }))
             })
             .await?;
-            if rep.applied {
+            if w.applied {
                 // The ledger is accepted now: finish the start-up it skipped.
                 crate::server::finish_startup(d)
                     .await
                     .map_err(|e| AgentError::Internal(format!("{e:#}")))?;
                 tracing::warn!(
-                    volumes = rep.volumes.len(),
+                    volumes = w.volumes.len(),
                     "recovery done: the ledger was rebuilt and the daemon serves CSI"
                 );
             }
-            Ok(wire::rebuild_to_wire(&rep, |v| {
-                rep.volumes
-                    .iter()
-                    .position(|w| w.id == v.id)
-                    .and_then(|i| usable.get(i).copied())
-                    .unwrap_or(v.size)
-            }))
+            Ok(w)
         })
         .await
     }

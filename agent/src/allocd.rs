@@ -255,11 +255,7 @@ impl allocator_server::Allocator for AllocatorService {
         _r: Request<admin::Empty>,
     ) -> Result<Response<admin::LedgerStatusResponse>, Status> {
         self.run("LedgerStatus", move |a| {
-            Ok(admin::LedgerStatusResponse {
-                ledger_id: a.ledger_id()?,
-                refused: a.refusal().unwrap_or_default(),
-                lost_regions: a.lost_regions().into_iter().collect(),
-            })
+            Ok(wire::ledger_status_to_wire(VolumeStore::ledger_status(a)?))
         })
         .await
     }

@@ -44,21 +44,27 @@ impl AgentError {
             AgentError::Unimplemented(_) => Code::Unimplemented,
             AgentError::Unavailable(_) => Code::Unavailable,
             AgentError::Internal(_) => Code::Internal,
-            AgentError::Alloc(e) => match e {
-                AllocError::InvalidArgument(_) => Code::InvalidArgument,
-                AllocError::NotFound(_) => Code::NotFound,
-                AllocError::Conflict(_) => Code::AlreadyExists,
-                AllocError::Exhausted { .. } => Code::ResourceExhausted,
-                AllocError::OutOfRange(_) => Code::OutOfRange,
-                AllocError::FailedPrecondition(_) => Code::FailedPrecondition,
-                AllocError::Busy(_) => Code::Aborted,
-                AllocError::LedgerLocked { .. } | AllocError::Unavailable(_) => Code::Unavailable,
-                AllocError::Ledger { .. }
-                | AllocError::LedgerCorrupt { .. }
-                | AllocError::Io { .. }
-                | AllocError::Device(_) => Code::Internal,
-            },
+            AgentError::Alloc(e) => alloc_code(e),
         }
+    }
+}
+
+/// The gRPC code of an allocator error: the one mapping both the agent's
+/// boundary and pmem-allocd's (`wire::error_to_status`) use.
+pub fn alloc_code(e: &AllocError) -> Code {
+    match e {
+        AllocError::InvalidArgument(_) => Code::InvalidArgument,
+        AllocError::NotFound(_) => Code::NotFound,
+        AllocError::Conflict(_) => Code::AlreadyExists,
+        AllocError::Exhausted { .. } => Code::ResourceExhausted,
+        AllocError::OutOfRange(_) => Code::OutOfRange,
+        AllocError::FailedPrecondition(_) => Code::FailedPrecondition,
+        AllocError::Busy(_) => Code::Aborted,
+        AllocError::LedgerLocked { .. } | AllocError::Unavailable(_) => Code::Unavailable,
+        AllocError::Ledger { .. }
+        | AllocError::LedgerCorrupt { .. }
+        | AllocError::Io { .. }
+        | AllocError::Device(_) => Code::Internal,
     }
 }
 

@@ -315,7 +315,8 @@ impl Metrics {
     /// Refreshes the gauges from the ledger (blocking: call off the async threads).
     pub fn refresh(&self, alloc: &dyn crate::store::VolumeStore) -> pmem_allocator::Result<()> {
         let to = |b: u64| i64::try_from(b).unwrap_or(i64::MAX);
-        for c in alloc.capacity(Usage::AppDirect)? {
+        let caps = alloc.capacity(Usage::AppDirect)?;
+        for c in &caps {
             let l = RegionLabels {
                 region: c.spec.id.clone(),
             };
@@ -342,7 +343,7 @@ impl Metrics {
             *seen = erase.erased_bytes_total;
         }
         let vols = alloc.volumes()?;
-        for c in alloc.capacity(Usage::AppDirect)? {
+        for c in &caps {
             self.region_lost
                 .get_or_create(&RegionLabels {
                     region: c.spec.id.clone(),

@@ -379,11 +379,7 @@ impl VolumeStore for RemoteStore {
 
     fn ledger_status(&self) -> Result<LedgerStatus> {
         let r = self.call(|mut c| async move { c.ledger_status(admin::Empty {}).await })?;
-        Ok(LedgerStatus {
-            ledger_id: r.ledger_id,
-            refused: (!r.refused.is_empty()).then_some(r.refused),
-            lost: r.lost_regions.into_iter().collect(),
-        })
+        Ok(wire::ledger_status_from_wire(r))
     }
 
     fn rebuild_ledger(&self, apply: bool) -> Result<RebuildReport> {

@@ -10,6 +10,8 @@ use pmem_allocator::{
     VolumeState,
 };
 use pmem_proto::admin;
+
+use crate::store::LedgerStatus;
 use tonic::{Code, Status};
 
 fn bad(what: &str, v: &str) -> Error {
@@ -300,6 +302,22 @@ pub fn recovery_from_wire(w: &admin::RegionRecoveryResponse) -> Result<RegionRec
     })
 }
 
+pub fn ledger_status_to_wire(s: LedgerStatus) -> admin::LedgerStatusResponse {
+    admin::LedgerStatusResponse {
+        ledger_id: s.ledger_id,
+        refused: s.refused.unwrap_or_default(),
+        lost_regions: s.lost.into_iter().collect(),
+    }
+}
+
+pub fn ledger_status_from_wire(w: admin::LedgerStatusResponse) -> LedgerStatus {
+    LedgerStatus {
+        ledger_id: w.ledger_id,
+        refused: (!w.refused.is_empty()).then_some(w.refused),
+        lost: w.lost_regions.into_iter().collect(),
+    }
+}
+
 pub fn usage_from_wire(s: &str) -> Result<Usage, Error> {
     if s.is_empty() {
         return Ok(Usage::AppDirect);
@@ -313,20 +331,7 @@ pub fn persistency_from_wire(s: &str) -> Result<Persistency, Error> {
 
 /// The allocator's error as a status (pmem-allocd's boundary).
 pub fn error_to_status(e: &Error) -> Status {
-    let code = match e {
-        Error::InvalidArgument(_) => Code::InvalidArgument,
-        Error::NotFound(_) => Code::NotFound,
-        Error::Conflict(_) => Code::AlreadyExists,
-        Error::Exhausted { .. } => Code::ResourceExhausted,
-        Error::OutOfRange(_) => Code::OutOfRange,
-        Error::FailedPrecondition(_) => Code::FailedPrecondition,
-        Error::Busy(_) => Code::Aborted,
-        Error::LedgerLocked { .. } | Error::Unavailable(_) => Code::Unavailable,
-        Error::Ledger { .. }
-        | Error::LedgerCorrupt { .. }
-        | Error::Io { .. }
-        | Error::Device(_) => Code::Internal,
-    };
+    let code = crate::error::alloc_code(e);
     Status::new(code, e.to_string())
 }
 

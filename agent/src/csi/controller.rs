@@ -235,31 +235,38 @@ impl ControllerService {
                     ))
                 })?
         };
-        let listed = blocking(&self.driver.alloc, move |a| {
+        let (listed, next_token) = blocking(&self.driver.alloc, move |a| {
             let lost = a.ledger_status()?.lost;
-            a.volumes()?
+            let mut listed: Vec<Volume> = a
+                .volumes()?
                 .into_iter()
                 .filter(|v| {
                     matches!(v.state, VolumeState::Ready | VolumeState::Creating) && v.seq >= start
                 })
+                .collect();
+            let take = if max == 0 {
+                listed.len()
+            } else {
+                max.min(listed.len())
+            };
+            let next_token = listed
+                .get(take)
+                .map(|v| v.seq.to_string())
+                .unwrap_or_default();
+            listed.truncate(take);
+            // Only the page's volumes: with pmem-allocd each is a call.
+            let page = listed
+                .into_iter()
                 .map(|v| {
                     let u = a.usable_of(&v)?;
                     let l = lost.get(&v.region).cloned();
                     Ok((v, u, l))
                 })
-                .collect::<Result<Vec<_>, _>>()
+                .collect::<pmem_allocator::Result<Vec<_>>>()?;
+            Ok((page, next_token))
         })
         .await?;
-        let take = if max == 0 {
-            listed.len()
-        } else {
-            max.min(listed.len())
-        };
-        let next_token = listed
-            .get(take)
-            .map(|(v, _, _)| v.seq.to_string())
-            .unwrap_or_default();
-        let entries = listed[..take]
+        let entries = listed
             .iter()
             .map(|(v, u, lost)| csi::list_volumes_response::Entry {
                 volume: Some(self.csi_volume(v, *u)),

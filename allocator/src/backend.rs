@@ -209,7 +209,9 @@ pub trait Backend: Send + Sync + Debug {
     /// zeroing its extent first: it may hold a tenant's data.
     fn remove_orphan(&self, item: &InventoryItem) -> Result<()>;
 
-    /// The identity the region carries now. Must not create anything.
+    /// The identity the region carries. Must not create anything. May
+    /// answer from cached device state: a caller that needs it current
+    /// calls [`Backend::refresh`] first (once for a run over all regions).
     fn region_stamp(&self, _region: &str) -> Result<RegionStamp> {
         Ok(RegionStamp::Unsupported)
     }

@@ -190,10 +190,8 @@ impl Allocator {
         if self.refusal().is_some() {
             return Ok(0);
         }
-        for v in self.volumes()? {
-            if v.state != VolumeState::Erasing {
-                continue;
-            }
+        let erasing = self.state().ledger.volumes_in(VolumeState::Erasing)?;
+        for v in erasing {
             // A lost region's devices are not ours to touch (forget or
             // reinit decides); its erasing rows wait.
             if self.check_region_kept(&v).is_err() {
@@ -219,13 +217,13 @@ impl Allocator {
 
     /// Pending and finished erase work.
     pub fn erase_stats(&self) -> Result<EraseStats> {
-        let vols = self.volumes()?;
+        let vols = self.state().ledger.volumes_in(VolumeState::Erasing)?;
         let running = relock(&self.eraser().running).clone();
         let mut st = EraseStats {
             erased_bytes_total: self.eraser().erased.load(Ordering::Relaxed),
             ..EraseStats::default()
         };
-        for v in vols.iter().filter(|v| v.state == VolumeState::Erasing) {
+        for v in &vols {
             st.volumes += 1;
             let done = running.get(&v.id).copied().unwrap_or(0);
             st.pending_bytes += v.size.0.saturating_sub(done);

@@ -364,6 +364,8 @@ impl Allocator {
         let specs: Vec<String> = self.state().regions.keys().cloned().collect();
         let vols = self.volumes()?;
         let mut stamps = BTreeMap::new();
+        // One fresh read of the devices for all regions (lvm: one report).
+        self.backend().refresh();
         for r in &specs {
             stamps.insert(r.clone(), self.backend().region_stamp(r)?);
         }
@@ -452,6 +454,7 @@ impl Allocator {
     fn reinitialize_all(&self, ledger_id: &str) -> Result<()> {
         let all: Vec<String> = self.state().regions.keys().cloned().collect();
         let mut regions = Vec::new();
+        self.backend().refresh();
         for r in all {
             // Regions that keep no identity hold no volume (direct: label-less).
             if self.backend().region_stamp(&r)? != RegionStamp::Unsupported {
@@ -668,6 +671,7 @@ impl Allocator {
         // A region that is there but unstamped (replaced, re-created) is
         // stamped again below: first zero its free space, which may hold
         // whatever the replacement brought (never handed to a tenant).
+        self.backend().refresh();
         if self.backend().region_stamp(region)? == RegionStamp::Unstamped {
             let free: Vec<(Bytes, Bytes)> =
                 self.state().regions.get(region).map_or(Vec::new(), |s| {

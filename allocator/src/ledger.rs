@@ -437,6 +437,21 @@ impl Ledger {
             .map_err(|e| self.err(e))
     }
 
+    /// The volumes in one state, in insertion order.
+    pub fn volumes_in(&self, state: VolumeState) -> Result<Vec<Volume>> {
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes WHERE state = ?1 ORDER BY seq"
+            ))
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([state.as_str()], volume_from_row)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
     pub fn volume(&self, id: &str) -> Result<Option<Volume>> {
         self.conn
             .prepare_cached(&format!(

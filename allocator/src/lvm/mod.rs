@@ -677,7 +677,6 @@ impl Backend for LvmBackend {
 
     fn region_stamp(&self, region: &str) -> Result<RegionStamp> {
         let slot = self.slot(region)?;
-        self.refresh();
         let snap = self.snapshot()?;
         let Some(vg) = snap.vg(&slot.vg) else {
             return Ok(RegionStamp::Missing(format!(

@@ -128,6 +128,9 @@ pub fn open_backend(cfg: &Config) -> anyhow::Result<Arc<dyn Backend>> {
                         sysfs_root: cfg.sysfs_root.clone(),
                         dev_dir: cfg.direct_dev_dir.clone(),
                         marker: LVM_NAMESPACE_MARKER.to_owned(),
+                        // Physical volumes need no round sizes: the
+                        // regions keep the kernel's alignment.
+                        namespace_align: None,
                         ..DirectConfig::default()
                     })?),
                     percentage: l.percentage,

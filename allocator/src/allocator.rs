@@ -330,14 +330,10 @@ impl Allocator {
     }
 
     /// Extent size for a request in a region, or `None` if it overflows.
+    /// `required` 0 asks for the smallest volume (one byte rounds up to it).
     fn extent_for(&self, spec: &RegionSpec, required: Bytes, usage: Usage) -> Option<Bytes> {
-        let usable = if required.0 == 0 {
-            spec.align
-        } else {
-            required
-        };
         self.backend
-            .extent_for(spec, usable, usage)
+            .extent_for(spec, required.max(Bytes(1)), usage)
             .align_up(spec.align)
             .map(|e| e.max(spec.align))
     }
@@ -557,7 +553,15 @@ impl Allocator {
             if let Some(limit) = req.limit {
                 let usable = self.usable_for(&r.spec, size, req.usage);
                 if usable > limit {
-                    too_big_for_limit = Some((usable, limit, r.spec.align));
+                    // The extent is the smallest holding `required`, so the
+                    // one a unit smaller holds the largest size below it.
+                    let below = size
+                        .0
+                        .checked_sub(r.spec.align.0)
+                        .filter(|&e| e > 0)
+                        .map(|e| self.usable_for(&r.spec, Bytes(e), req.usage))
+                        .filter(|b| b.0 > 0);
+                    too_big_for_limit = Some((usable, limit, r.spec.align, below));
                     continue;
                 }
             }
@@ -592,9 +596,13 @@ impl Allocator {
         if considered > 0 && refused.len() == considered {
             return Err(Error::FailedPrecondition(refused.join("; ")));
         }
-        if let Some((usable, limit, align)) = too_big_for_limit {
+        if let Some((usable, limit, align, below)) = too_big_for_limit {
+            let nearest = match below {
+                Some(b) => format!("the nearest sizes this node can serve are {b} ({} bytes) and {usable} ({} bytes)", b.0, usable.0),
+                None => format!("the smallest size this node can serve is {usable} ({} bytes)", usable.0),
+            };
             return Err(Error::OutOfRange(format!(
-                "required {} rounds up to {usable} (alignment {align}), above limit_bytes {limit}",
+                "required {} rounds up to {usable} (alignment {align}), above limit_bytes {limit}: {nearest}",
                 req.required
             )));
         }
@@ -645,7 +653,11 @@ impl Allocator {
                         r.map.free_total()
                     },
                     largest,
-                    minimum: self.usable_for(&r.spec, r.spec.align, usage),
+                    // The smallest volume: one byte's extent (with
+                    // metadata, one unit may hold nothing).
+                    minimum: self
+                        .extent_for(&r.spec, Bytes(1), usage)
+                        .map_or(Bytes::ZERO, |e| self.usable_for(&r.spec, e, usage)),
                     free_slots,
                     volumes: u32::try_from(st.volume_count(id, r)).unwrap_or(u32::MAX),
                     extents: Vec::new(),

@@ -333,13 +333,26 @@ impl Ledger {
             if let Some(old) = old
                 && old.align != s.align
             {
-                return Err(Error::LedgerCorrupt {
-                    path,
-                    message: format!(
-                        "region {} alignment changed from {} to {}",
-                        s.id, old.align, s.align
-                    ),
-                });
+                // A new alignment (the direct backend lowers the kernel's
+                // default) is fine while every volume's extent is a whole
+                // number of its units; the extents stay where they are.
+                let misaligned: i64 = tx
+                    .query_row(
+                        "SELECT COUNT(*) FROM volumes WHERE region = ?1 AND (offset % ?2 != 0 OR size % ?2 != 0)",
+                        params![s.id, to_i64(s.align)],
+                        |r| r.get(0),
+                    )
+                    .map_err(|e| sql_err(&path, e))?;
+                if misaligned > 0 {
+                    return Err(Error::LedgerCorrupt {
+                        path,
+                        message: format!(
+                            "region {} alignment changed from {} to {}, and {misaligned} of its volumes are not aligned to it",
+                            s.id, old.align, s.align
+                        ),
+                    });
+                }
+                tracing::info!(region = %s.id, from = %old.align, to = %s.align, "region alignment changed");
             }
             let max_end: i64 = tx
                 .query_row(
@@ -361,7 +374,7 @@ impl Ledger {
                 "INSERT INTO regions (id, backend, size, align, ns_slots, numa_node, location)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT(id) DO UPDATE SET backend = excluded.backend, size = excluded.size,
-                   ns_slots = excluded.ns_slots, numa_node = excluded.numa_node,
+                   align = excluded.align, ns_slots = excluded.ns_slots, numa_node = excluded.numa_node,
                    location = excluded.location",
                 params![
                     s.id,
@@ -994,5 +1007,29 @@ mod tests {
         let mut big = spec("region0");
         big.size = Bytes::gib(2);
         l.sync_regions("sim", &[big]).unwrap();
+    }
+
+    #[test]
+    fn region_alignment_may_change_while_the_volumes_are_aligned_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(&dir.path().join("l.db")).unwrap();
+        l.sync_regions("sim", &[spec("region0")]).unwrap();
+        let mut v = vol("v1", "n1");
+        v.offset = Bytes::mib(16);
+        v.size = Bytes::mib(16);
+        l.insert_creating(&v, "{}").unwrap();
+        // Lowered (16 MiB to 2 MiB): every extent is still whole units.
+        let mut fine = spec("region0");
+        fine.align = Bytes::mib(2);
+        l.sync_regions("sim", &[fine]).unwrap();
+        assert_eq!(l.regions().unwrap()[0].align, Bytes::mib(2));
+        let mut w = vol("v2", "n2");
+        w.offset = Bytes::mib(34);
+        w.size = Bytes::mib(6);
+        l.insert_creating(&w, "{}").unwrap();
+        // Raised again: v2 (34 MiB + 6 MiB) is not in 16 MiB units.
+        let e = l.sync_regions("sim", &[spec("region0")]).unwrap_err();
+        assert!(e.to_string().contains("1 of its volumes"), "{e}");
+        assert_eq!(l.regions().unwrap()[0].align, Bytes::mib(2));
     }
 }

@@ -9,7 +9,11 @@
 //!
 //! Design points:
 //! - **Sizes.** The ledger extent is the namespace size (a multiple of the
-//!   region alignment and of 2 MiB × interleave ways). Capacity is reported
+//!   region alignment and of 2 MiB × interleave ways). At open each usable
+//!   region's `align` is lowered from the kernel's 16 MiB default to 2 MiB
+//!   per DIMM (not persistent: done at every start), so that every multiple
+//!   of 2 MiB is an exact fsdax size (512 MiB usable = 522 MiB namespace,
+//!   which 16 MiB granularity cannot express). Capacity is reported
 //!   in usable bytes: [`layout`] computes exactly what the pfn/btt device on
 //!   an extent exposes, and `extent_for` is its inverse, so GetCapacity's
 //!   maximum is exactly what a create then gets.
@@ -78,6 +82,12 @@ pub const MARKER: &str = crate::sim::MARKER;
 /// is reserved like a foreign namespace, so capacity excludes it exactly.
 pub const IDENTITY_PREFIX: &str = "pmem-agent-id:";
 
+/// The region alignment (per DIMM) the backend asks for: the fsdax page
+/// size, the finest the kernel's fsdax start rule (`memremap_compat_align`,
+/// 2 MiB on x86-64) allows. With it every multiple of 2 MiB is an fsdax
+/// volume's exact usable size (layout.rs).
+pub const NAMESPACE_ALIGN: u64 = PFN_ALIGN;
+
 /// libnvdimm's limit for `alt_name` (NSLABEL_NAME_LEN, with the NUL).
 const NAME_MAX: usize = 63;
 /// Bytes an erase zeroes (and verifies) per step.
@@ -108,6 +118,12 @@ pub struct DirectConfig {
     /// (identity.rs). Always on in the daemon; off only for unit tests of
     /// sysfs sequences whose exact offsets predate identities.
     pub identity: bool,
+    /// Namespace alignment per DIMM to write to each usable region's
+    /// `align` at open ([`NAMESPACE_ALIGN`]): the kernel boots with 16 MiB,
+    /// which makes no round fsdax size servable, and forgets a written
+    /// value at reboot. `None` leaves the regions as they are (the lvm
+    /// backend's physical-volume namespaces need no round sizes).
+    pub namespace_align: Option<u64>,
 }
 
 impl Default for DirectConfig {
@@ -119,6 +135,7 @@ impl Default for DirectConfig {
             placement_timeout: Duration::from_secs(10),
             marker: MARKER.to_owned(),
             identity: true,
+            namespace_align: Some(NAMESPACE_ALIGN),
         }
     }
 }
@@ -306,14 +323,48 @@ impl DirectBackend {
                 changed: Condvar::new(),
             });
         }
-        Ok(DirectBackend {
+        let b = DirectBackend {
             sys,
             devs,
             cfg,
             regions,
             fresh: Mutex::new(HashMap::new()),
             ledger_short: Mutex::new(None),
-        })
+        };
+        if let Some(per_dimm) = b.cfg.namespace_align {
+            for s in &b.regions {
+                b.apply_namespace_align(&s.name, per_dimm)?;
+            }
+        }
+        Ok(b)
+    }
+
+    /// Writes the region's namespace alignment (`per_dimm` × interleave
+    /// ways) when it differs; before any placement, as the value decides
+    /// which sizes the kernel accepts and where it puts new namespaces.
+    /// Namespaces already allocated keep their place. A kernel that
+    /// refuses (no `align` attribute before Linux 5.7, or a value it does
+    /// not accept) leaves the region at its alignment: sizes then round to
+    /// it, and the refusal is logged, not fatal.
+    fn apply_namespace_align(&self, region: &str, per_dimm: u64) -> Result<()> {
+        let info = self.region_info(region)?;
+        if Self::refusal(&info).is_some() {
+            return Ok(());
+        }
+        let want = per_dimm * info.ways();
+        if info.align == want {
+            return Ok(());
+        }
+        match self.write(region, "align", &want.to_string()) {
+            Ok(()) => {
+                let now = self.region_info(region)?.align;
+                tracing::info!(region, from = %Bytes(info.align), to = %Bytes(now), "region namespace alignment set");
+            }
+            Err(e) => {
+                tracing::warn!(region, align = %Bytes(info.align), "the kernel refused the region alignment {}: {e}; volume sizes round to {}", Bytes(want), Bytes(info.align));
+            }
+        }
+        Ok(())
     }
 
     /// The identity namespaces of a region (normally at most one).
@@ -1069,7 +1120,7 @@ impl DirectBackend {
             Some(_) if !info.enabled => "disabled".to_owned(),
             Some(_) if info.read_only => "read-only".to_owned(),
             Some(_) => format!("nstype {}, not usable", info.nstype),
-            None => "labeled".to_owned(),
+            None => format!("labeled, align {}", Bytes(info.align)),
         };
         format!(
             "{} ({}, {}, {}, numa {}, persistence {})",

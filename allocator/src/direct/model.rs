@@ -17,6 +17,16 @@
 //! - clearing a claim's namespace deletes the claim unless it is the seed;
 //! - binding writes an info block to the media; binding the namespace raw
 //!   without `force_raw` then auto-probes a new claim and fails with ENXIO;
+//! - a region's `align` (namespace size granularity and hole start
+//!   alignment) boots as 16 MiB (4 KiB for regions under 16 MiB) and is
+//!   writable at any time: a power of two of at least 4 KiB per DIMM, no
+//!   larger than the region (EINVAL otherwise); it is not persistent;
+//! - a pfn/dax bind lays out the info block, the page map (mode `pmem`:
+//!   64 bytes per 4 KiB page on the device; `ram`: none) and the data the
+//!   way `nd_pfn_init` does: the namespace start must be 2 MiB aligned
+//!   (EINVAL), the data offset and the end are aligned to max(pfn `align`,
+//!   2 MiB), an offset past the end is ENXIO; the info block records the
+//!   offset, so a reprobe gives the same size;
 //! - a "reboot" keeps what the labels and info blocks describe.
 //!
 //! Growing or shrinking an allocated namespace is not modelled (EOPNOTSUPP).
@@ -36,6 +46,15 @@ const DRIVER: &str = "bus/nd/drivers/nd_pmem/";
 /// Major number of pmem block devices (blkext).
 const BLOCK_MAJOR: u32 = 259;
 const PFN_ALIGNMENTS: [u64; 3] = [4096, 2 * MIB, 1 << 30];
+const PAGE: u64 = 4096;
+/// `memremap_compat_align()` on x86-64: the subsection size.
+const COMPAT_ALIGN: u64 = 2 * MIB;
+/// The info block area a pfn/dax device keeps before its page map.
+const PFN_INFO: u64 = 8192;
+/// `MAX_STRUCT_PAGE_SIZE`: what the kernel reserves per page with mode pmem.
+const STRUCT_PAGE: u64 = 64;
+/// `MEMREMAP_COMPAT_ALIGN_MAX`: the region alignment the kernel boots with.
+const BOOT_ALIGN: u64 = 16 * MIB;
 const BTT_SECTOR_SIZES: [u32; 7] = [512, 520, 528, 4096, 4104, 4160, 4224];
 
 fn err(code: i32) -> io::Error {
@@ -46,7 +65,10 @@ fn err(code: i32) -> io::Error {
 struct Region {
     id: u32,
     size: u64,
+    /// Namespace alignment (`align`); reset to [`default_align`] at boot.
     align: u64,
+    /// Interleave ways (`mappings`).
+    mappings: u32,
     resource: u64,
     labeled: bool,
     dimm: usize,
@@ -129,6 +151,54 @@ impl Claim {
 struct InfoBlock {
     kind: ClaimKind,
     parent_uuid: String,
+    /// Bytes the claim's block device exposes (pfn/dax: from `dataoff`
+    /// and `end_trunc` as written at the first bind).
+    bytes: u64,
+}
+
+/// The region alignment a region boots with (`default_align`).
+fn default_align(size: u64, mappings: u32) -> u64 {
+    let align = if size < BOOT_ALIGN { PAGE } else { BOOT_ALIGN };
+    let ways = u64::from(mappings.max(1));
+    if align % ways == 0 { align } else { align * ways }
+}
+
+/// `kstrtoul(buf, 0, ..)`: decimal, `0x` hex or `0` octal, one trailing
+/// newline allowed.
+fn kstrtoul(value: &str) -> Option<u64> {
+    let v = value.strip_suffix('\n').unwrap_or(value);
+    if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        u64::from_str_radix(h, 16).ok()
+    } else if v.len() > 1
+        && let Some(o) = v.strip_prefix('0')
+    {
+        u64::from_str_radix(o, 8).ok()
+    } else {
+        v.parse().ok()
+    }
+}
+
+/// The fsdax/devdax layout `nd_pfn_init` writes for a namespace at physical
+/// address `start` of `size` bytes: (data offset, bytes truncated at the
+/// end), or the errno of the refused bind.
+fn pfn_layout(start: u64, size: u64, mode: &str, pfn_align: u64) -> Result<(u64, u64), i32> {
+    let align = pfn_align.max(COMPAT_ALIGN);
+    if !start.is_multiple_of(COMPAT_ALIGN) {
+        return Err(libc::EINVAL);
+    }
+    let npfns = size.saturating_sub(PFN_INFO) / PAGE;
+    let end = start + size;
+    let end_trunc = end - end / align * align;
+    let first = match mode {
+        "pmem" => start + PFN_INFO + STRUCT_PAGE * npfns,
+        "ram" => start + PFN_INFO,
+        _ => return Err(libc::ENXIO),
+    };
+    let offset = first.div_ceil(align) * align - start;
+    if offset >= size {
+        return Err(libc::ENXIO);
+    }
+    Ok((offset, end_trunc))
 }
 
 #[derive(Debug, Default)]
@@ -346,7 +416,7 @@ impl State {
             "available_size" => self.available(r).to_string(),
             "max_available_extent" => self.max_extent(r).to_string(),
             "nstype" => if reg.labeled { "5" } else { "4" }.into(),
-            "mappings" => "1".into(),
+            "mappings" => reg.mappings.to_string(),
             "mapping0" => format!("nmem{},0,{},0", reg.dimm, reg.size),
             "namespace_seed" => format!("namespace{r}.{}", reg.ns_seed),
             "pfn_seed" => claim_name(0, r, reg.seeds[0]),
@@ -462,8 +532,26 @@ impl State {
         match parse_dev(dev).ok_or_else(|| err(libc::ENOENT))? {
             Dev::Ns(r, i) => self.write_ns(r, i, attr, value),
             Dev::Claim(k, r, i) => self.write_claim((k, r, i), attr, value),
+            Dev::Region(r) if attr == "align" => self.write_region_align(r, value),
             _ => Err(err(libc::EACCES)),
         }
+    }
+
+    /// `align_store`: no check of the namespaces already allocated (they
+    /// keep their place; only new allocations follow the new value).
+    fn write_region_align(&mut self, r: u32, value: &str) -> io::Result<()> {
+        let reg = self.region(r)?;
+        let val = kstrtoul(value).ok_or_else(|| err(libc::EINVAL))?;
+        let ways = u64::from(reg.mappings);
+        if ways == 0 {
+            return Err(err(libc::ENXIO));
+        }
+        let dpa = val / ways;
+        if val > reg.size || val % ways != 0 || !dpa.is_power_of_two() || dpa < PAGE {
+            return Err(err(libc::EINVAL));
+        }
+        self.regions[r as usize].align = val;
+        Ok(())
     }
 
     fn write_ns(&mut self, r: u32, i: u32, attr: &str, value: &str) -> io::Result<()> {
@@ -673,9 +761,7 @@ impl State {
             let k = kind_index(info.kind);
             let id = self.lowest_free_claim(k, r);
             let ns_name = format!("namespace{r}.{i}");
-            let size = ns.size;
-            let bytes = claim_bytes(info.kind, size);
-            let block = self.block(disk_name(r, i, info.kind == ClaimKind::Btt), bytes);
+            let block = self.block(disk_name(r, i, info.kind == ClaimKind::Btt), info.bytes);
             let mut c = Claim::idle(info.kind);
             c.uuid = Some(uuid::Uuid::new_v4().hyphenated().to_string());
             c.mode = "pmem".into();
@@ -712,7 +798,15 @@ impl State {
         if ns.size == 0 || (c.kind != ClaimKind::Btt && c.mode == "none") {
             return Err(err(libc::ENXIO));
         }
-        let bytes = claim_bytes(c.kind, ns.size);
+        let bytes = match c.kind {
+            ClaimKind::Btt => layout::sector_usable(ns.size),
+            ClaimKind::Pfn | ClaimKind::Dax => {
+                let start = self.regions[r as usize].resource + ns.offset;
+                let (offset, end_trunc) =
+                    pfn_layout(start, ns.size, &c.mode, c.align).map_err(err)?;
+                ns.size - offset - end_trunc
+            }
+        };
         if bytes == 0 {
             return Err(err(libc::ENXIO));
         }
@@ -723,8 +817,14 @@ impl State {
         if let Some(c) = self.claims.get_mut(&key) {
             c.block = Some(block);
         }
-        self.media
-            .insert((r, offset), InfoBlock { kind, parent_uuid });
+        self.media.insert(
+            (r, offset),
+            InfoBlock {
+                kind,
+                parent_uuid,
+                bytes,
+            },
+        );
         if self.regions[r as usize].seeds[k] == id {
             self.new_claim_seed(k, r);
         }
@@ -767,13 +867,6 @@ impl State {
     }
 }
 
-fn claim_bytes(kind: ClaimKind, size: u64) -> u64 {
-    match kind {
-        ClaimKind::Pfn | ClaimKind::Dax => layout::fsdax_usable(size),
-        ClaimKind::Btt => layout::sector_usable(size),
-    }
-}
-
 fn read_block(block: Option<&Block>, attr: &str) -> io::Result<String> {
     let b = block.ok_or_else(|| err(libc::ENOENT))?;
     let rest = attr
@@ -810,7 +903,8 @@ impl Model {
         st.regions.push(Region {
             id: r,
             size,
-            align: 16 * MIB,
+            align: default_align(size, 1),
+            mappings: 1,
             resource: (4 << 30) * (u64::from(r) + 1),
             labeled,
             dimm,
@@ -833,7 +927,7 @@ impl Model {
         format!("region{r}")
     }
 
-    /// A labeled region (nstype 5) of `size` bytes, 16 MiB aligned.
+    /// A labeled region (nstype 5) of `size` bytes, booted 16 MiB aligned.
     pub fn labeled_region(&self, size: u64) -> String {
         self.add_region(size, true)
     }
@@ -997,6 +1091,9 @@ impl Model {
         st.claims.clear();
         st.busy.clear();
         for r in 0..u32::try_from(st.regions.len()).unwrap_or(0) {
+            // The region alignment is not persistent.
+            let reg = &mut st.regions[r as usize];
+            reg.align = default_align(reg.size, reg.mappings);
             let mut keep: Vec<Ns> = old
                 .iter()
                 .filter(|((nr, _), n)| *nr == r && n.size > 0)
@@ -1020,7 +1117,7 @@ impl Model {
                         c.namespace = Some(format!("namespace{r}.{i}"));
                         c.block = Some(st.block(
                             disk_name(r, i, b.kind == ClaimKind::Btt),
-                            claim_bytes(b.kind, n.size),
+                            b.bytes,
                         ));
                         st.claims.insert((k, r, id), c);
                         n.claim = Some(claim_name(k, r, id));

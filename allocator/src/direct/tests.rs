@@ -87,7 +87,12 @@ fn discovers_regions() {
     assert_eq!(specs.len(), 2);
     assert_eq!(specs[0].id, "region0");
     assert_eq!(specs[0].size, Bytes(2 * G));
-    assert_eq!(specs[0].align, Bytes(16 * M));
+    // Lowered at open from the kernel's 16 MiB.
+    assert_eq!(specs[0].align, Bytes(2 * M));
+    assert_eq!(
+        m.read(&format!("{DEV}region0/align")).unwrap(),
+        "0x200000"
+    );
     assert_eq!(specs[0].ns_slots, 1019);
     assert_eq!(specs[1].numa_node, 1);
     assert!(
@@ -132,9 +137,9 @@ fn fsdax_create_and_delete_write_what_ndctl_writes() {
     let a = alloc(&dir, &b);
     let w0 = m.writes().len();
     let v = create(&a, "v", G, Usage::AppDirect).unwrap();
-    // 1 GiB usable needs a 1 GiB + 32 MiB namespace (memmap on the device).
-    assert_eq!(v.size, Bytes(G + 32 * M));
-    assert!(a.usable_of(&v) >= Bytes(G));
+    // 1 GiB usable needs a 1 GiB + 18 MiB namespace (memmap on the device).
+    assert_eq!(v.size, Bytes(G + 18 * M));
+    assert_eq!(a.usable_of(&v), Bytes(G));
     assert_eq!(v.device.as_deref(), Some("/dev/pmem0"));
     let u = namespace_uuid(&v.id);
     let w = writes_since(&m, w0);
@@ -156,7 +161,7 @@ fn fsdax_create_and_delete_write_what_ndctl_writes() {
     );
     assert_eq!(w[0].1, u);
     assert_eq!(w[1].1, format!("pmem-agent:{}", v.id));
-    assert_eq!(w[3].1, (G + 32 * M).to_string());
+    assert_eq!(w[3].1, (G + 18 * M).to_string());
     assert_eq!(w[6].1, "pmem");
     assert_eq!(w[7].1, "2097152");
     assert_eq!(w[9].1, "pfn0.0");
@@ -225,12 +230,15 @@ fn capacity_is_exact() {
         let a = alloc(&dir, &b);
         let max = a.capacity(usage).unwrap()[0].largest;
         assert_eq!(max, Bytes(layout::usable(2 * G, usage)));
-        for too_big in [max.0 + 1, max.0 + 16 * M] {
+        for too_big in [max.0 + 1, max.0 + 2 * M, max.0 + 16 * M] {
             let e = create(&a, "big", too_big, usage).unwrap_err();
             assert!(matches!(e, Error::Exhausted { .. }), "{usage}: {e}");
         }
         let v = create(&a, "max", max.0, usage).unwrap();
-        assert_eq!(v.size, Bytes(2 * G));
+        // The smallest extent holding the maximum; what it leaves (if
+        // anything) holds no volume.
+        assert_eq!(v.size, Bytes(layout::extent_for(max.0, usage, 2 * M)));
+        assert!(2 * G - v.size.0 <= 2 * M, "{}", v.size);
         assert_eq!(a.usable_of(&v), max);
         assert_eq!(a.capacity(usage).unwrap()[0].largest, Bytes(0));
         a.delete_volume(&v.id).unwrap();
@@ -557,16 +565,18 @@ fn concurrent_creates_wait_for_earlier_extents() {
         )
         .unwrap(),
     );
+    // Only the region alignment was written, at open.
+    let w0 = m.writes().len();
     b.begin_create(&rb).unwrap();
     let e = b.create(&rb).unwrap_err();
     assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
-    assert!(m.writes().is_empty());
+    assert_eq!(m.writes().len(), w0);
     // With A under way (wipe_head called) but stuck, B waits and gives up.
     b.begin_create(&ra).unwrap();
     b.begin_create(&rb).unwrap();
     let e = b.create(&rb).unwrap_err();
     assert!(matches!(e, Error::Busy(_)), "{e}");
-    assert!(m.writes().is_empty());
+    assert_eq!(m.writes().len(), w0);
 }
 
 #[test]

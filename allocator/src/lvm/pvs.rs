@@ -174,6 +174,7 @@ mod tests {
         let cfg = DirectConfig {
             device_timeout: std::time::Duration::from_millis(200),
             marker: marker.to_owned(),
+            namespace_align: None,
             ..DirectConfig::default()
         };
         Arc::new(DirectBackend::with(m.clone(), m.clone(), cfg).unwrap())

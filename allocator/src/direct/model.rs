@@ -1467,6 +1467,91 @@ mod tests {
         assert_eq!(m.read(&dev(&format!("{s}/holder"))).unwrap(), b);
     }
 
+    /// Region `align` as `align_store` takes it, and not persistent.
+    #[test]
+    fn region_align_writes_and_refusals() {
+        let m = Model::new();
+        m.labeled_region(2 << 30);
+        m.labeled_region(8 * MIB);
+        let a = dev("region0/align");
+        assert_eq!(m.read(&a).unwrap(), "0x1000000");
+        // Regions under 16 MiB boot with the page size.
+        assert_eq!(m.read(&dev("region1/align")).unwrap(), "0x1000");
+        for bad in ["3145728", "2048", "0", "4294967296", "x", "0x"] {
+            assert_eq!(
+                m.write(&a, bad).unwrap_err().raw_os_error(),
+                Some(libc::EINVAL),
+                "{bad}"
+            );
+        }
+        assert_eq!(m.read(&a).unwrap(), "0x1000000");
+        m.write(&a, "0x200000\n").unwrap();
+        assert_eq!(m.read(&a).unwrap(), "0x200000");
+        m.write(&a, "2097152").unwrap();
+        // Sizes follow it: 2 MiB units now, not 16.
+        let ns = dev("namespace0.0");
+        m.write(&format!("{ns}/uuid"), &uuid::Uuid::new_v4().to_string())
+            .unwrap();
+        assert_eq!(
+            m.write(&format!("{ns}/size"), &(MIB).to_string())
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::EINVAL)
+        );
+        m.write(&format!("{ns}/size"), &(6 * MIB).to_string())
+            .unwrap();
+        m.reboot();
+        assert_eq!(m.read(&a).unwrap(), "0x1000000");
+        // The 6 MiB namespace came back all the same.
+        assert_eq!(m.namespaces()[0].2, 6 * MIB);
+    }
+
+    /// nd_pfn_init's layout against layout.rs (which the backend reports
+    /// capacity from): the same bytes for every 2 MiB size, and its
+    /// refusals.
+    #[test]
+    fn pfn_layout_is_the_kernels() {
+        const BASE: u64 = 4 << 30;
+        for units in 2..2048u64 {
+            let size = units * 2 * MIB;
+            let (off, trunc) = pfn_layout(BASE + 2 * MIB, size, "pmem", 2 * MIB).unwrap();
+            assert_eq!(trunc, 0);
+            assert_eq!(size - off, layout::fsdax_usable(size), "{size}");
+        }
+        // Observed in the rig (reference notes): 1 GiB map=dev 1054867456,
+        // 512 MiB map=mem 534773760.
+        let (off, _) = pfn_layout(BASE, 1 << 30, "pmem", 2 * MIB).unwrap();
+        assert_eq!((1 << 30) - off, 1_054_867_456);
+        let (off, _) = pfn_layout(BASE, 512 * MIB, "ram", 2 * MIB).unwrap();
+        assert_eq!(512 * MIB - off, 534_773_760);
+        // 1 GiB pfn align: offset and end in 1 GiB steps.
+        let (off, trunc) = pfn_layout(BASE, (1 << 30) + 64 * MIB, "pmem", 1 << 30).unwrap();
+        assert_eq!((off, trunc), (1 << 30, 64 * MIB));
+        assert_eq!(
+            pfn_layout(BASE + 4096, 64 * MIB, "pmem", 2 * MIB),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(pfn_layout(BASE, 2 * MIB, "pmem", 2 * MIB), Err(libc::ENXIO));
+        assert_eq!(pfn_layout(BASE, 64 * MIB, "none", 2 * MIB), Err(libc::ENXIO));
+    }
+
+    /// A namespace at a start the pfn rule refuses: the bind fails EINVAL
+    /// and the claim stays attached (like any failed bind).
+    #[test]
+    fn a_misaligned_fsdax_start_is_refused() {
+        let m = Model::new();
+        m.labeled_region(1 << 30);
+        m.write(&dev("region0/align"), "4096").unwrap();
+        m.ndctl_create(0, 4096 * 3, "odd", None).unwrap();
+        let e = m
+            .ndctl_create(0, 64 * MIB, "fs", Some(ClaimKind::Pfn))
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        let ns = m.namespaces();
+        assert_eq!(ns[1].1, 3 * 4096);
+        assert_eq!(m.read(&dev(&format!("{}/holder", ns[1].0))).unwrap(), "pfn0.0");
+    }
+
     #[test]
     fn labelless_and_reboot() {
         let m = Model::new();

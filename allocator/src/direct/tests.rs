@@ -1013,3 +1013,183 @@ fn identity_namespace_removed_makes_the_region_lost_until_reinit() {
     );
     a.check_invariants().unwrap();
 }
+
+fn exact(a: &Allocator, name: &str, size: u64, usage: Usage) -> Result<crate::Volume> {
+    a.create_volume(&CreateRequest {
+        usage,
+        erase_after: false,
+        limit: Some(Bytes(size)),
+        ..CreateRequest::new(name, Bytes(size))
+    })
+}
+
+/// The issue's request: required == limit of a round size is served on
+/// fsdax with exactly that capacity, and the device has exactly it.
+#[test]
+fn round_fsdax_sizes_are_served_exactly() {
+    let m = model(&[8 * G]);
+    let b = backend(&m);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &b);
+    let mut end = 0;
+    for (i, size) in [512 * M, G, 2 * G, 4 * G].into_iter().enumerate() {
+        let v = exact(&a, &format!("r{i}"), size, Usage::AppDirect).unwrap();
+        assert_eq!(a.usable_of(&v), Bytes(size));
+        let d = b
+            .find(&crate::allocator::device_request(&v))
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.size, Bytes(size), "the block device is exactly {size}");
+        // Packed back to back in 2 MiB units, no 16 MiB rounding gaps.
+        assert_eq!(v.offset, Bytes(end));
+        end += v.size.0;
+    }
+    assert_eq!(end, (522 + 1042 + 2082 + 4162) * M);
+    a.check_invariants().unwrap();
+}
+
+/// Sector mode has no round sizes: the refusal names the two nearest,
+/// and both are then served exactly.
+#[test]
+fn sector_round_sizes_answer_the_two_nearest() {
+    let m = model(&[2 * G]);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &backend(&m));
+    let e = exact(&a, "s", 512 * M, Usage::FileIo).unwrap_err();
+    let (below, above) = (
+        layout::sector_usable(512 * M),
+        layout::sector_usable(514 * M),
+    );
+    match &e {
+        Error::OutOfRange(msg) => {
+            assert!(
+                msg.contains(&format!("({below} bytes) and")) && msg.contains(&format!("({above} bytes)")),
+                "{msg}"
+            );
+        }
+        other => panic!("{other}"),
+    }
+    assert!(a.volumes().unwrap().is_empty(), "nothing recorded");
+    for (n, size) in [("below", below), ("above", above)] {
+        let v = exact(&a, n, size, Usage::FileIo).unwrap();
+        assert_eq!(a.usable_of(&v), Bytes(size));
+    }
+}
+
+/// GetCapacity's numbers under the 2 MiB layout: the maximum is created
+/// (also as required == limit), one byte or one step more is not, and the
+/// minimum is the smallest volume (4 MiB namespace, 2 MiB usable).
+#[test]
+fn capacity_maximum_and_minimum_are_exact_in_2mib_units() {
+    let m = model(&[G]);
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &backend(&m));
+    // Fragment: holes of odd 2 MiB sizes.
+    let x = exact(&a, "x", 100 * M, Usage::AppDirect).unwrap();
+    let y = exact(&a, "y", 30 * M, Usage::AppDirect).unwrap();
+    exact(&a, "z", 6 * M, Usage::AppDirect).unwrap();
+    a.delete_volume(&x.id).unwrap();
+    a.delete_volume(&y.id).unwrap();
+    for usage in [Usage::AppDirect, Usage::FileIo] {
+        let cap = &a.capacity(usage).unwrap()[0];
+        let min = cap.minimum;
+        assert_eq!(
+            min,
+            Bytes(layout::usable(layout::extent_for(1, usage, 2 * M), usage))
+        );
+        let max = cap.largest;
+        for more in [max.0 + 1, max.0 + 2 * M] {
+            let e = create(&a, "more", more, usage).unwrap_err();
+            assert!(matches!(e, Error::Exhausted { .. }), "{usage}: {e}");
+        }
+        let v = exact(&a, "max", max.0, usage).unwrap();
+        assert_eq!(a.usable_of(&v), max);
+        a.delete_volume(&v.id).unwrap();
+        // The minimum as limit_bytes (required 0) is served, exactly.
+        let v = a
+            .create_volume(&CreateRequest {
+                usage,
+                erase_after: false,
+                limit: Some(min),
+                ..CreateRequest::new("min", Bytes(0))
+            })
+            .unwrap();
+        assert_eq!(a.usable_of(&v), min);
+        a.delete_volume(&v.id).unwrap();
+    }
+    assert_eq!(
+        a.capacity(Usage::AppDirect).unwrap()[0].minimum,
+        Bytes(2 * M)
+    );
+    a.check_invariants().unwrap();
+}
+
+/// A kernel that refuses the alignment (no attribute, or EINVAL): the
+/// backend starts at the region's 16 MiB, and a round request gets the
+/// two nearest sizes of that layout.
+#[test]
+fn a_refused_alignment_keeps_16mib_and_names_the_nearest_sizes() {
+    let m = model(&[2 * G]);
+    m.fail_next_write("region0/align", libc::EINVAL);
+    let b = backend(&m);
+    assert_eq!(b.regions().unwrap()[0].align, Bytes(16 * M));
+    let dir = tempfile::tempdir().unwrap();
+    let a = alloc(&dir, &b);
+    let e = exact(&a, "r", 512 * M, Usage::AppDirect).unwrap_err();
+    assert!(
+        matches!(&e, Error::OutOfRange(s) if s.contains("rounds up to 518MiB (alignment 16MiB)") && s.contains("502MiB (526385152 bytes) and 518MiB (543162368 bytes)")),
+        "{e}"
+    );
+    let v = exact(&a, "r", 518 * M, Usage::AppDirect).unwrap();
+    assert_eq!(a.usable_of(&v), Bytes(518 * M));
+}
+
+/// The alignment is not persistent: after a reboot (16 MiB again) the
+/// next open writes it again, the volumes come back where they were,
+/// and round sizes are still served. A ledger made at 16 MiB (before this
+/// layout) takes the lower alignment with its volumes in place.
+#[test]
+fn the_alignment_is_applied_again_after_a_reboot() {
+    let m = model(&[4 * G]);
+    let dir = tempfile::tempdir().unwrap();
+    let old = {
+        let b = Arc::new(
+            DirectBackend::with(
+                m.clone(),
+                m.clone(),
+                DirectConfig {
+                    namespace_align: None,
+                    ..cfg()
+                },
+            )
+            .unwrap(),
+        );
+        let a = alloc(&dir, &b);
+        assert_eq!(b.regions().unwrap()[0].align, Bytes(16 * M));
+        create(&a, "old", 100 * M, Usage::AppDirect).unwrap()
+    };
+    let v = {
+        let a = alloc(&dir, &backend(&m));
+        assert_eq!(a.capacity(Usage::AppDirect).unwrap()[0].spec.align, Bytes(2 * M));
+        assert_eq!(a.volume(&old.id).unwrap().unwrap().offset, Bytes(0));
+        exact(&a, "round", 512 * M, Usage::AppDirect).unwrap()
+    };
+    m.reboot();
+    assert_eq!(m.read(&format!("{DEV}region0/align")).unwrap(), "0x1000000");
+    let b = backend(&m);
+    assert_eq!(m.read(&format!("{DEV}region0/align")).unwrap(), "0x200000");
+    let a = alloc(&dir, &b);
+    let rep = a.reconcile(false, false).unwrap();
+    assert!(rep.is_clean() && rep.actions.is_empty(), "{rep:?}");
+    let back = a.volume(&v.id).unwrap().unwrap();
+    let d = b
+        .find(&crate::allocator::device_request(&back))
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.size, Bytes(512 * M));
+    let w = exact(&a, "after", G, Usage::AppDirect).unwrap();
+    assert_eq!(a.usable_of(&w), Bytes(G));
+    // Placed in 2 MiB units right after the 522 MiB one.
+    assert_eq!(w.offset, Bytes(back.offset.0 + 522 * M));
+    a.check_invariants().unwrap();
+}

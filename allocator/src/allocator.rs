@@ -598,8 +598,14 @@ impl Allocator {
         }
         if let Some((usable, limit, align, below)) = too_big_for_limit {
             let nearest = match below {
-                Some(b) => format!("the nearest sizes this node can serve are {b} ({} bytes) and {usable} ({} bytes)", b.0, usable.0),
-                None => format!("the smallest size this node can serve is {usable} ({} bytes)", usable.0),
+                Some(b) => format!(
+                    "the nearest sizes this node can serve are {b} ({} bytes) and {usable} ({} bytes)",
+                    b.0, usable.0
+                ),
+                None => format!(
+                    "the smallest size this node can serve is {usable} ({} bytes)",
+                    usable.0
+                ),
             };
             return Err(Error::OutOfRange(format!(
                 "required {} rounds up to {usable} (alignment {align}), above limit_bytes {limit}: {nearest}",

@@ -160,7 +160,11 @@ struct InfoBlock {
 fn default_align(size: u64, mappings: u32) -> u64 {
     let align = if size < BOOT_ALIGN { PAGE } else { BOOT_ALIGN };
     let ways = u64::from(mappings.max(1));
-    if align % ways == 0 { align } else { align * ways }
+    if align % ways == 0 {
+        align
+    } else {
+        align * ways
+    }
 }
 
 /// `kstrtoul(buf, 0, ..)`: decimal, `0x` hex or `0` octal, one trailing
@@ -1115,10 +1119,8 @@ impl Model {
                         c.uuid = Some(uuid::Uuid::new_v4().hyphenated().to_string());
                         c.mode = "pmem".into();
                         c.namespace = Some(format!("namespace{r}.{i}"));
-                        c.block = Some(st.block(
-                            disk_name(r, i, b.kind == ClaimKind::Btt),
-                            b.bytes,
-                        ));
+                        c.block =
+                            Some(st.block(disk_name(r, i, b.kind == ClaimKind::Btt), b.bytes));
                         st.claims.insert((k, r, id), c);
                         n.claim = Some(claim_name(k, r, id));
                     }
@@ -1532,7 +1534,10 @@ mod tests {
             Err(libc::EINVAL)
         );
         assert_eq!(pfn_layout(BASE, 2 * MIB, "pmem", 2 * MIB), Err(libc::ENXIO));
-        assert_eq!(pfn_layout(BASE, 64 * MIB, "none", 2 * MIB), Err(libc::ENXIO));
+        assert_eq!(
+            pfn_layout(BASE, 64 * MIB, "none", 2 * MIB),
+            Err(libc::ENXIO)
+        );
     }
 
     /// A namespace at a start the pfn rule refuses: the bind fails EINVAL
@@ -1549,7 +1554,10 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
         let ns = m.namespaces();
         assert_eq!(ns[1].1, 3 * 4096);
-        assert_eq!(m.read(&dev(&format!("{}/holder", ns[1].0))).unwrap(), "pfn0.0");
+        assert_eq!(
+            m.read(&dev(&format!("{}/holder", ns[1].0))).unwrap(),
+            "pfn0.0"
+        );
     }
 
     #[test]

@@ -89,10 +89,7 @@ fn discovers_regions() {
     assert_eq!(specs[0].size, Bytes(2 * G));
     // Lowered at open from the kernel's 16 MiB.
     assert_eq!(specs[0].align, Bytes(2 * M));
-    assert_eq!(
-        m.read(&format!("{DEV}region0/align")).unwrap(),
-        "0x200000"
-    );
+    assert_eq!(m.read(&format!("{DEV}region0/align")).unwrap(), "0x200000");
     assert_eq!(specs[0].ns_slots, 1019);
     assert_eq!(specs[1].numa_node, 1);
     assert!(
@@ -1063,7 +1060,8 @@ fn sector_round_sizes_answer_the_two_nearest() {
     match &e {
         Error::OutOfRange(msg) => {
             assert!(
-                msg.contains(&format!("({below} bytes) and")) && msg.contains(&format!("({above} bytes)")),
+                msg.contains(&format!("({below} bytes) and"))
+                    && msg.contains(&format!("({above} bytes)")),
                 "{msg}"
             );
         }
@@ -1170,7 +1168,10 @@ fn the_alignment_is_applied_again_after_a_reboot() {
     };
     let v = {
         let a = alloc(&dir, &backend(&m));
-        assert_eq!(a.capacity(Usage::AppDirect).unwrap()[0].spec.align, Bytes(2 * M));
+        assert_eq!(
+            a.capacity(Usage::AppDirect).unwrap()[0].spec.align,
+            Bytes(2 * M)
+        );
         assert_eq!(a.volume(&old.id).unwrap().unwrap().offset, Bytes(0));
         exact(&a, "round", 512 * M, Usage::AppDirect).unwrap()
     };

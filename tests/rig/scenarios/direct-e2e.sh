@@ -6,7 +6,12 @@
 #          DAX (or a manual dax mount when the Node service is missing);
 #          FileIO -> sector mode; a deleted volume's namespace is kept
 #          under the erasing marker and zeroed in the background, then
-#          destroyed; busy delete refused; delete gives the space back; capacity exactness (maximum succeeds, one alignment step
+#          destroyed; busy delete refused; delete gives the space back;
+#          the region alignment (16MiB at boot) set to 2MiB by the agent,
+#          so required == limit of 512MiB and 1GiB give exactly that; a
+#          sector volume of exactly 512MiB is OutOfRange with the two
+#          nearest sizes, both of which are served exactly;
+#          capacity exactness (maximum succeeds, one byte or one 2MiB step
 #          more fails); kill -9 at two points of a create and restart: no
 #          orphan, no lost volume; read-only /sys refused; raw block volume
 #          published as the namespace's device; ephemeral inline volume
@@ -15,8 +20,9 @@
 #          more refused (ResourceExhausted); with udevd running, a
 #          namespace made and destroyed by ndctl is noticed and capacity
 #          follows it
-#  boot 2: same DIMMs: the state comes back, reconcile is clean, the data
-#          written in boot 1 is intact; the ledger lost: refused at start,
+#  boot 2: same DIMMs: the alignment is 16MiB again and the agent sets
+#          2MiB at start; the state comes back, reconcile is clean, the data
+#          written in boot 1 is intact, vol-a still exactly 512MiB; the ledger lost: refused at start,
 #          rebuilt from the namespaces' markers (pmemctl ledger rebuild),
 #          data intact; everything is deleted
 
@@ -69,8 +75,21 @@ case $RIG_BOOT in
     ok "read-only sysfs refused: $(grep -o 'mounted read-only[^;]*' <<<"$out" | head -n 1)"
     umount /mnt/rosys
 
+    # ---- the region alignment as the kernel takes it (before the agent)
+    log "region alignment: boot default and what the kernel accepts"
+    ra=/sys/bus/nd/devices/region0/align
+    expect_eq "region0 boots with the 16MiB alignment" "$(cat "$ra")" 0x1000000
+    echo 3145728 >"$ra" 2>/dev/null && fail "the kernel took a 3MiB (not a power of two) alignment"
+    ok "3MiB alignment refused (EINVAL)"
+    check "the kernel takes a 4KiB alignment" sh -c "echo 4096 >$ra"
+    check "and 16MiB again" sh -c "echo 16777216 >$ra"
+
     # ---- start
     agent_start
+    for r in region0 region1; do
+        expect_eq "$r alignment lowered to 2MiB by the agent" "$(cat /sys/bus/nd/devices/$r/align)" 0x200000
+    done
+    grep "region namespace alignment set" "$E2E_LOG" | sed 's/.*INFO //' | indent
     check "describe says direct" grep -q "direct backend: one libnvdimm namespace per volume" "$E2E_LOG"
     regions=$(pmemctl_admin --json regions)
     pmemctl_admin regions | indent
@@ -99,9 +118,9 @@ case $RIG_BOOT in
         test "$(jq -r .maximum_volume_size <<<"$cap")" -lt 2111832064
 
     # ---- an fsdax volume
-    log "AppDirect volume -> fsdax namespace"
+    log "AppDirect volume of exactly 512MiB (required == limit) -> fsdax namespace"
     t0=$EPOCHREALTIME
-    out=$(create vol-a 512MiB) || fail "create vol-a"
+    out=$(create vol-a 512MiB --limit 512MiB) || fail "create vol-a (required == limit == 512MiB)"
     create_ms=$(ms_since "$t0")
     indent <<<"$out"
     va=$(jq -r .volume_id <<<"$out")
@@ -114,8 +133,9 @@ case $RIG_BOOT in
     dev_a=$(vol "$va" | jq -r .device)
     expect_eq "vol-a device is the namespace's block device" "$dev_a" "/dev/$(jq -r .blockdev <<<"$ns")"
     expect_eq "vol-a capacity_bytes is exactly the block device size" "$(blockdev --getsize64 "$dev_a")" "$cap_a"
-    holds "vol-a holds at least 512MiB ($cap_a)" test "$cap_a" -ge $((512 * MIB))
+    expect_eq "vol-a capacity_bytes is exactly 512MiB" "$cap_a" $((512 * MIB))
     expect_eq "ndctl size is the usable size" "$(jq -r .size <<<"$ns")" "$cap_a"
+    expect_eq "vol-a's namespace is 522MiB (page map 10MiB)" "$(cat "/sys/bus/nd/devices/$(jq -r .dev <<<"$ns")/size")" $((522 * MIB))
 
     # ---- stage / publish with DAX through the Node service (or by hand)
     log "stage and publish vol-a"
@@ -159,6 +179,37 @@ case $RIG_BOOT in
     dev_s=$(vol "$vs" | jq -r .device)
     holds "vol-s device $dev_s is a BTT (pmemX.Ys)" grep -Eq '^/dev/pmem[0-9]+(\.[0-9]+)?s$' <<<"$dev_s"
     expect_eq "vol-s capacity_bytes is exactly the block device size" "$(blockdev --getsize64 "$dev_s")" "$(jq -r .capacity_bytes <<<"$out")"
+
+    # ---- 1GiB exactly; sector mode has no round sizes: the two nearest
+    log "round sizes: 1GiB fsdax exactly; 512MiB sector answered with the two nearest"
+    out=$(create vol-g 1GiB --limit 1GiB) || fail "create vol-g (required == limit == 1GiB)"
+    vg=$(jq -r .volume_id <<<"$out")
+    expect_eq "vol-g capacity_bytes is exactly 1GiB" "$(jq -r .capacity_bytes <<<"$out")" $((1024 * MIB))
+    expect_eq "vol-g block device is exactly 1GiB" "$(blockdev --getsize64 "$(vol "$vg" | jq -r .device)")" $((1024 * MIB))
+    v=$(vol "$vg")
+    expect_eq "vol-g's namespace is 1042MiB" "$(jq -r .size_bytes <<<"$v")" $((1042 * MIB))
+    ok "vol-g's namespace at offset $(($(jq -r .offset_bytes <<<"$v") / MIB))MiB of $(jq -r .region <<<"$v")"
+    check "delete vol-g" delete_erased "$vg"
+    e=$(create vol-s512 512MiB --limit 512MiB --usage FileIO 2>&1) && fail "a sector volume of exactly 512MiB was created: $e"
+    holds "sector 512MiB exactly is OutOfRange: $e" grep -q "OutOfRange.*nearest sizes this node can serve are" <<<"$e"
+    read -r below above < <(grep -o '([0-9]* bytes)' <<<"$e" | tr -dc '0-9 \n' | tr '\n' ' ')
+    holds "the nearest sizes bracket 512MiB ($below < $((512 * MIB)) < $above)" test "$below" -lt $((512 * MIB)) -a "$above" -gt $((512 * MIB))
+    near=()
+    for n in "$below" "$above"; do
+        out=$(create "vol-s$n" "$n" --limit "$n" --usage FileIO) || fail "create a sector volume of exactly $n"
+        id=$(jq -r .volume_id <<<"$out")
+        expect_eq "sector volume of exactly $n: capacity_bytes" "$(jq -r .capacity_bytes <<<"$out")" "$n"
+        expect_eq "sector volume of exactly $n: block device" "$(blockdev --getsize64 "$(vol "$id" | jq -r .device)")" "$n"
+        near+=("$(vol "$id" | jq -r .size_bytes)")
+        check "delete the sector volume of $n" delete_erased "$id"
+    done
+    expect_eq "their namespaces are one 2MiB unit apart (${near[*]}): nothing between is servable" $((near[1] - near[0])) $((2 * MIB))
+    # The kernel takes no namespace size between two units.
+    seed=$(cat /sys/bus/nd/devices/region0/namespace_seed)
+    cat /proc/sys/kernel/random/uuid >"/sys/bus/nd/devices/$seed/uuid"
+    echo $((near[0] + 4096)) >"/sys/bus/nd/devices/$seed/size" 2>/dev/null && fail "the kernel took a namespace size of ${near[0]} + 4KiB"
+    echo 0 >"/sys/bus/nd/devices/$seed/size" || true # frees the uuid
+    ok "a namespace size of ${near[0]} + 4KiB refused by the kernel (EINVAL: not a multiple of the 2MiB alignment)"
 
     # ---- no expansion in direct mode: not advertised, Unimplemented
     e=$(csi expand "$vs" 128MiB 2>&1) && fail "ControllerExpandVolume succeeded in direct mode"
@@ -255,13 +306,13 @@ case $RIG_BOOT in
     log "capacity exactness"
     cap=$(pmemctl_csi --json csi capacity)
     max=$(jq -r .maximum_volume_size <<<"$cap")
-    for more in $((max + 1)) $((max + 16 * MIB)); do
+    for more in $((max + 1)) $((max + 2 * MIB)); do
         if e=$(create vol-more "$more" 2>&1); then
             fail "a volume of $more (maximum $max) was created"
         fi
         ok "maximum + $((more - max)) bytes refused: $e"
     done
-    out=$(create vol-max "$max") || fail "create vol-max of exactly the maximum $max"
+    out=$(create vol-max "$max" --limit "$max") || fail "create vol-max of exactly the maximum $max (required == limit)"
     vm=$(jq -r .volume_id <<<"$out")
     expect_eq "vol-max capacity_bytes is the maximum" "$(jq -r .capacity_bytes <<<"$out")" "$max"
     expect_eq "vol-max block device is the maximum" "$(blockdev --getsize64 "$(vol "$vm" | jq -r .device)")" "$max"
@@ -403,9 +454,15 @@ case $RIG_BOOT in
     ;;
 2)
     log "boot 2: the same DIMMs"
+    for r in region0 region1; do
+        expect_eq "$r is back at the kernel's 16MiB alignment after the reboot" "$(cat /sys/bus/nd/devices/$r/align)" 0x1000000
+    done
     mount_state "$STATE_NS"
     ok "state namespace $STATE_NS mounted again"
     agent_start
+    for r in region0 region1; do
+        expect_eq "$r alignment set to 2MiB again at start" "$(cat /sys/bus/nd/devices/$r/align)" 0x200000
+    done
     # The kernel may number the namespaces differently after a boot, so the
     # start-up reconciliation may record new device names; nothing else.
     line=$(grep "startup reconciliation done" "$E2E_LOG")
@@ -432,6 +489,7 @@ case $RIG_BOOT in
     va=$(cat "$E2E_STATE_DIR/rig-vol-a")
     dev_a=$(vol "$va" | jq -r .device)
     check "vol-a device $dev_a exists" test -b "$dev_a"
+    expect_eq "vol-a is still exactly 512MiB (the info block's data offset)" "$(blockdev --getsize64 "$dev_a")" $((512 * MIB))
     check "mount -o dax vol-a" mount_dax "$dev_a" /mnt/check-a xfs
     on_exit umount_if_mounted /mnt/check-a
     expect_eq "data written in boot 1 intact" "$(sha256sum </mnt/check-a/data)" "$(cat /mnt/check-a/data.sha256)"
@@ -449,6 +507,9 @@ case $RIG_BOOT in
     for id in $(jq -r '.[].id' <<<"$vols"); do
         check "delete $id" delete_erased "$id"
     done
+    out=$(create vol-r 512MiB --limit 512MiB) || fail "create 512MiB exactly after the reboot"
+    expect_eq "after the reboot 512MiB exactly is served: capacity_bytes" "$(jq -r .capacity_bytes <<<"$out")" $((512 * MIB))
+    check "delete vol-r" delete_erased "$(jq -r .volume_id <<<"$out")"
     expect_eq "only the foreign and our identity namespaces are left" \
         "$(ndctl list -N | jq -r '[.[].name | select(startswith("pmem-agent-id:") | not)] | join(",")')" "$STATE_NS"
     agent_stop

@@ -194,7 +194,8 @@ case $RIG_BOOT in
     check "delete vol-g" delete_erased "$vg"
     e=$(create vol-s512 512MiB --limit 512MiB --usage FileIO 2>&1) && fail "a sector volume of exactly 512MiB was created: $e"
     holds "sector 512MiB exactly is OutOfRange: $e" grep -q "OutOfRange.*nearest sizes this node can serve are" <<<"$e"
-    read -r below above < <(grep -o '([0-9]* bytes)' <<<"$e" | tr -dc '0-9 \n' | tr '\n' ' ')
+    mapfile -t nearest < <(grep -o '([0-9]* bytes)' <<<"$e" | tr -dc '0-9\n')
+    below=${nearest[0]:-0} above=${nearest[1]:-0}
     holds "the nearest sizes bracket 512MiB ($below < $((512 * MIB)) < $above)" test "$below" -lt $((512 * MIB)) -a "$above" -gt $((512 * MIB))
     near=()
     for n in "$below" "$above"; do

@@ -368,7 +368,9 @@ case $RIG_BOOT in
         agent_d+=("$(agent_ms 'destroyed namespace')")
         erase_d+=("$(agent_ms 'erased namespace')")
         t0=$EPOCHREALTIME
-        ndctl create-namespace -r region0 -s 256M -m fsdax -n "nd-timing-$i" >/dev/null
+        # --force: ndctl refuses fsdax starts that are not 16MiB aligned
+        # (cross-arch compatibility), which our 2MiB layout leaves.
+        ndctl create-namespace -r region0 -s 256M -m fsdax -n "nd-timing-$i" --force >/dev/null
         nd_c+=("$(ms_since "$t0")")
         t0=$EPOCHREALTIME
         ndctl destroy-namespace -f "$(ns_json "nd-timing-$i" | jq -r .dev)" >/dev/null
@@ -440,7 +442,7 @@ case $RIG_BOOT in
     expect_eq "our own volume is not reported as foreign" "$(grep -Ec "foreign device (appeared|went away)" "$E2E_LOG" || true)" 0
     free0() { pmemctl_admin --json regions | jq '.[] | select(.id == "region0") | .available_bytes'; }
     before=$(free0)
-    ns_create region0 32M operator-ns >/dev/null
+    ndctl create-namespace --region=region0 --size=32M --name=operator-ns --mode=fsdax --force >/dev/null
     op=$(ns_json operator-ns | jq -r .dev)
     wait_for 15 grep -q "foreign device appeared.* device=$op " "$E2E_LOG" ||
         fail "the agent did not notice namespace $op made by ndctl"

@@ -67,6 +67,11 @@ async fn conformance_sim() {
             "--test-volume-expand-size",
             "1Gi",
         ])
+        // Each case starts once the last one's volumes are deleted and
+        // erased: sim grows a volume only in place, and best-fit placement
+        // may put it right before an extent still being erased.
+        .arg("--admin-endpoint")
+        .arg(format!("unix://{}", d.admin_sock().display()))
         .output()
         .expect("run pmem-conformance");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -100,4 +105,69 @@ async fn conformance_sim() {
         .into_inner()
         .entries;
     assert!(left.is_empty(), "volumes left after the run: {left:?}");
+}
+
+/// A table row without a case, or a capability-skip row for a capability
+/// the driver advertises, is "missing" and fails the run; it never passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn conformance_missing_rows_fail() {
+    let bin = conformance_bin();
+    let d = Daemon::start(&[]).await;
+    let table = d.dir.path().join("table.tsv");
+    std::fs::write(
+        &table,
+        "# a run of three rows\n\
+         Identity Service / Probe / should return appropriate information\tidentity.probe\n\
+         Made up / a spec without a case\tno.such.case\n\
+         Made up / a spec for an advertised capability\tskip-unless controller:CREATE_DELETE_VOLUME\n",
+    )
+    .unwrap();
+    let out = Command::new(&bin)
+        .arg("--endpoint")
+        .arg(d.csi_sock())
+        .arg("--staging-dir")
+        .arg(d.kpath("conformance/staging"))
+        .arg("--target-dir")
+        .arg(d.kpath("conformance/mount"))
+        .arg("--table")
+        .arg(&table)
+        .output()
+        .expect("run pmem-conformance");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let up = counts(&stdout, "upstream");
+    assert!(
+        up.starts_with("1 passed, 0 failed, 0 skipped, 2 missing"),
+        "upstream: {up}\n{stdout}"
+    );
+    assert!(stdout.contains("no case \"no.such.case\""), "{stdout}");
+    // Every case of ours the table does not name is reported too.
+    assert!(
+        stdout.contains("MISSING - case \"node.lifecycle\" is not in the table"),
+        "{stdout}"
+    );
+}
+
+/// --focus and --skip choose specs by name; the rest is counted, not run.
+#[tokio::test(flavor = "multi_thread")]
+async fn conformance_focus_and_skip() {
+    let bin = conformance_bin();
+    let d = Daemon::start(&[]).await;
+    let out = Command::new(&bin)
+        .arg("--endpoint")
+        .arg(d.csi_sock())
+        .arg("--staging-dir")
+        .arg(d.kpath("conformance/staging"))
+        .arg("--target-dir")
+        .arg(d.kpath("conformance/mount"))
+        .args(["--focus", "^Identity Service", "--skip", "Probe"])
+        .output()
+        .expect("run pmem-conformance");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let up = counts(&stdout, "upstream");
+    assert!(
+        up.starts_with("2 passed, 0 failed, 0 skipped, 0 missing, 93 filtered out"),
+        "upstream: {up}\n{stdout}"
+    );
 }

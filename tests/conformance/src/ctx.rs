@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use pmem_proto::admin::admin_client::AdminClient;
 use pmem_proto::csi;
 use pmem_proto::csi::controller_client::ControllerClient;
 use pmem_proto::csi::controller_service_capability::rpc::Type as CtlCap;
@@ -107,6 +108,8 @@ pub struct Config {
 
 #[derive(Debug)]
 pub struct Ctx {
+    /// pmem-agent's admin service, when given: see [`Ctx::settle`].
+    admin: Option<AdminClient<Channel>>,
     identity: IdentityClient<Channel>,
     controller: ControllerClient<Channel>,
     node: NodeClient<Channel>,
@@ -206,8 +209,9 @@ pub fn fake_node_id() -> String {
 pub const INVALID_VOLUME_ID: &str = "fake-vol-id";
 
 impl Ctx {
-    pub fn new(ch: Channel, cfg: Config) -> Ctx {
+    pub fn new(ch: Channel, admin: Option<Channel>, cfg: Config) -> Ctx {
         Ctx {
+            admin: admin.map(AdminClient::new),
             identity: IdentityClient::new(ch.clone()),
             controller: ControllerClient::new(ch.clone()),
             node: NodeClient::new(ch.clone()),
@@ -533,6 +537,96 @@ impl Ctx {
         } else {
             Err(format!("cleanup failed: {}", errs.join("; ")))
         }
+    }
+}
+
+impl Ctx {
+    /// With pmem-agent's admin endpoint: waits until no deleted volume is
+    /// still being deleted or erased (admin ListVolumes), so that every
+    /// case starts from the same layout whatever the eraser's pace. Without
+    /// it, cases follow each other at once, as in the upstream suite.
+    pub async fn settle(&self) -> Result<(), String> {
+        let Some(admin) = &self.admin else {
+            return Ok(());
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let n = match Self::unsettled(&mut admin.clone()).await {
+                Ok(n) => n,
+                // pmem-agent's admin ListVolumes through pmem-allocd answers
+                // NotFound when a volume goes while it lists: not settled yet.
+                Err((Code::NotFound, _)) => 1,
+                Err((_, e)) => return Err(e),
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "{n} deleted volumes or their extents still held after 120 s"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The regions' extents (with the admin endpoint), for a failure report.
+    pub async fn layout(&self) -> Option<String> {
+        let admin = self.admin.as_ref()?;
+        let regions = match admin
+            .clone()
+            .list_regions(pmem_proto::admin::ListRegionsRequest::default())
+            .await
+        {
+            Ok(r) => r.into_inner().regions,
+            Err(s) => return Some(format!("(admin ListRegions: {})", status_line(&s))),
+        };
+        let mut out = Vec::new();
+        for r in regions {
+            let ex: Vec<String> = r
+                .extents
+                .iter()
+                .map(|e| {
+                    let who = if e.volume_id.is_empty() {
+                        "free".to_owned()
+                    } else {
+                        format!("{} {}", e.volume_id, e.state)
+                    };
+                    format!("{}+{} {who}", e.offset_bytes >> 20, e.size_bytes >> 20)
+                })
+                .collect();
+            out.push(format!("{} [MiB]: {}", r.id, ex.join(", ")));
+        }
+        Some(out.join("\n    "))
+    }
+
+    /// Volumes being deleted or erased, and extents still held for a volume
+    /// that is gone or going.
+    async fn unsettled(admin: &mut AdminClient<Channel>) -> Result<usize, (Code, String)> {
+        let gone = |state: &str| state == "deleting" || state == "erasing";
+        let vols = admin
+            .list_volumes(pmem_proto::admin::ListVolumesRequest::default())
+            .await
+            .map_err(|s| (s.code(), format!("admin ListVolumes: {}", status_line(&s))))?
+            .into_inner()
+            .volumes;
+        let live: HashSet<&str> = vols
+            .iter()
+            .filter(|v| !gone(&v.state))
+            .map(|v| v.id.as_str())
+            .collect();
+        let regions = admin
+            .list_regions(pmem_proto::admin::ListRegionsRequest::default())
+            .await
+            .map_err(|s| (s.code(), format!("admin ListRegions: {}", status_line(&s))))?
+            .into_inner()
+            .regions;
+        let held = regions
+            .iter()
+            .flat_map(|r| &r.extents)
+            .filter(|e| !e.volume_id.is_empty() && !live.contains(e.volume_id.as_str()))
+            .count();
+        Ok(vols.len() - live.len() + held)
     }
 }
 

@@ -69,6 +69,11 @@ struct Args {
     /// Deadline of each RPC, in seconds.
     #[arg(long, default_value_t = 300)]
     rpc_timeout: u64,
+    /// pmem-agent's admin endpoint (optional, not CSI): after each case, wait
+    /// until no deleted volume is still being erased, so that every case
+    /// starts from the same layout (in-place growth on sim depends on it).
+    #[arg(long)]
+    admin_endpoint: Option<String>,
     /// Print the table with the case of each spec and exit.
     #[arg(long)]
     list: bool,
@@ -174,20 +179,29 @@ fn unmet(ctx: &Ctx, case: &Case) -> Option<String> {
 async fn run_case(ctx: &Ctx, case: &Case) -> Result<Option<String>, String> {
     ctx.make_dirs()?;
     let res = (case.run)(ctx).await;
+    let layout = match &res {
+        Err(Stop::Fail(_)) => ctx.layout().await,
+        _ => None,
+    };
     // Cleanup and directory removal run whatever the case did.
     let clean = ctx.cleanup().await;
     let dirs = ctx.remove_dirs();
+    let settled = ctx.settle().await;
     let mut errs = Vec::new();
     let skipped = match res {
         Ok(()) => None,
         Err(Stop::Skip(why)) => Some(why),
         Err(Stop::Fail(m)) => {
-            errs.push(m);
+            errs.push(match layout {
+                Some(l) => format!("{m}\n    layout at the failure: {l}"),
+                None => m,
+            });
             None
         }
     };
     errs.extend(clean.err());
     errs.extend(dirs.err());
+    errs.extend(settled.err());
     if errs.is_empty() {
         Ok(skipped)
     } else {
@@ -245,7 +259,17 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut ctx = Ctx::new(ch, cfg);
+    let admin = match &args.admin_endpoint {
+        Some(ep) => match ctx::connect(ep, Duration::from_secs(args.rpc_timeout)).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("pmem-conformance: admin endpoint: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let mut ctx = Ctx::new(ch, admin, cfg);
     if let Err(e) = ctx.load_caps().await {
         eprintln!("pmem-conformance: cannot read the driver's capabilities: {e}");
         return ExitCode::from(2);

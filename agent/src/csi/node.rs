@@ -1052,12 +1052,27 @@ impl NodeService {
         &self,
         req: csi::NodeGetVolumeStatsRequest,
     ) -> AgentResult<csi::NodeGetVolumeStatsResponse> {
+        // Both fields present first (a missing one is the client's mistake
+        // whatever the volume), then the volume: an unknown volume is
+        // NOT_FOUND whatever the path.
         require("volume_id", &req.volume_id)?;
-        // The volume first: an unknown volume is NOT_FOUND whatever the path.
+        if req.volume_path.is_empty() {
+            return Err(invalid("volume_path is required"));
+        }
         let v = self
             .volume_or_ephemeral(&req.volume_id)
             .await?
             .ok_or_else(|| not_found(format!("volume {} does not exist", req.volume_id)))?;
+        // A relative path is nowhere a volume can be mounted: the spec's
+        // NOT_FOUND for a volume that is not at volume_path. Absolute paths
+        // outside the root or through symlinks stay InvalidArgument.
+        if !req.volume_path.starts_with('/') {
+            return Err(not_found(format!(
+                "volume {} is not at volume_path {}: not an absolute path",
+                v.id,
+                quote(&req.volume_path)
+            )));
+        }
         let path = self.confine("volume_path", &req.volume_path)?;
         let pubs = self.publications(&v.id).await?;
         let record = pubs.iter().find(|p| path.same_as(&p.path));

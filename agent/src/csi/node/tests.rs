@@ -1286,10 +1286,15 @@ async fn unknown_volumes_are_not_found_whatever_the_path() {
     let mut ex = expand_req("no-such-volume", Path::new("x"), None, MIB);
     ex.volume_path = "some/path".into();
     assert_fails(r.node.expand(ex).await, Code::NotFound, "no-such-volume");
-    // A known volume with a bad path is still the path's fault.
+    // csi-sanity: a known volume at a relative path is not there (NOT_FOUND,
+    // naming the path); a missing path is the client's mistake whatever the
+    // volume.
     let v = r.create("known", 512);
     let mut st = stats_req(&v.id, Path::new("x"));
     st.volume_path = "some/path".into();
+    assert_fails(r.node.stats(st).await, Code::NotFound, "volume_path");
+    let mut st = stats_req("no-such-volume", Path::new("x"));
+    st.volume_path = String::new();
     assert_fails(r.node.stats(st).await, Code::InvalidArgument, "volume_path");
 }
 

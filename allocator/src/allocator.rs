@@ -70,6 +70,26 @@ pub struct RegionCapacity {
     pub lost: Option<String>,
 }
 
+/// One page of [`Allocator::live_volumes_page`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumePage {
+    /// The ledger's identity: page tokens are bound to it.
+    pub ledger_id: String,
+    pub entries: Vec<PageEntry>,
+    /// Another page follows the last entry.
+    pub more: bool,
+}
+
+/// A volume of a [`VolumePage`] with what the CO's listing shows of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageEntry {
+    pub volume: Volume,
+    /// Usable bytes (after backend metadata).
+    pub usable: Bytes,
+    /// Why its region is lost, if it is.
+    pub lost: Option<String>,
+}
+
 /// Who holds an extent of [`RegionCapacity::extents`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Holder {
@@ -123,18 +143,19 @@ impl State {
                 (spec.id.clone(), RegionState { spec, map })
             })
             .collect();
-        for v in self.ledger.volumes()? {
+        // Only the extents: one light read, nothing parsed beyond them.
+        for (id, region, offset, size) in self.ledger.volume_extents()? {
             let r = regions
-                .get_mut(&v.region)
+                .get_mut(&region)
                 .ok_or_else(|| Error::LedgerCorrupt {
                     path: path.clone(),
-                    message: format!("volume {} is in unknown region {}", v.id, v.region),
+                    message: format!("volume {id} is in unknown region {region}"),
                 })?;
             r.map
-                .reserve(&v.id, v.offset, v.size)
+                .reserve(&id, offset, size)
                 .map_err(|e| Error::LedgerCorrupt {
                     path: path.clone(),
-                    message: format!("volume {} in region {}: {e}", v.id, v.region),
+                    message: format!("volume {id} in region {region}: {e}"),
                 })?;
         }
         self.regions = regions;
@@ -144,16 +165,17 @@ impl State {
     }
 
     /// Reserves the parts of `allocated` that no ledger volume covers.
-    /// Extents are covered by offset; a pool's devices by volume id.
+    /// Extents are covered by offset; a pool's devices by volume id (the
+    /// pool holds every ledger volume of its region under its id, so no
+    /// ledger read is needed).
     fn reserve_allocated(&mut self, allocated: &[Allocated]) -> Result<()> {
-        let ids: std::collections::HashSet<String> =
-            self.ledger.volumes()?.into_iter().map(|v| v.id).collect();
         for a in allocated {
             let Some(r) = self.regions.get_mut(&a.region) else {
                 tracing::warn!(region = %a.region, device = %a.device, "backend reports allocated space in a region it does not serve");
                 continue;
             };
-            if matches!(r.map, Space::Pool(_)) && a.volume.as_ref().is_some_and(|v| ids.contains(v))
+            if let Space::Pool(p) = &r.map
+                && a.volume.as_ref().is_some_and(|v| p.holds(v))
             {
                 continue;
             }
@@ -323,6 +345,15 @@ impl Allocator {
     /// All volumes in creation order.
     pub fn volumes(&self) -> Result<Vec<Volume>> {
         self.state().ledger.volumes()
+    }
+
+    /// Volumes in `state` of `persistency` (`None`: any), in creation order.
+    pub fn volumes_where(
+        &self,
+        state: Option<VolumeState>,
+        persistency: Option<Persistency>,
+    ) -> Result<Vec<Volume>> {
+        self.state().ledger.volumes_where(state, persistency)
     }
 
     pub fn ledger_path(&self) -> std::path::PathBuf {
@@ -655,10 +686,28 @@ impl Allocator {
             .collect()
     }
 
-    /// Capacity per region for `usage`, with the extent map of each.
+    /// Capacity per region for `usage` from the in-memory extent maps alone
+    /// (free totals and the largest hole are kept incrementally): no ledger
+    /// read, no extent list, O(regions). `extents` is empty; GetCapacity,
+    /// NodeGetInfo and the metrics use this.
+    pub fn capacity_summary(&self, usage: Usage) -> Vec<RegionCapacity> {
+        let st = self.state();
+        self.capacity_of(&st, usage)
+    }
+
+    /// Capacity per region for `usage`, with the extent map of each and who
+    /// holds every used extent (the admin view, `pmemctl regions`): one
+    /// ledger read into a map, then one lookup per extent, O(n log n).
     pub fn capacity(&self, usage: Usage) -> Result<Vec<RegionCapacity>> {
         let st = self.state();
         let vols = st.ledger.volumes()?;
+        // Extent maps know a volume by region and offset, pools by id.
+        let mut by_offset: HashMap<(&str, Bytes), &Volume> = HashMap::with_capacity(vols.len());
+        let mut by_id: HashMap<&str, &Volume> = HashMap::with_capacity(vols.len());
+        for v in &vols {
+            by_offset.insert((v.region.as_str(), v.offset), v);
+            by_id.insert(v.id.as_str(), v);
+        }
         let mut caps = self.capacity_of(&st, usage);
         for c in &mut caps {
             if let Some(r) = st.regions.get(&c.spec.id) {
@@ -670,13 +719,10 @@ impl Allocator {
                         if !slot.used {
                             return (slot.extent, Holder::Free);
                         }
-                        let owner = vols.iter().find(|v| {
-                            v.region == c.spec.id
-                                && match &slot.key {
-                                    Some(k) => &v.id == k,
-                                    None => v.offset == slot.extent.offset,
-                                }
-                        });
+                        let owner = match &slot.key {
+                            Some(k) => by_id.get(k.as_str()).filter(|v| v.region == c.spec.id),
+                            None => by_offset.get(&(c.spec.id.as_str(), slot.extent.offset)),
+                        };
                         let holder = owner.map_or(Holder::Reserved, |v| Holder::Volume {
                             id: v.id.clone(),
                             state: v.state,
@@ -687,6 +733,58 @@ impl Allocator {
             }
         }
         Ok(caps)
+    }
+
+    /// One page of the volumes the CO sees (creating or ready), after the
+    /// volume with `seq` `after` (0: from the start), at most `max` (0: all),
+    /// with each volume's usable bytes and lost reason: a keyset query on
+    /// `seq` that reads only the page (and one row more, to know whether
+    /// another page follows), under one lock.
+    pub fn live_volumes_page(&self, after: i64, max: usize) -> Result<VolumePage> {
+        let mut st = self.state();
+        let ledger_id = st.ledger.ledger_id()?;
+        let mut rows = st
+            .ledger
+            .live_volumes_after(after, (max > 0).then(|| max.saturating_add(1)))?;
+        let more = max > 0 && rows.len() > max;
+        if more {
+            rows.truncate(max);
+        }
+        let entries = rows
+            .into_iter()
+            .map(|v| {
+                let usable = match st.regions.get(&v.region) {
+                    Some(r) => self.usable_for(&r.spec, v.size, v.usage),
+                    None => v.size,
+                };
+                let lost = st.lost.get(&v.region).cloned();
+                PageEntry {
+                    volume: v,
+                    usable,
+                    lost,
+                }
+            })
+            .collect();
+        Ok(VolumePage {
+            ledger_id,
+            entries,
+            more,
+        })
+    }
+
+    /// Volumes by state and persistency (metrics), from counts the ledger
+    /// keeps with every write: O(1), whatever the number of volumes.
+    pub fn volume_counts(&self) -> Result<Vec<(VolumeState, Persistency, u64)>> {
+        self.state().ledger.volume_counts()
+    }
+
+    /// Ledger volumes (any state) per region, from the extent maps.
+    pub(crate) fn volumes_per_region(&self) -> BTreeMap<String, usize> {
+        let st = self.state();
+        st.regions
+            .iter()
+            .map(|(id, r)| (id.clone(), st.volume_count(id, r)))
+            .collect()
     }
 
     /// Volumes present plus volumes still creatable (free slots, or free

@@ -86,7 +86,45 @@ CREATE TABLE region_stamps (
     r#"
 ALTER TABLE publications ADD COLUMN device INTEGER;
 "#,
+    // Scale: the eraser's backlog and an intent's volume by index, and the
+    // volume counts by state and persistency kept by triggers in the same
+    // transaction as every write, so metrics never count the rows.
+    r#"
+CREATE INDEX volumes_by_state ON volumes(state, persistency);
+CREATE INDEX intents_by_volume ON intents(volume_id);
+CREATE TABLE volume_counts (
+    state        TEXT NOT NULL,
+    persistency  TEXT NOT NULL,
+    n            INTEGER NOT NULL CHECK (n >= 0),
+    PRIMARY KEY (state, persistency)
+) STRICT;
+INSERT INTO volume_counts (state, persistency, n)
+    SELECT s.state, p.persistency,
+           (SELECT COUNT(*) FROM volumes v WHERE v.state = s.state AND v.persistency = p.persistency)
+    FROM (SELECT 'creating' AS state UNION ALL SELECT 'ready' UNION ALL SELECT 'deleting'
+          UNION ALL SELECT 'erasing') s,
+         (SELECT 'persistent' AS persistency UNION ALL SELECT 'ephemeral') p;
+CREATE TRIGGER volume_counts_insert AFTER INSERT ON volumes BEGIN
+    UPDATE volume_counts SET n = n + 1
+        WHERE state = NEW.state AND persistency = NEW.persistency;
+END;
+CREATE TRIGGER volume_counts_delete AFTER DELETE ON volumes BEGIN
+    UPDATE volume_counts SET n = n - 1
+        WHERE state = OLD.state AND persistency = OLD.persistency;
+END;
+CREATE TRIGGER volume_counts_update AFTER UPDATE OF state, persistency ON volumes
+    WHEN OLD.state IS NOT NEW.state OR OLD.persistency IS NOT NEW.persistency BEGIN
+    UPDATE volume_counts SET n = n - 1
+        WHERE state = OLD.state AND persistency = OLD.persistency;
+    UPDATE volume_counts SET n = n + 1
+        WHERE state = NEW.state AND persistency = NEW.persistency;
+END;
+"#,
 ];
+
+/// The states ListVolumes shows the CO: an `erasing` (deleted) or
+/// `deleting` volume is gone for it.
+const LIVE_STATES: &str = "'creating', 'ready'";
 
 /// A pending device operation, durable before the device is touched.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,6 +366,17 @@ impl Ledger {
         let path = self.path.clone();
         let known = self.regions()?;
         let tx = self.conn.transaction().map_err(|e| sql_err(&path, e))?;
+        // Each region's end of volumes in one pass over the table, not one
+        // scan per region.
+        let ends: BTreeMap<String, i64> = {
+            let mut st = tx
+                .prepare("SELECT region, MAX(offset + size) FROM volumes GROUP BY region")
+                .map_err(|e| sql_err(&path, e))?;
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(|e| sql_err(&path, e))?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(|e| sql_err(&path, e))?
+        };
         for s in specs {
             let old = known.iter().find(|k| k.id == s.id);
             if let Some(old) = old
@@ -341,13 +390,7 @@ impl Ledger {
                     ),
                 });
             }
-            let max_end: i64 = tx
-                .query_row(
-                    "SELECT COALESCE(MAX(offset + size), 0) FROM volumes WHERE region = ?1",
-                    [&s.id],
-                    |r| r.get(0),
-                )
-                .map_err(|e| sql_err(&path, e))?;
+            let max_end = ends.get(&s.id).copied().unwrap_or(0);
             if u64::try_from(max_end).unwrap_or(0) > s.size.0 {
                 return Err(Error::LedgerCorrupt {
                     path,
@@ -433,6 +476,103 @@ impl Ledger {
             ))
             .map_err(|e| self.err(e))?;
         let rows = st.query_map([], volume_from_row).map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Up to `limit` (all with `None`) volumes the CO sees (creating or
+    /// ready) with `seq` above `after`, in `seq` order: a range search on
+    /// the rowid, so a page costs its own rows (plus rows in other states
+    /// inside the range), never the whole table. The state filter must not
+    /// use `volumes_by_state` (that would read every live row and sort).
+    pub fn live_volumes_after(&self, after: i64, limit: Option<usize>) -> Result<Vec<Volume>> {
+        let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        let mut st = self
+            .conn
+            .prepare_cached(&live_page_sql())
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![after, limit], volume_from_row)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// What the extent maps need of every volume, without the rest of the
+    /// row (no JSON to parse): id, region, offset, size.
+    pub fn volume_extents(&self) -> Result<Vec<(String, String, Bytes, Bytes)>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT id, region, offset, size FROM volumes ORDER BY seq")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    Bytes(from_i64(r.get(2)?)),
+                    Bytes(from_i64(r.get(3)?)),
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Volumes by state and persistency, from the trigger-kept counts (a
+    /// read of at most eight rows, whatever the number of volumes).
+    pub fn volume_counts(&self) -> Result<Vec<(VolumeState, Persistency, u64)>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT state, persistency, n FROM volume_counts ORDER BY state, persistency",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                let state: String = r.get(0)?;
+                let persistency: String = r.get(1)?;
+                Ok((
+                    state.parse::<VolumeState>().map_err(|m| conv_err(0, m))?,
+                    persistency
+                        .parse::<Persistency>()
+                        .map_err(|m| conv_err(1, m))?,
+                    from_i64(r.get(2)?),
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// The volumes in `state` (any with `None`) of `persistency` (any with
+    /// `None`), in insertion order; by `volumes_by_state` when the state is
+    /// given (the ephemeral collector: ready and ephemeral).
+    pub fn volumes_where(
+        &self,
+        state: Option<VolumeState>,
+        persistency: Option<Persistency>,
+    ) -> Result<Vec<Volume>> {
+        let Some(state) = state else {
+            let all = self.volumes()?;
+            return Ok(match persistency {
+                Some(p) => all.into_iter().filter(|v| v.persistency == p).collect(),
+                None => all,
+            });
+        };
+        let Some(p) = persistency else {
+            return self.volumes_in(state);
+        };
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes WHERE state = ?1 AND persistency = ?2
+                 ORDER BY seq"
+            ))
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([state.as_str(), p.as_str()], volume_from_row)
+            .map_err(|e| self.err(e))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(|e| self.err(e))
     }
@@ -691,15 +831,21 @@ impl Ledger {
             .map_err(|e| self.err(e))
     }
 
-    /// Publications of one volume, or of all volumes with `None`.
+    /// Publications of one volume, or of all volumes with `None`. Two
+    /// statements: `?1 IS NULL OR volume_id = ?1` would scan the table for
+    /// one volume instead of searching its primary key.
     pub fn publications(&self, volume_id: Option<&str>) -> Result<Vec<Publication>> {
-        let mut st = self
-            .conn
-            .prepare_cached(
+        let sql = match volume_id {
+            Some(_) => {
                 "SELECT volume_id, kind, path, readonly, capability, device FROM publications
-                 WHERE ?1 IS NULL OR volume_id = ?1 ORDER BY volume_id, kind, path",
-            )
-            .map_err(|e| self.err(e))?;
+                 WHERE volume_id = ?1 ORDER BY volume_id, kind, path"
+            }
+            None => {
+                "SELECT volume_id, kind, path, readonly, capability, device FROM publications
+                 WHERE ?1 IS NULL ORDER BY volume_id, kind, path"
+            }
+        };
+        let mut st = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
         let rows = st
             .query_map([volume_id], |r| {
                 let kind: String = r.get(1)?;
@@ -722,6 +868,15 @@ impl Ledger {
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(|e| self.err(e))
     }
+}
+
+/// The ListVolumes page query: the rowid range and `LIMIT`, the state
+/// filter kept off `volumes_by_state` (`+state`), see `live_volumes_after`.
+fn live_page_sql() -> String {
+    format!(
+        "SELECT {VOLUME_COLUMNS} FROM volumes WHERE seq > ?1 AND +state IN ({LIVE_STATES})
+         ORDER BY seq LIMIT ?2"
+    )
 }
 
 /// ELOOP from O_NOFOLLOW means the name is a symlink: say so.
@@ -878,7 +1033,7 @@ mod tests {
             l.insert_creating(&vol("v1", "n1"), "{}").unwrap();
         }
         let mut l = Ledger::open(&p).unwrap();
-        assert_eq!(Ledger::SCHEMA_VERSION, 3);
+        assert_eq!(Ledger::SCHEMA_VERSION, 4);
         let id = l.ledger_id().unwrap();
         assert_eq!(id.len(), 32);
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));

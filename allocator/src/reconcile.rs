@@ -4,7 +4,7 @@
 //! completed); devices that no volume owns are reported and, only when asked
 //! and only when marked as ours, removed. Foreign devices are never touched.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::allocator::{Allocator, device_request};
 use crate::backend::{InventoryItem, Owner, Placement};
@@ -52,6 +52,15 @@ impl Allocator {
             .map(|i| i.volume_id)
             .collect();
         for v in self.volumes()? {
+            // A ready volume whose device is as recorded needs nothing: no
+            // name lock, no re-read (start-up stays one pass over the rows).
+            if v.state == VolumeState::Ready
+                && !expanding.contains(&v.id)
+                && !lost.contains_key(&v.region)
+                && matches!(self.backend().find(&device_request(&v)), Ok(Some(d)) if d.path == v.device)
+            {
+                continue;
+            }
             let name = v.name.clone();
             self.with_name(&name, || {
                 // Re-read under the name lock: a live call may have moved it.
@@ -72,10 +81,10 @@ impl Allocator {
                 self.reconcile_volume(v, exp, dry_run, &mut rep);
             });
         }
-        let known: Vec<_> = self
-            .volumes()?
-            .into_iter()
-            .map(|v| (v.id, v.region, v.offset, v.size))
+        let known = self.state().ledger.volume_extents()?;
+        let by_id: HashMap<&str, (&str, crate::units::Bytes)> = known
+            .iter()
+            .map(|(id, region, offset, _)| (id.as_str(), (region.as_str(), *offset)))
             .collect();
         for item in self.backend().inventory()? {
             if lost.contains_key(&item.region) {
@@ -88,8 +97,8 @@ impl Allocator {
                     rep.foreign.push(item);
                 }
                 Owner::Ours(id) => {
-                    let owned = known.iter().any(|(kid, region, offset, _)| {
-                        kid == id && *region == item.region && *offset == item.offset
+                    let owned = by_id.get(id.as_str()).is_some_and(|(region, offset)| {
+                        *region == item.region && *offset == item.offset
                     });
                     if owned || (dry_run && rep.actions.iter().any(|a| a.contains(id.as_str()))) {
                         continue;

@@ -69,6 +69,12 @@ pub trait VolumeStore: Send + Sync + Debug {
     /// Capacity without extents from the allocator's memory: O(regions),
     /// no ledger read (GetCapacity, metrics).
     fn capacity_summary(&self, usage: Usage) -> Result<Vec<RegionCapacity>>;
+    /// The capacity summary and max_volumes at once without blocking, when
+    /// the store can answer in place (the embedded allocator whose state is
+    /// not held right now); `None`: use the blocking calls.
+    fn try_capacity_summary(&self, _usage: Usage) -> Option<(Vec<RegionCapacity>, u64)> {
+        None
+    }
     /// Volumes by state and persistency (metrics), without counting rows.
     fn volume_counts(&self) -> Result<Vec<(VolumeState, Persistency, u64)>>;
     fn max_volumes(&self) -> Result<u64>;
@@ -157,6 +163,10 @@ impl VolumeStore for Allocator {
 
     fn capacity_summary(&self, usage: Usage) -> Result<Vec<RegionCapacity>> {
         Ok(Allocator::capacity_summary(self, usage))
+    }
+
+    fn try_capacity_summary(&self, usage: Usage) -> Option<(Vec<RegionCapacity>, u64)> {
+        Allocator::try_capacity_summary(self, usage)
     }
 
     fn volume_counts(&self) -> Result<Vec<(VolumeState, Persistency, u64)>> {

@@ -216,6 +216,21 @@ impl State {
     }
 }
 
+/// See [`Allocator::max_volumes`].
+fn max_volumes_of(st: &State) -> u64 {
+    st.regions
+        .iter()
+        .map(|(id, r)| {
+            let present = st.volume_count(id, r) as u64;
+            if st.refusal.is_some() || st.lost.contains_key(id) {
+                return present;
+            }
+            let by_space = r.map.free_total().0 / r.spec.align.0;
+            present + by_space.min(u64::from(r.free_slots()))
+        })
+        .sum()
+}
+
 #[derive(Debug)]
 pub struct Allocator {
     state: Mutex<State>,
@@ -695,6 +710,18 @@ impl Allocator {
         self.capacity_of(&st, usage)
     }
 
+    /// [`Allocator::capacity_summary`] and [`Allocator::max_volumes`] when the
+    /// state is free right now, `None` while someone holds it: lets an async
+    /// caller answer in place without ever waiting on the lock.
+    pub fn try_capacity_summary(&self, usage: Usage) -> Option<(Vec<RegionCapacity>, u64)> {
+        let st = match self.state.try_lock() {
+            Ok(st) => st,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some((self.capacity_of(&st, usage), max_volumes_of(&st)))
+    }
+
     /// Capacity per region for `usage`, with the extent map of each and who
     /// holds every used extent (the admin view, `pmemctl regions`): one
     /// ledger read into a map, then one lookup per extent, O(n log n).
@@ -790,18 +817,7 @@ impl Allocator {
     /// Volumes present plus volumes still creatable (free slots, or free
     /// bytes / minimum size, whichever is smaller, summed over regions).
     pub fn max_volumes(&self) -> u64 {
-        let st = self.state();
-        st.regions
-            .iter()
-            .map(|(id, r)| {
-                let present = st.volume_count(id, r) as u64;
-                if st.refusal.is_some() || st.lost.contains_key(id) {
-                    return present;
-                }
-                let by_space = r.map.free_total().0 / r.spec.align.0;
-                present + by_space.min(u64::from(r.free_slots()))
-            })
-            .sum()
+        max_volumes_of(&self.state())
     }
 
     /// Deletes a volume: refuses while staged or published or while its
@@ -1188,6 +1204,123 @@ pub(crate) mod hook_tests {
             a.capacity(Usage::AppDirect).unwrap()[0].available,
             Bytes(7 * A)
         );
+    }
+
+    /// Hides the volume table from the allocator's connection (another
+    /// connection renames it): any ledger read of volumes fails after.
+    fn hide_volumes(dir: &tempfile::TempDir, hide: bool) {
+        let c = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        c.execute_batch(if hide {
+            "ALTER TABLE volumes RENAME TO volumes_hidden"
+        } else {
+            "ALTER TABLE volumes_hidden RENAME TO volumes"
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn capacity_summary_and_max_volumes_never_read_the_ledger() {
+        for placement in [Placement::BestFit, Placement::Pooled] {
+            let dir = tempfile::tempdir().unwrap();
+            let (a, fake) = open(
+                &dir,
+                Fake {
+                    placement,
+                    ..Fake::default()
+                },
+            );
+            a.create_volume(&req("v", 2, "r0")).unwrap();
+            let gone = a.create_volume(&req("w", 1, "r1")).unwrap();
+            a.delete_volume(&gone.id).unwrap();
+            relock(&fake.reserved).push(allocated("r1", 4 * A, A, None));
+            a.refresh_reserved().unwrap();
+            let full = a.capacity(Usage::AppDirect).unwrap();
+            let max = a.max_volumes();
+            hide_volumes(&dir, true);
+            // The test can fail: whatever reads the volumes fails now.
+            assert!(a.capacity(Usage::AppDirect).is_err());
+            assert!(a.volumes().is_err());
+            let summary = a.capacity_summary(Usage::AppDirect);
+            assert_eq!(a.max_volumes(), max);
+            hide_volumes(&dir, false);
+            let without_extents: Vec<RegionCapacity> = full
+                .into_iter()
+                .map(|c| RegionCapacity {
+                    extents: Vec::new(),
+                    ..c
+                })
+                .collect();
+            assert_eq!(summary, without_extents, "{placement:?}");
+            // The erasing one still holds its extent and counts as a volume.
+            assert_eq!((summary[0].volumes, summary[1].volumes), (1, 1));
+            assert_eq!(summary[1].available, Bytes(6 * A));
+        }
+    }
+
+    #[test]
+    fn full_capacity_names_each_holder_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = open(&dir, Fake::default());
+        let ids: Vec<String> = (0..6)
+            .map(|i| a.create_volume(&req(&format!("v{i}"), 1, "r0")).unwrap().id)
+            .collect();
+        a.delete_volume(&ids[2]).unwrap();
+        let caps = a.capacity(Usage::AppDirect).unwrap();
+        let holders: Vec<(u64, Holder)> = caps[0]
+            .extents
+            .iter()
+            .map(|(e, h)| (e.offset.0 / A, h.clone()))
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            let state = if i == 2 {
+                VolumeState::Erasing
+            } else {
+                VolumeState::Ready
+            };
+            assert_eq!(
+                holders[i],
+                (
+                    i as u64,
+                    Holder::Volume {
+                        id: id.clone(),
+                        state
+                    }
+                )
+            );
+        }
+        assert_eq!(holders[6], (6, Holder::Free));
+    }
+
+    #[test]
+    fn live_pages_carry_usable_bytes_and_whether_more_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = open(&dir, Fake::default());
+        let vs: Vec<Volume> = (0..5)
+            .map(|i| a.create_volume(&req(&format!("v{i}"), 1, "r0")).unwrap())
+            .collect();
+        let ids = |p: &VolumePage| {
+            p.entries
+                .iter()
+                .map(|e| e.volume.id.clone())
+                .collect::<Vec<_>>()
+        };
+        let p1 = a.live_volumes_page(0, 2).unwrap();
+        assert_eq!(ids(&p1), [vs[0].id.clone(), vs[1].id.clone()]);
+        assert!(p1.more);
+        assert_eq!(p1.ledger_id, a.ledger_id().unwrap());
+        assert_eq!(p1.entries[0].usable, Bytes(A));
+        assert_eq!(p1.entries[0].lost, None);
+        // The page's last volume deleted meanwhile: the next page follows it.
+        a.delete_volume(&vs[1].id).unwrap();
+        let p2 = a.live_volumes_page(vs[1].seq, 2).unwrap();
+        assert_eq!(ids(&p2), [vs[2].id.clone(), vs[3].id.clone()]);
+        assert!(p2.more);
+        let p3 = a.live_volumes_page(vs[3].seq, 2).unwrap();
+        assert_eq!(ids(&p3), [vs[4].id.clone()]);
+        assert!(!p3.more, "exactly the rest: no further page");
+        let all = a.live_volumes_page(0, 0).unwrap();
+        assert_eq!(all.entries.len(), 4);
+        assert!(!all.more);
     }
 
     #[test]

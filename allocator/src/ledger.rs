@@ -175,6 +175,19 @@ impl IntentOp {
     }
 }
 
+/// The columns of a volume row that its device depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeDevice {
+    pub id: String,
+    pub name: String,
+    pub region: String,
+    pub offset: Bytes,
+    pub size: Bytes,
+    pub usage: Usage,
+    pub state: VolumeState,
+    pub device: Option<String>,
+}
+
 /// Called with the duration of every durable commit (metrics).
 #[derive(Clone)]
 pub struct CommitObserver(pub std::sync::Arc<dyn Fn(Duration) + Send + Sync>);
@@ -513,6 +526,35 @@ impl Ledger {
                     Bytes(from_i64(r.get(2)?)),
                     Bytes(from_i64(r.get(3)?)),
                 ))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every volume's device-facing columns (no JSON parsed), in `seq`
+    /// order: what reconciliation needs to check a device.
+    pub fn volume_devices(&self) -> Result<Vec<VolumeDevice>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT id, name, region, offset, size, usage, state, device FROM volumes ORDER BY seq",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                let usage: String = r.get(5)?;
+                let state: String = r.get(6)?;
+                Ok(VolumeDevice {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    region: r.get(2)?,
+                    offset: Bytes(from_i64(r.get(3)?)),
+                    size: Bytes(from_i64(r.get(4)?)),
+                    usage: usage.parse::<Usage>().map_err(|m| conv_err(5, m))?,
+                    state: state.parse::<VolumeState>().map_err(|m| conv_err(6, m))?,
+                    device: r.get(7)?,
+                })
             })
             .map_err(|e| self.err(e))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
@@ -1123,6 +1165,173 @@ mod tests {
         l.remove_volume("v1").unwrap();
         assert!(l.intents().unwrap().is_empty());
         assert!(l.volume("v1").unwrap().is_none());
+    }
+
+    /// The plan sqlite chooses for `sql`, one detail line per step.
+    fn plan(l: &Ledger, sql: &str, params: impl rusqlite::Params) -> String {
+        let mut st = l
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap();
+        st.query_map(params, |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .unwrap()
+            .join("; ")
+    }
+
+    #[test]
+    fn per_call_queries_search_an_index_never_scan_the_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(&dir.path().join("l.db")).unwrap();
+        l.sync_regions("sim", &[spec("region0")]).unwrap();
+        for i in 0..50 {
+            let mut v = vol(&format!("v{i}"), &format!("n{i}"));
+            v.offset = Bytes::mib(16 * i);
+            l.insert_creating(&v, "{}").unwrap();
+        }
+        // The statistics a long-running ledger would have must not change it.
+        l.conn.execute_batch("ANALYZE").unwrap();
+        let page = plan(&l, &live_page_sql(), params![10, 3]);
+        assert!(
+            page.contains("SEARCH volumes USING INTEGER PRIMARY KEY (rowid>?)"),
+            "{page}"
+        );
+        assert!(!page.contains("TEMP B-TREE"), "sorts: {page}");
+        for (what, sql) in [
+            (
+                "by name",
+                format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE name = ?1"),
+            ),
+            (
+                "by id",
+                format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE id = ?1"),
+            ),
+        ] {
+            let p = plan(&l, &sql, ["x"]);
+            assert!(p.contains("SEARCH volumes USING INDEX"), "{what}: {p}");
+        }
+        let p = plan(
+            &l,
+            &format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE state = ?1 ORDER BY seq"),
+            ["erasing"],
+        );
+        // (It sorts what it found, the backlog, not the table.)
+        assert!(
+            p.contains("SEARCH volumes USING INDEX volumes_by_state (state=?)"),
+            "{p}"
+        );
+        let p = plan(
+            &l,
+            &format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes WHERE state = ?1 AND persistency = ?2 ORDER BY seq"
+            ),
+            ["ready", "ephemeral"],
+        );
+        assert!(
+            p.contains("USING INDEX volumes_by_state (state=? AND persistency=?)"),
+            "{p}"
+        );
+        let p = plan(
+            &l,
+            "SELECT volume_id, kind, path, readonly, capability, device FROM publications
+             WHERE volume_id = ?1 ORDER BY volume_id, kind, path",
+            ["v1"],
+        );
+        assert!(p.contains("SEARCH publications USING INDEX"), "{p}");
+        let p = plan(&l, "SELECT seq FROM intents WHERE volume_id = ?1", ["v1"]);
+        assert!(
+            p.contains("USING INDEX intents_by_volume")
+                || p.contains("USING COVERING INDEX intents_by_volume"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn live_pages_follow_seq_and_skip_gone_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(&dir.path().join("l.db")).unwrap();
+        l.sync_regions("sim", &[spec("region0")]).unwrap();
+        let seqs: Vec<i64> = (0..5)
+            .map(|i| {
+                let mut v = vol(&format!("v{i}"), &format!("n{i}"));
+                v.offset = Bytes::mib(16 * i);
+                l.insert_creating(&v, "{}").unwrap()
+            })
+            .collect();
+        let ids = |vs: Vec<Volume>| vs.into_iter().map(|v| v.id).collect::<Vec<_>>();
+        assert_eq!(ids(l.live_volumes_after(0, Some(2)).unwrap()), ["v0", "v1"]);
+        assert_eq!(
+            ids(l.live_volumes_after(seqs[1], Some(2)).unwrap()),
+            ["v2", "v3"]
+        );
+        // v2 deleted (erasing) and v3 removed: the page after v1 goes on at v4.
+        l.transition("v2", VolumeState::Deleting, None, "{}")
+            .unwrap();
+        l.transition("v2", VolumeState::Erasing, None, "{}")
+            .unwrap();
+        l.remove_volume("v3").unwrap();
+        assert_eq!(ids(l.live_volumes_after(seqs[1], Some(2)).unwrap()), ["v4"]);
+        // A page after a removed volume's seq continues from the next key.
+        assert_eq!(ids(l.live_volumes_after(seqs[3], None).unwrap()), ["v4"]);
+        assert_eq!(
+            ids(l.live_volumes_after(0, None).unwrap()),
+            ["v0", "v1", "v4"]
+        );
+    }
+
+    #[test]
+    fn volume_counts_follow_every_write_and_the_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.db");
+        // A ledger at schema 3 with rows, as a release before the counts.
+        {
+            let c = Connection::open(&p).unwrap();
+            for m in &MIGRATIONS[..3] {
+                c.execute_batch(m).unwrap();
+            }
+            c.execute_batch(
+                "PRAGMA user_version = 3;
+                 INSERT INTO regions VALUES ('region0', 'sim', 1073741824, 16777216, 10, 0, '/x');
+                 INSERT INTO volumes (id, name, region, offset, size, requested, usage, erase_after,
+                   parameters, persistency, context, state, device)
+                 VALUES ('old1', 'o1', 'region0', 0, 16777216, 0, 'AppDirect', 0, '{}',
+                   'persistent', '{}', 'ready', NULL),
+                        ('old2', 'o2', 'region0', 16777216, 16777216, 0, 'AppDirect', 0, '{}',
+                   'ephemeral', '{}', 'erasing', NULL);",
+            )
+            .unwrap();
+        }
+        let mut l = Ledger::open(&p).unwrap();
+        let count = |l: &Ledger, s: VolumeState, p: Persistency| {
+            l.volume_counts()
+                .unwrap()
+                .into_iter()
+                .find(|(vs, vp, _)| *vs == s && *vp == p)
+                .map(|(_, _, n)| n)
+                .unwrap()
+        };
+        assert_eq!(l.volume_counts().unwrap().len(), 8);
+        assert_eq!(count(&l, VolumeState::Ready, Persistency::Persistent), 1);
+        assert_eq!(count(&l, VolumeState::Erasing, Persistency::Ephemeral), 1);
+        let mut v = vol("v1", "n1");
+        v.offset = Bytes::mib(512);
+        l.insert_creating(&v, "{}").unwrap();
+        assert_eq!(count(&l, VolumeState::Creating, Persistency::Persistent), 1);
+        l.transition("v1", VolumeState::Ready, None, "{}").unwrap();
+        assert_eq!(count(&l, VolumeState::Creating, Persistency::Persistent), 0);
+        assert_eq!(count(&l, VolumeState::Ready, Persistency::Persistent), 2);
+        l.remove_volume("old2").unwrap();
+        l.remove_volume("v1").unwrap();
+        assert_eq!(count(&l, VolumeState::Erasing, Persistency::Ephemeral), 0);
+        assert_eq!(count(&l, VolumeState::Ready, Persistency::Persistent), 1);
+        // The counts are the rows, whatever wrote them.
+        let rows: i64 = l
+            .conn
+            .query_row("SELECT COUNT(*) FROM volumes", [], |r| r.get(0))
+            .unwrap();
+        let kept: u64 = l.volume_counts().unwrap().iter().map(|c| c.2).sum();
+        assert_eq!(kept, u64::try_from(rows).unwrap());
     }
 
     #[test]

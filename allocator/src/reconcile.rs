@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::allocator::{Allocator, device_request};
-use crate::backend::{InventoryItem, Owner, Placement};
+use crate::backend::{DeviceRequest, InventoryItem, Owner, Placement};
 use crate::error::Result;
 use crate::ledger::IntentOp;
 use crate::volume::VolumeState;
@@ -51,13 +51,22 @@ impl Allocator {
             .filter(|i| i.op == IntentOp::Expand)
             .map(|i| i.volume_id)
             .collect();
-        for v in self.volumes()? {
+        let rows = self.state().ledger.volume_devices()?;
+        for v in rows {
             // A ready volume whose device is as recorded needs nothing: no
-            // name lock, no re-read (start-up stays one pass over the rows).
+            // name lock, no re-read (start-up stays one light pass over the
+            // rows).
+            let req = DeviceRequest {
+                volume_id: v.id.clone(),
+                region: v.region.clone(),
+                offset: v.offset,
+                size: v.size,
+                usage: v.usage,
+            };
             if v.state == VolumeState::Ready
                 && !expanding.contains(&v.id)
                 && !lost.contains_key(&v.region)
-                && matches!(self.backend().find(&device_request(&v)), Ok(Some(d)) if d.path == v.device)
+                && matches!(self.backend().find(&req), Ok(Some(d)) if d.path == v.device)
             {
                 continue;
             }

@@ -340,8 +340,12 @@ impl ControllerService {
         }
         let usage = params.usage;
         let wanted = caps;
-        // From the allocator's memory: no ledger read, no extent map.
-        let caps = blocking(&self.driver.alloc, move |a| a.capacity_summary(usage)).await?;
+        // From the allocator's memory: no ledger read, no extent map; in
+        // place when the embedded allocator's state is free (O(regions)).
+        let caps = match self.driver.alloc.try_capacity_summary(usage) {
+            Some((caps, _)) => caps,
+            None => blocking(&self.driver.alloc, move |a| a.capacity_summary(usage)).await?,
+        };
         let available = caps.iter().map(|c| c.available.0).sum::<u64>();
         let max = caps.iter().map(|c| c.largest).max().unwrap_or_default();
         let min = caps.iter().map(|c| c.minimum).min().unwrap_or_default();

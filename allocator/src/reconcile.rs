@@ -52,24 +52,34 @@ impl Allocator {
             .map(|i| i.volume_id)
             .collect();
         let rows = self.state().ledger.volume_devices()?;
-        for v in rows {
-            // A ready volume whose device is as recorded needs nothing: no
-            // name lock, no re-read (start-up stays one light pass over the
-            // rows).
-            let req = DeviceRequest {
+        // A ready volume whose device is as recorded needs nothing: no name
+        // lock, no re-read. The backend looks them all up at once (sim: one
+        // loop device listing), so start-up stays one light pass.
+        let quick: Vec<&crate::ledger::VolumeDevice> = rows
+            .iter()
+            .filter(|v| {
+                v.state == VolumeState::Ready
+                    && !expanding.contains(&v.id)
+                    && !lost.contains_key(&v.region)
+            })
+            .collect();
+        let reqs: Vec<DeviceRequest> = quick
+            .iter()
+            .map(|v| DeviceRequest {
                 volume_id: v.id.clone(),
                 region: v.region.clone(),
                 offset: v.offset,
                 size: v.size,
                 usage: v.usage,
-            };
-            if v.state == VolumeState::Ready
-                && !expanding.contains(&v.id)
-                && !lost.contains_key(&v.region)
-                && matches!(self.backend().find(&req), Ok(Some(d)) if d.path == v.device)
-            {
-                continue;
-            }
+            })
+            .collect();
+        let as_recorded: HashSet<&str> = quick
+            .iter()
+            .zip(self.backend().find_all(&reqs))
+            .filter(|(v, f)| matches!(f, Ok(Some(d)) if d.path == v.device))
+            .map(|(v, _)| v.id.as_str())
+            .collect();
+        for v in rows.iter().filter(|v| !as_recorded.contains(v.id.as_str())) {
             let name = v.name.clone();
             self.with_name(&name, || {
                 // Re-read under the name lock: a live call may have moved it.

@@ -174,6 +174,36 @@ impl SimBackend {
             .map_err(|e| Error::io(format!("list loop devices of {}", file.display()), e))
     }
 
+    /// The loop devices over each region file, from one listing of all
+    /// loop devices (not one per region).
+    fn loops_per_region(&self) -> Result<Vec<(&RegionSpec, Vec<loopdev::LoopDevice>)>> {
+        use std::os::unix::fs::MetadataExt;
+        if self.mode == SimMode::FileOnly {
+            return Ok(Vec::new());
+        }
+        let mut all = loopdev::list().map_err(|e| Error::io("list loop devices", e))?;
+        let mut out = Vec::with_capacity(self.regions.len());
+        for (spec, file) in &self.regions {
+            let meta = match std::fs::metadata(file) {
+                Ok(m) => m,
+                // Not made yet (made when stamped): nothing over it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("list loop devices of {}", file.display()),
+                        e,
+                    ));
+                }
+            };
+            let (mine, rest): (Vec<_>, Vec<_>) = all
+                .into_iter()
+                .partition(|d| d.backing_ino == meta.ino() && d.backing_dev == meta.dev());
+            all = rest;
+            out.push((spec, mine));
+        }
+        Ok(out)
+    }
+
     /// Loop devices of ours for this volume (by marker), any offset.
     fn devices_of(&self, req: &DeviceRequest) -> Result<Vec<loopdev::LoopDevice>> {
         let file = self.region_file(&req.region)?;
@@ -640,8 +670,8 @@ impl Backend for SimBackend {
             return Ok(Vec::new());
         }
         let mut out = Vec::new();
-        for (spec, file) in &self.regions {
-            for d in self.loops_of(file)? {
+        for (spec, loops) in self.loops_per_region()? {
+            for d in loops {
                 let owner = match d.name.strip_prefix(MARKER) {
                     Some(id) => Owner::Ours(id.to_owned()),
                     None => Owner::Foreign(format!("loop device named {:?}", d.name)),
@@ -692,8 +722,8 @@ impl Backend for SimBackend {
 
     fn reserved(&self) -> Result<Vec<Allocated>> {
         let mut out = Vec::new();
-        for (spec, file) in &self.regions {
-            for d in self.loops_of(file)? {
+        for (spec, loops) in self.loops_per_region()? {
+            for d in loops {
                 // A size limit of 0 is "to the end of the file".
                 let len = if d.size_limit.0 == 0 {
                     Bytes(spec.size.0.saturating_sub(d.offset.0))

@@ -459,6 +459,119 @@ async fn controller_e2e_other_calls_and_codes() {
 
 /// Fill the node with volumes of exactly the reported maximum until it
 /// reports 0; every number is checked against what CreateVolume then does.
+/// The ids of one ListVolumes page, and its next token.
+async fn page(
+    c: &mut pmem_proto::csi::controller_client::ControllerClient<tonic::transport::Channel>,
+    max: i32,
+    token: &str,
+) -> Result<(Vec<String>, String), tonic::Status> {
+    let r = c
+        .list_volumes(csi::ListVolumesRequest {
+            max_entries: max,
+            starting_token: token.into(),
+        })
+        .await?
+        .into_inner();
+    Ok((
+        r.entries
+            .into_iter()
+            .map(|e| e.volume.unwrap().volume_id)
+            .collect(),
+        r.next_token,
+    ))
+}
+
+/// Keyset pages: a token names the last volume of its page, so a page goes
+/// on after it even when it was deleted meanwhile, sees volumes created
+/// between pages, never repeats one; tokens of another ledger or of no
+/// format of ours are Aborted; max_entries 0 is everything, < 0 invalid.
+#[tokio::test]
+async fn controller_e2e_list_volumes_pages_by_key() {
+    let d = Daemon::start(&["--sim-mode", "file-only"]).await;
+    let mut c = d.controller().await;
+    let mut ids = Vec::new();
+    for n in ["a", "b", "c", "d"] {
+        let v = c
+            .create_volume(req(n, 16 * MIB))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(v.volume.unwrap().volume_id);
+    }
+    // Pages of one: exactly four, the last without a token.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let (got, next) = page(&mut c, 1, &token).await.unwrap();
+        assert_eq!(got.len(), 1, "page {pages}");
+        seen.extend(got);
+        pages += 1;
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    assert_eq!((pages, &seen), (4, &ids));
+    assert_eq!(
+        page(&mut c, 0, "").await.unwrap(),
+        (ids.clone(), String::new())
+    );
+    let e = page(&mut c, -1, "").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("max_entries"), "{e}");
+    // max_entries is checked before the token.
+    let e = page(&mut c, -1, "garbage").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+
+    // The last volume of a page deleted, one created, before the next page.
+    let (first, t) = page(&mut c, 2, "").await.unwrap();
+    assert_eq!(first, ids[..2]);
+    c.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: ids[1].clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = c
+        .create_volume(req("e", 16 * MIB))
+        .await
+        .unwrap()
+        .into_inner();
+    let e_id = e.volume.unwrap().volume_id;
+    let (rest, next) = page(&mut c, 0, &t).await.unwrap();
+    assert_eq!(rest, vec![ids[2].clone(), ids[3].clone(), e_id.clone()]);
+    assert!(next.is_empty());
+    let (two, t2) = page(&mut c, 2, &t).await.unwrap();
+    assert_eq!(two, ids[2..4]);
+    assert_eq!(
+        page(&mut c, 2, &t2).await.unwrap(),
+        (vec![e_id], String::new())
+    );
+
+    // Not a token of ours: Aborted, naming the field, the value bounded.
+    let huge = "x".repeat(1 << 20);
+    for bad in ["garbage", "1", "v1", "v1..1", &t.replace('.', ":"), &huge] {
+        let e = page(&mut c, 1, bad).await.unwrap_err();
+        assert_eq!(e.code(), Code::Aborted, "{bad:.40}: {e}");
+        assert!(e.message().contains("starting_token"), "{e}");
+        assert!(e.message().len() < 1024, "{} bytes", e.message().len());
+    }
+    // A token another ledger issued (another daemon's) is Aborted too.
+    let other = Daemon::start(&["--sim-mode", "file-only"]).await;
+    let mut oc = other.controller().await;
+    for n in ["x", "y"] {
+        oc.create_volume(req(n, 16 * MIB)).await.unwrap();
+    }
+    let (_, foreign) = page(&mut oc, 1, "").await.unwrap();
+    assert!(!foreign.is_empty());
+    let e = page(&mut c, 1, &foreign).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    assert!(e.message().contains("another ledger"), "{e}");
+    // Its own daemon takes it.
+    assert_eq!(page(&mut oc, 1, &foreign).await.unwrap().0.len(), 1);
+}
+
 #[tokio::test]
 async fn controller_e2e_capacity_is_exact_until_full() {
     let d = Daemon::start(&[

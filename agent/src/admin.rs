@@ -94,15 +94,16 @@ impl Admin for AdminService {
                     crate::error::quote(&req.persistency)
                 )));
             }
+            let state = req.state.parse::<pmem_allocator::VolumeState>().ok();
+            let persistency = req.persistency.parse::<pmem_allocator::Persistency>().ok();
             let volumes = blocking(&d.alloc, move |a| {
                 let pubs = a.publications(None)?;
-                a.volumes()?
+                a.volumes_where(state, persistency)?
                     .iter()
-                    .filter(|v| req.state.is_empty() || v.state.as_str() == req.state)
-                    .filter(|v| {
-                        req.persistency.is_empty() || v.persistency.as_str() == req.persistency
+                    .map(|v| {
+                        let mine = wire::publications_of(&pubs, &v.id);
+                        Ok(wire::volume_to_wire(v, a.usable_of(v)?, mine))
                     })
-                    .map(|v| Ok(wire::volume_to_wire(v, a.usable_of(v)?, &pubs)))
                     .collect()
             })
             .await?;

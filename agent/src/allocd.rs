@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use pmem_allocator::{Allocator, Bytes, CreateRequest, Error, PublicationKind};
+use pmem_allocator::{
+    Allocator, Bytes, CreateRequest, Error, Persistency, PublicationKind, VolumeState,
+};
 use pmem_proto::admin;
 use pmem_proto::admin::allocator_server;
 use tonic::{Request, Response, Status};
@@ -133,16 +135,66 @@ impl allocator_server::Allocator for AllocatorService {
 
     async fn list_volumes(
         &self,
-        _r: Request<admin::ListVolumesRequest>,
+        r: Request<admin::ListVolumesRequest>,
     ) -> Result<Response<admin::ListVolumesResponse>, Status> {
+        let r = r.into_inner();
         self.run("ListVolumes", move |a| {
+            let state = (!r.state.is_empty())
+                .then(|| r.state.parse::<VolumeState>())
+                .transpose()
+                .map_err(|_| Error::InvalidArgument(format!("state {:?} is not valid", r.state)))?;
+            let persistency = (!r.persistency.is_empty())
+                .then(|| r.persistency.parse::<Persistency>())
+                .transpose()
+                .map_err(|_| {
+                    Error::InvalidArgument(format!("persistency {:?} is not valid", r.persistency))
+                })?;
             let pubs = a.publications(None)?;
             let volumes = a
-                .volumes()?
+                .volumes_where(state, persistency)?
                 .iter()
-                .map(|v| wire::volume_to_wire(v, a.usable_of(v), &pubs))
+                .map(|v| {
+                    wire::volume_to_wire(v, a.usable_of(v), wire::publications_of(&pubs, &v.id))
+                })
                 .collect();
             Ok(admin::ListVolumesResponse { volumes })
+        })
+        .await
+    }
+
+    async fn list_volume_page(
+        &self,
+        r: Request<admin::VolumePageRequest>,
+    ) -> Result<Response<admin::VolumePageResponse>, Status> {
+        let r = r.into_inner();
+        self.run("ListVolumePage", move |a| {
+            let max = usize::try_from(r.max_entries).unwrap_or(usize::MAX);
+            Ok(wire::page_to_wire(&a.live_volumes_page(r.after_seq, max)?))
+        })
+        .await
+    }
+
+    async fn capacity_summary(
+        &self,
+        r: Request<admin::CapacityRequest>,
+    ) -> Result<Response<admin::ListRegionsResponse>, Status> {
+        let usage = r.into_inner().usage;
+        self.run("CapacitySummary", move |a| {
+            let caps = a.capacity_summary(wire::usage_from_wire(&usage)?);
+            let kind = a.backend().kind();
+            Ok(admin::ListRegionsResponse {
+                regions: caps.iter().map(|c| wire::region_to_wire(c, kind)).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn volume_counts(
+        &self,
+        _r: Request<admin::Empty>,
+    ) -> Result<Response<admin::VolumeCountsResponse>, Status> {
+        self.run("VolumeCounts", move |a| {
+            Ok(wire::counts_to_wire(&a.volume_counts()?))
         })
         .await
     }

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
-use pmem_allocator::{ReconcileReport, Usage, VolumeState};
+use pmem_allocator::{Persistency, ReconcileReport, Usage, VolumeState};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -312,10 +312,13 @@ impl Metrics {
             .set(n(rep.foreign.len()));
     }
 
-    /// Refreshes the gauges from the ledger (blocking: call off the async threads).
+    /// Refreshes the gauges (blocking: call off the async threads). Nothing
+    /// here reads or counts every volume: capacity and per-region volume
+    /// counts come from the allocator's memory, volumes by state from the
+    /// ledger's kept counts, the erase figures from the erasing rows only.
     pub fn refresh(&self, alloc: &dyn crate::store::VolumeStore) -> pmem_allocator::Result<()> {
         let to = |b: u64| i64::try_from(b).unwrap_or(i64::MAX);
-        let caps = alloc.capacity(Usage::AppDirect)?;
+        let caps = alloc.capacity_summary(Usage::AppDirect)?;
         for c in &caps {
             let l = RegionLabels {
                 region: c.spec.id.clone(),
@@ -342,33 +345,34 @@ impl Metrics {
             self.erased.inc_by(delta);
             *seen = erase.erased_bytes_total;
         }
-        let vols = alloc.volumes()?;
+        let mut lost = 0u64;
         for c in &caps {
+            let is_lost = status.lost.contains_key(&c.spec.id);
             self.region_lost
                 .get_or_create(&RegionLabels {
                     region: c.spec.id.clone(),
                 })
-                .set(i64::from(status.lost.contains_key(&c.spec.id)));
+                .set(i64::from(is_lost));
+            if is_lost {
+                lost += u64::from(c.volumes);
+            }
         }
-        let lost = vols
-            .iter()
-            .filter(|v| status.lost.contains_key(&v.region))
-            .count();
-        self.volumes_lost
-            .set(i64::try_from(lost).unwrap_or(i64::MAX));
+        self.volumes_lost.set(to(lost));
+        let counts = alloc.volume_counts()?;
         self.volumes.clear();
         for state in VolumeState::ALL {
-            for persistency in ["persistent", "ephemeral"] {
-                let count = vols
+            for persistency in [Persistency::Persistent, Persistency::Ephemeral] {
+                let count = counts
                     .iter()
-                    .filter(|v| v.state == state && v.persistency.as_str() == persistency)
-                    .count();
+                    .filter(|(s, p, _)| *s == state && *p == persistency)
+                    .map(|(_, _, n)| *n)
+                    .sum::<u64>();
                 self.volumes
                     .get_or_create(&VolumeLabels {
                         state: state.to_string(),
-                        persistency: persistency.to_owned(),
+                        persistency: persistency.as_str().to_owned(),
                     })
-                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+                    .set(to(count));
             }
         }
         Ok(())

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::collections::BTreeMap;
 
 use pmem_allocator::{
-    Allocator, Bytes, CreateRequest, Device, DeviceRequest, EraseStats, Error, Publication,
-    PublicationKind, RebuildReport, ReconcileReport, RegionCapacity, RegionRecovery, Result, Usage,
-    Volume,
+    Allocator, Bytes, CreateRequest, Device, DeviceRequest, EraseStats, Error, Persistency,
+    Publication, PublicationKind, RebuildReport, ReconcileReport, RegionCapacity, RegionRecovery,
+    Result, Usage, Volume, VolumePage, VolumeState,
 };
 use pmem_proto::admin;
 use pmem_proto::admin::allocator_client::AllocatorClient;
@@ -54,7 +54,29 @@ pub trait VolumeStore: Send + Sync + Debug {
     fn volume(&self, id: &str) -> Result<Option<Volume>>;
     fn volume_by_name(&self, name: &str) -> Result<Option<Volume>>;
     fn volumes(&self) -> Result<Vec<Volume>>;
+    /// Volumes in `state` of `persistency` (`None`: any).
+    fn volumes_where(
+        &self,
+        state: Option<VolumeState>,
+        persistency: Option<Persistency>,
+    ) -> Result<Vec<Volume>>;
+    /// One page of the volumes the CO sees, after the one with `seq` `after`
+    /// (0: from the start), at most `max` (0: all), with usable bytes: one
+    /// call per page, costing the page, not the ledger.
+    fn live_volumes_page(&self, after: i64, max: usize) -> Result<VolumePage>;
+    /// Capacity with each region's extent map and holders (admin view).
     fn capacity(&self, usage: Usage) -> Result<Vec<RegionCapacity>>;
+    /// Capacity without extents from the allocator's memory: O(regions),
+    /// no ledger read (GetCapacity, metrics).
+    fn capacity_summary(&self, usage: Usage) -> Result<Vec<RegionCapacity>>;
+    /// The capacity summary and max_volumes at once without blocking, when
+    /// the store can answer in place (the embedded allocator whose state is
+    /// not held right now); `None`: use the blocking calls.
+    fn try_capacity_summary(&self, _usage: Usage) -> Option<(Vec<RegionCapacity>, u64)> {
+        None
+    }
+    /// Volumes by state and persistency (metrics), without counting rows.
+    fn volume_counts(&self) -> Result<Vec<(VolumeState, Persistency, u64)>>;
     fn max_volumes(&self) -> Result<u64>;
     /// Usable device bytes of a volume (after backend metadata).
     fn usable_of(&self, v: &Volume) -> Result<Bytes>;
@@ -123,8 +145,32 @@ impl VolumeStore for Allocator {
         Allocator::volumes(self)
     }
 
+    fn volumes_where(
+        &self,
+        state: Option<VolumeState>,
+        persistency: Option<Persistency>,
+    ) -> Result<Vec<Volume>> {
+        Allocator::volumes_where(self, state, persistency)
+    }
+
+    fn live_volumes_page(&self, after: i64, max: usize) -> Result<VolumePage> {
+        Allocator::live_volumes_page(self, after, max)
+    }
+
     fn capacity(&self, usage: Usage) -> Result<Vec<RegionCapacity>> {
         Allocator::capacity(self, usage)
+    }
+
+    fn capacity_summary(&self, usage: Usage) -> Result<Vec<RegionCapacity>> {
+        Ok(Allocator::capacity_summary(self, usage))
+    }
+
+    fn try_capacity_summary(&self, usage: Usage) -> Option<(Vec<RegionCapacity>, u64)> {
+        Allocator::try_capacity_summary(self, usage)
+    }
+
+    fn volume_counts(&self) -> Result<Vec<(VolumeState, Persistency, u64)>> {
+        Allocator::volume_counts(self)
     }
 
     fn max_volumes(&self) -> Result<u64> {
@@ -307,12 +353,49 @@ impl VolumeStore for RemoteStore {
         r.volumes.iter().map(wire::volume_from_wire).collect()
     }
 
+    fn volumes_where(
+        &self,
+        state: Option<VolumeState>,
+        persistency: Option<Persistency>,
+    ) -> Result<Vec<Volume>> {
+        let req = admin::ListVolumesRequest {
+            state: state.map(|s| s.as_str().to_owned()).unwrap_or_default(),
+            persistency: persistency
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
+        };
+        let r = self.call(|mut c| async move { c.list_volumes(req).await })?;
+        r.volumes.iter().map(wire::volume_from_wire).collect()
+    }
+
+    fn live_volumes_page(&self, after: i64, max: usize) -> Result<VolumePage> {
+        let req = admin::VolumePageRequest {
+            after_seq: after,
+            max_entries: u32::try_from(max).unwrap_or(u32::MAX),
+        };
+        let r = self.call(|mut c| async move { c.list_volume_page(req).await })?;
+        wire::page_from_wire(r)
+    }
+
     fn capacity(&self, usage: Usage) -> Result<Vec<RegionCapacity>> {
         let req = admin::CapacityRequest {
             usage: usage.as_str().to_owned(),
         };
         let r = self.call(|mut c| async move { c.capacity(req).await })?;
         r.regions.iter().map(wire::region_from_wire).collect()
+    }
+
+    fn capacity_summary(&self, usage: Usage) -> Result<Vec<RegionCapacity>> {
+        let req = admin::CapacityRequest {
+            usage: usage.as_str().to_owned(),
+        };
+        let r = self.call(|mut c| async move { c.capacity_summary(req).await })?;
+        r.regions.iter().map(wire::region_from_wire).collect()
+    }
+
+    fn volume_counts(&self) -> Result<Vec<(VolumeState, Persistency, u64)>> {
+        let r = self.call(|mut c| async move { c.volume_counts(admin::Empty {}).await })?;
+        wire::counts_from_wire(&r)
     }
 
     fn max_volumes(&self) -> Result<u64> {

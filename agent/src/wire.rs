@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use pmem_allocator::region::Extent;
 use pmem_allocator::{
-    Bytes, Error, Holder, InventoryItem, Owner, Persistency, Publication, PublicationKind,
-    RebuildReport, ReconcileReport, RegionCapacity, RegionRecovery, RegionSpec, Usage, Volume,
-    VolumeState,
+    Bytes, Error, Holder, InventoryItem, Owner, PageEntry, Persistency, Publication,
+    PublicationKind, RebuildReport, ReconcileReport, RegionCapacity, RegionRecovery, RegionSpec,
+    Usage, Volume, VolumePage, VolumeState,
 };
 use pmem_proto::admin;
 
@@ -49,6 +49,14 @@ pub fn volume_to_wire(v: &Volume, usable: Bytes, pubs: &[Publication]) -> admin:
         usable_bytes: usable.0,
         seq: v.seq,
     }
+}
+
+/// The publications of volume `id` in `pubs` sorted by volume id (as the
+/// ledger lists them): a binary search, not a scan per volume.
+pub fn publications_of<'a>(pubs: &'a [Publication], id: &str) -> &'a [Publication] {
+    let start = pubs.partition_point(|p| p.volume_id.as_str() < id);
+    let end = start + pubs[start..].partition_point(|p| p.volume_id == id);
+    &pubs[start..end]
 }
 
 pub fn volume_from_wire(w: &admin::Volume) -> Result<Volume, Error> {
@@ -137,7 +145,74 @@ pub fn region_to_wire(c: &RegionCapacity, backend: &str) -> admin::Region {
             })
             .collect(),
         lost: c.lost.clone().unwrap_or_default(),
+        volumes: c.volumes,
     }
+}
+
+pub fn page_to_wire(p: &VolumePage) -> admin::VolumePageResponse {
+    admin::VolumePageResponse {
+        ledger_id: p.ledger_id.clone(),
+        volumes: p
+            .entries
+            .iter()
+            .map(|e| volume_to_wire(&e.volume, e.usable, &[]))
+            .collect(),
+        lost_regions: p
+            .entries
+            .iter()
+            .filter_map(|e| Some((e.volume.region.clone(), e.lost.clone()?)))
+            .collect(),
+        more: p.more,
+    }
+}
+
+pub fn page_from_wire(w: admin::VolumePageResponse) -> Result<VolumePage, Error> {
+    let entries = w
+        .volumes
+        .iter()
+        .map(|v| {
+            Ok(PageEntry {
+                volume: volume_from_wire(v)?,
+                usable: Bytes(v.usable_bytes),
+                lost: w.lost_regions.get(&v.region).cloned(),
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok(VolumePage {
+        ledger_id: w.ledger_id,
+        entries,
+        more: w.more,
+    })
+}
+
+pub fn counts_to_wire(counts: &[(VolumeState, Persistency, u64)]) -> admin::VolumeCountsResponse {
+    admin::VolumeCountsResponse {
+        counts: counts
+            .iter()
+            .map(|(s, p, n)| admin::VolumeCount {
+                state: s.as_str().to_owned(),
+                persistency: p.as_str().to_owned(),
+                count: *n,
+            })
+            .collect(),
+    }
+}
+
+pub fn counts_from_wire(
+    w: &admin::VolumeCountsResponse,
+) -> Result<Vec<(VolumeState, Persistency, u64)>, Error> {
+    w.counts
+        .iter()
+        .map(|c| {
+            Ok((
+                c.state.parse().map_err(|_| bad("state", &c.state))?,
+                c.persistency
+                    .parse()
+                    .map_err(|_| bad("persistency", &c.persistency))?,
+                c.count,
+            ))
+        })
+        .collect()
 }
 
 pub fn region_from_wire(w: &admin::Region) -> Result<RegionCapacity, Error> {
@@ -180,8 +255,7 @@ pub fn region_from_wire(w: &admin::Region) -> Result<RegionCapacity, Error> {
         largest: Bytes(w.largest_allocatable_bytes),
         minimum: Bytes(w.minimum_volume_bytes),
         free_slots: w.free_namespace_slots,
-        volumes: u32::try_from(w.extents.iter().filter(|e| !e.volume_id.is_empty()).count())
-            .unwrap_or(u32::MAX),
+        volumes: w.volumes,
         extents,
         lost: (!w.lost.is_empty()).then(|| w.lost.clone()),
     })

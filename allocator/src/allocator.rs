@@ -70,6 +70,26 @@ pub struct RegionCapacity {
     pub lost: Option<String>,
 }
 
+/// One page of [`Allocator::live_volumes_page`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumePage {
+    /// The ledger's identity: page tokens are bound to it.
+    pub ledger_id: String,
+    pub entries: Vec<PageEntry>,
+    /// Another page follows the last entry.
+    pub more: bool,
+}
+
+/// A volume of a [`VolumePage`] with what the CO's listing shows of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageEntry {
+    pub volume: Volume,
+    /// Usable bytes (after backend metadata).
+    pub usable: Bytes,
+    /// Why its region is lost, if it is.
+    pub lost: Option<String>,
+}
+
 /// Who holds an extent of [`RegionCapacity::extents`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Holder {
@@ -123,18 +143,19 @@ impl State {
                 (spec.id.clone(), RegionState { spec, map })
             })
             .collect();
-        for v in self.ledger.volumes()? {
+        // Only the extents: one light read, nothing parsed beyond them.
+        for (id, region, offset, size) in self.ledger.volume_extents()? {
             let r = regions
-                .get_mut(&v.region)
+                .get_mut(&region)
                 .ok_or_else(|| Error::LedgerCorrupt {
                     path: path.clone(),
-                    message: format!("volume {} is in unknown region {}", v.id, v.region),
+                    message: format!("volume {id} is in unknown region {region}"),
                 })?;
             r.map
-                .reserve(&v.id, v.offset, v.size)
+                .reserve(&id, offset, size)
                 .map_err(|e| Error::LedgerCorrupt {
                     path: path.clone(),
-                    message: format!("volume {} in region {}: {e}", v.id, v.region),
+                    message: format!("volume {id} in region {region}: {e}"),
                 })?;
         }
         self.regions = regions;
@@ -144,16 +165,17 @@ impl State {
     }
 
     /// Reserves the parts of `allocated` that no ledger volume covers.
-    /// Extents are covered by offset; a pool's devices by volume id.
+    /// Extents are covered by offset; a pool's devices by volume id (the
+    /// pool holds every ledger volume of its region under its id, so no
+    /// ledger read is needed).
     fn reserve_allocated(&mut self, allocated: &[Allocated]) -> Result<()> {
-        let ids: std::collections::HashSet<String> =
-            self.ledger.volumes()?.into_iter().map(|v| v.id).collect();
         for a in allocated {
             let Some(r) = self.regions.get_mut(&a.region) else {
                 tracing::warn!(region = %a.region, device = %a.device, "backend reports allocated space in a region it does not serve");
                 continue;
             };
-            if matches!(r.map, Space::Pool(_)) && a.volume.as_ref().is_some_and(|v| ids.contains(v))
+            if let Space::Pool(p) = &r.map
+                && a.volume.as_ref().is_some_and(|v| p.holds(v))
             {
                 continue;
             }
@@ -192,6 +214,21 @@ impl State {
             .used_count()
             .saturating_sub(self.reserved.get(id).map_or(0, Vec::len))
     }
+}
+
+/// See [`Allocator::max_volumes`].
+fn max_volumes_of(st: &State) -> u64 {
+    st.regions
+        .iter()
+        .map(|(id, r)| {
+            let present = st.volume_count(id, r) as u64;
+            if st.refusal.is_some() || st.lost.contains_key(id) {
+                return present;
+            }
+            let by_space = r.map.free_total().0 / r.spec.align.0;
+            present + by_space.min(u64::from(r.free_slots()))
+        })
+        .sum()
 }
 
 #[derive(Debug)]
@@ -323,6 +360,15 @@ impl Allocator {
     /// All volumes in creation order.
     pub fn volumes(&self) -> Result<Vec<Volume>> {
         self.state().ledger.volumes()
+    }
+
+    /// Volumes in `state` of `persistency` (`None`: any), in creation order.
+    pub fn volumes_where(
+        &self,
+        state: Option<VolumeState>,
+        persistency: Option<Persistency>,
+    ) -> Result<Vec<Volume>> {
+        self.state().ledger.volumes_where(state, persistency)
     }
 
     pub fn ledger_path(&self) -> std::path::PathBuf {
@@ -673,10 +719,40 @@ impl Allocator {
             .collect()
     }
 
-    /// Capacity per region for `usage`, with the extent map of each.
+    /// Capacity per region for `usage` from the in-memory extent maps alone
+    /// (free totals and the largest hole are kept incrementally): no ledger
+    /// read, no extent list, O(regions). `extents` is empty; GetCapacity,
+    /// NodeGetInfo and the metrics use this.
+    pub fn capacity_summary(&self, usage: Usage) -> Vec<RegionCapacity> {
+        let st = self.state();
+        self.capacity_of(&st, usage)
+    }
+
+    /// [`Allocator::capacity_summary`] and [`Allocator::max_volumes`] when the
+    /// state is free right now, `None` while someone holds it: lets an async
+    /// caller answer in place without ever waiting on the lock.
+    pub fn try_capacity_summary(&self, usage: Usage) -> Option<(Vec<RegionCapacity>, u64)> {
+        let st = match self.state.try_lock() {
+            Ok(st) => st,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some((self.capacity_of(&st, usage), max_volumes_of(&st)))
+    }
+
+    /// Capacity per region for `usage`, with the extent map of each and who
+    /// holds every used extent (the admin view, `pmemctl regions`): one
+    /// ledger read into a map, then one lookup per extent, O(n log n).
     pub fn capacity(&self, usage: Usage) -> Result<Vec<RegionCapacity>> {
         let st = self.state();
         let vols = st.ledger.volumes()?;
+        // Extent maps know a volume by region and offset, pools by id.
+        let mut by_offset: HashMap<(&str, Bytes), &Volume> = HashMap::with_capacity(vols.len());
+        let mut by_id: HashMap<&str, &Volume> = HashMap::with_capacity(vols.len());
+        for v in &vols {
+            by_offset.insert((v.region.as_str(), v.offset), v);
+            by_id.insert(v.id.as_str(), v);
+        }
         let mut caps = self.capacity_of(&st, usage);
         for c in &mut caps {
             if let Some(r) = st.regions.get(&c.spec.id) {
@@ -688,13 +764,10 @@ impl Allocator {
                         if !slot.used {
                             return (slot.extent, Holder::Free);
                         }
-                        let owner = vols.iter().find(|v| {
-                            v.region == c.spec.id
-                                && match &slot.key {
-                                    Some(k) => &v.id == k,
-                                    None => v.offset == slot.extent.offset,
-                                }
-                        });
+                        let owner = match &slot.key {
+                            Some(k) => by_id.get(k.as_str()).filter(|v| v.region == c.spec.id),
+                            None => by_offset.get(&(c.spec.id.as_str(), slot.extent.offset)),
+                        };
                         let holder = owner.map_or(Holder::Reserved, |v| Holder::Volume {
                             id: v.id.clone(),
                             state: v.state,
@@ -707,21 +780,62 @@ impl Allocator {
         Ok(caps)
     }
 
-    /// Volumes present plus volumes still creatable (free slots, or free
-    /// bytes / minimum size, whichever is smaller, summed over regions).
-    pub fn max_volumes(&self) -> u64 {
+    /// One page of the volumes the CO sees (creating or ready), after the
+    /// volume with `seq` `after` (0: from the start), at most `max` (0: all),
+    /// with each volume's usable bytes and lost reason: a keyset query on
+    /// `seq` that reads only the page (and one row more, to know whether
+    /// another page follows), under one lock.
+    pub fn live_volumes_page(&self, after: i64, max: usize) -> Result<VolumePage> {
+        let mut st = self.state();
+        let ledger_id = st.ledger.ledger_id()?;
+        let mut rows = st
+            .ledger
+            .live_volumes_after(after, (max > 0).then(|| max.saturating_add(1)))?;
+        let more = max > 0 && rows.len() > max;
+        if more {
+            rows.truncate(max);
+        }
+        let entries = rows
+            .into_iter()
+            .map(|v| {
+                let usable = match st.regions.get(&v.region) {
+                    Some(r) => self.usable_for(&r.spec, v.size, v.usage),
+                    None => v.size,
+                };
+                let lost = st.lost.get(&v.region).cloned();
+                PageEntry {
+                    volume: v,
+                    usable,
+                    lost,
+                }
+            })
+            .collect();
+        Ok(VolumePage {
+            ledger_id,
+            entries,
+            more,
+        })
+    }
+
+    /// Volumes by state and persistency (metrics), from counts the ledger
+    /// keeps with every write: O(1), whatever the number of volumes.
+    pub fn volume_counts(&self) -> Result<Vec<(VolumeState, Persistency, u64)>> {
+        self.state().ledger.volume_counts()
+    }
+
+    /// Ledger volumes (any state) per region, from the extent maps.
+    pub(crate) fn volumes_per_region(&self) -> BTreeMap<String, usize> {
         let st = self.state();
         st.regions
             .iter()
-            .map(|(id, r)| {
-                let present = st.volume_count(id, r) as u64;
-                if st.refusal.is_some() || st.lost.contains_key(id) {
-                    return present;
-                }
-                let by_space = r.map.free_total().0 / r.spec.align.0;
-                present + by_space.min(u64::from(r.free_slots()))
-            })
-            .sum()
+            .map(|(id, r)| (id.clone(), st.volume_count(id, r)))
+            .collect()
+    }
+
+    /// Volumes present plus volumes still creatable (free slots, or free
+    /// bytes / minimum size, whichever is smaller, summed over regions).
+    pub fn max_volumes(&self) -> u64 {
+        max_volumes_of(&self.state())
     }
 
     /// Deletes a volume: refuses while staged or published or while its
@@ -1108,6 +1222,123 @@ pub(crate) mod hook_tests {
             a.capacity(Usage::AppDirect).unwrap()[0].available,
             Bytes(7 * A)
         );
+    }
+
+    /// Hides the volume table from the allocator's connection (another
+    /// connection renames it): any ledger read of volumes fails after.
+    fn hide_volumes(dir: &tempfile::TempDir, hide: bool) {
+        let c = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        c.execute_batch(if hide {
+            "ALTER TABLE volumes RENAME TO volumes_hidden"
+        } else {
+            "ALTER TABLE volumes_hidden RENAME TO volumes"
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn capacity_summary_and_max_volumes_never_read_the_ledger() {
+        for placement in [Placement::BestFit, Placement::Pooled] {
+            let dir = tempfile::tempdir().unwrap();
+            let (a, fake) = open(
+                &dir,
+                Fake {
+                    placement,
+                    ..Fake::default()
+                },
+            );
+            a.create_volume(&req("v", 2, "r0")).unwrap();
+            let gone = a.create_volume(&req("w", 1, "r1")).unwrap();
+            a.delete_volume(&gone.id).unwrap();
+            relock(&fake.reserved).push(allocated("r1", 4 * A, A, None));
+            a.refresh_reserved().unwrap();
+            let full = a.capacity(Usage::AppDirect).unwrap();
+            let max = a.max_volumes();
+            hide_volumes(&dir, true);
+            // The test can fail: whatever reads the volumes fails now.
+            assert!(a.capacity(Usage::AppDirect).is_err());
+            assert!(a.volumes().is_err());
+            let summary = a.capacity_summary(Usage::AppDirect);
+            assert_eq!(a.max_volumes(), max);
+            hide_volumes(&dir, false);
+            let without_extents: Vec<RegionCapacity> = full
+                .into_iter()
+                .map(|c| RegionCapacity {
+                    extents: Vec::new(),
+                    ..c
+                })
+                .collect();
+            assert_eq!(summary, without_extents, "{placement:?}");
+            // The erasing one still holds its extent and counts as a volume.
+            assert_eq!((summary[0].volumes, summary[1].volumes), (1, 1));
+            assert_eq!(summary[1].available, Bytes(6 * A));
+        }
+    }
+
+    #[test]
+    fn full_capacity_names_each_holder_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = open(&dir, Fake::default());
+        let ids: Vec<String> = (0..6)
+            .map(|i| a.create_volume(&req(&format!("v{i}"), 1, "r0")).unwrap().id)
+            .collect();
+        a.delete_volume(&ids[2]).unwrap();
+        let caps = a.capacity(Usage::AppDirect).unwrap();
+        let holders: Vec<(u64, Holder)> = caps[0]
+            .extents
+            .iter()
+            .map(|(e, h)| (e.offset.0 / A, h.clone()))
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            let state = if i == 2 {
+                VolumeState::Erasing
+            } else {
+                VolumeState::Ready
+            };
+            assert_eq!(
+                holders[i],
+                (
+                    i as u64,
+                    Holder::Volume {
+                        id: id.clone(),
+                        state
+                    }
+                )
+            );
+        }
+        assert_eq!(holders[6], (6, Holder::Free));
+    }
+
+    #[test]
+    fn live_pages_carry_usable_bytes_and_whether_more_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = open(&dir, Fake::default());
+        let vs: Vec<Volume> = (0..5)
+            .map(|i| a.create_volume(&req(&format!("v{i}"), 1, "r0")).unwrap())
+            .collect();
+        let ids = |p: &VolumePage| {
+            p.entries
+                .iter()
+                .map(|e| e.volume.id.clone())
+                .collect::<Vec<_>>()
+        };
+        let p1 = a.live_volumes_page(0, 2).unwrap();
+        assert_eq!(ids(&p1), [vs[0].id.clone(), vs[1].id.clone()]);
+        assert!(p1.more);
+        assert_eq!(p1.ledger_id, a.ledger_id().unwrap());
+        assert_eq!(p1.entries[0].usable, Bytes(A));
+        assert_eq!(p1.entries[0].lost, None);
+        // The page's last volume deleted meanwhile: the next page follows it.
+        a.delete_volume(&vs[1].id).unwrap();
+        let p2 = a.live_volumes_page(vs[1].seq, 2).unwrap();
+        assert_eq!(ids(&p2), [vs[2].id.clone(), vs[3].id.clone()]);
+        assert!(p2.more);
+        let p3 = a.live_volumes_page(vs[3].seq, 2).unwrap();
+        assert_eq!(ids(&p3), [vs[4].id.clone()]);
+        assert!(!p3.more, "exactly the rest: no further page");
+        let all = a.live_volumes_page(0, 0).unwrap();
+        assert_eq!(all.entries.len(), 4);
+        assert!(!all.more);
     }
 
     #[test]

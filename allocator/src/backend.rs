@@ -170,6 +170,14 @@ pub trait Backend: Send + Sync + Debug {
     /// Finds the device if it exists.
     fn find(&self, req: &DeviceRequest) -> Result<Option<Device>>;
 
+    /// [`Backend::find`] for many volumes, answers in the same order; a
+    /// backend that can read its devices once for all of them does
+    /// (reconciliation checks every volume: sim lists loop devices once,
+    /// not once per volume).
+    fn find_all(&self, reqs: &[DeviceRequest]) -> Vec<Result<Option<Device>>> {
+        reqs.iter().map(|r| self.find(r)).collect()
+    }
+
     /// Removes the device and frees its extent in the device layer, also a
     /// retired one; absent is success. A device in use is refused with
     /// `Error::FailedPrecondition` before anything changes.

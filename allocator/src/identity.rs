@@ -362,7 +362,8 @@ impl Allocator {
 
     fn probes(&self) -> Result<(Vec<Probe>, Vec<InventoryItem>)> {
         let specs: Vec<String> = self.state().regions.keys().cloned().collect();
-        let vols = self.volumes()?;
+        // The maps were rebuilt from the ledger: count there, not in rows.
+        let per_region = self.volumes_per_region();
         let mut stamps = BTreeMap::new();
         // One fresh read of the devices for all regions (lvm: one report).
         self.backend().refresh();
@@ -381,7 +382,7 @@ impl Allocator {
                 region: r.clone(),
                 stamp: stamps.remove(r).unwrap_or(RegionStamp::Unsupported),
                 ours: inventory.iter().filter(|i| &i.region == r).count(),
-                volumes: vols.iter().filter(|v| &v.region == r).count(),
+                volumes: per_region.get(r).copied().unwrap_or(0),
             })
             .collect();
         Ok((probes, inventory))

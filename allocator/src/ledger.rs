@@ -86,7 +86,45 @@ CREATE TABLE region_stamps (
     r#"
 ALTER TABLE publications ADD COLUMN device INTEGER;
 "#,
+    // Scale: the eraser's backlog and an intent's volume by index, and the
+    // volume counts by state and persistency kept by triggers in the same
+    // transaction as every write, so metrics never count the rows.
+    r#"
+CREATE INDEX volumes_by_state ON volumes(state, persistency);
+CREATE INDEX intents_by_volume ON intents(volume_id);
+CREATE TABLE volume_counts (
+    state        TEXT NOT NULL,
+    persistency  TEXT NOT NULL,
+    n            INTEGER NOT NULL CHECK (n >= 0),
+    PRIMARY KEY (state, persistency)
+) STRICT;
+INSERT INTO volume_counts (state, persistency, n)
+    SELECT s.state, p.persistency,
+           (SELECT COUNT(*) FROM volumes v WHERE v.state = s.state AND v.persistency = p.persistency)
+    FROM (SELECT 'creating' AS state UNION ALL SELECT 'ready' UNION ALL SELECT 'deleting'
+          UNION ALL SELECT 'erasing') s,
+         (SELECT 'persistent' AS persistency UNION ALL SELECT 'ephemeral') p;
+CREATE TRIGGER volume_counts_insert AFTER INSERT ON volumes BEGIN
+    UPDATE volume_counts SET n = n + 1
+        WHERE state = NEW.state AND persistency = NEW.persistency;
+END;
+CREATE TRIGGER volume_counts_delete AFTER DELETE ON volumes BEGIN
+    UPDATE volume_counts SET n = n - 1
+        WHERE state = OLD.state AND persistency = OLD.persistency;
+END;
+CREATE TRIGGER volume_counts_update AFTER UPDATE OF state, persistency ON volumes
+    WHEN OLD.state IS NOT NEW.state OR OLD.persistency IS NOT NEW.persistency BEGIN
+    UPDATE volume_counts SET n = n - 1
+        WHERE state = OLD.state AND persistency = OLD.persistency;
+    UPDATE volume_counts SET n = n + 1
+        WHERE state = NEW.state AND persistency = NEW.persistency;
+END;
+"#,
 ];
+
+/// The states ListVolumes shows the CO: an `erasing` (deleted) or
+/// `deleting` volume is gone for it.
+const LIVE_STATES: &str = "'creating', 'ready'";
 
 /// A pending device operation, durable before the device is touched.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +173,19 @@ impl IntentOp {
             VolumeState::Ready => None,
         }
     }
+}
+
+/// The columns of a volume row that its device depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeDevice {
+    pub id: String,
+    pub name: String,
+    pub region: String,
+    pub offset: Bytes,
+    pub size: Bytes,
+    pub usage: Usage,
+    pub state: VolumeState,
+    pub device: Option<String>,
 }
 
 /// Called with the duration of every durable commit (metrics).
@@ -328,6 +379,17 @@ impl Ledger {
         let path = self.path.clone();
         let known = self.regions()?;
         let tx = self.conn.transaction().map_err(|e| sql_err(&path, e))?;
+        // Each region's end of volumes in one pass over the table, not one
+        // scan per region.
+        let ends: BTreeMap<String, i64> = {
+            let mut st = tx
+                .prepare("SELECT region, MAX(offset + size) FROM volumes GROUP BY region")
+                .map_err(|e| sql_err(&path, e))?;
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(|e| sql_err(&path, e))?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(|e| sql_err(&path, e))?
+        };
         for s in specs {
             let old = known.iter().find(|k| k.id == s.id);
             if let Some(old) = old
@@ -354,13 +416,7 @@ impl Ledger {
                 }
                 tracing::info!(region = %s.id, from = %old.align, to = %s.align, "region alignment changed");
             }
-            let max_end: i64 = tx
-                .query_row(
-                    "SELECT COALESCE(MAX(offset + size), 0) FROM volumes WHERE region = ?1",
-                    [&s.id],
-                    |r| r.get(0),
-                )
-                .map_err(|e| sql_err(&path, e))?;
+            let max_end = ends.get(&s.id).copied().unwrap_or(0);
             if u64::try_from(max_end).unwrap_or(0) > s.size.0 {
                 return Err(Error::LedgerCorrupt {
                     path,
@@ -446,6 +502,132 @@ impl Ledger {
             ))
             .map_err(|e| self.err(e))?;
         let rows = st.query_map([], volume_from_row).map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Up to `limit` (all with `None`) volumes the CO sees (creating or
+    /// ready) with `seq` above `after`, in `seq` order: a range search on
+    /// the rowid, so a page costs its own rows (plus rows in other states
+    /// inside the range), never the whole table. The state filter must not
+    /// use `volumes_by_state` (that would read every live row and sort).
+    pub fn live_volumes_after(&self, after: i64, limit: Option<usize>) -> Result<Vec<Volume>> {
+        let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        let mut st = self
+            .conn
+            .prepare_cached(&live_page_sql())
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![after, limit], volume_from_row)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// What the extent maps need of every volume, without the rest of the
+    /// row (no JSON to parse): id, region, offset, size.
+    pub fn volume_extents(&self) -> Result<Vec<(String, String, Bytes, Bytes)>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT id, region, offset, size FROM volumes ORDER BY seq")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    Bytes(from_i64(r.get(2)?)),
+                    Bytes(from_i64(r.get(3)?)),
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every volume's device-facing columns (no JSON parsed), in `seq`
+    /// order: what reconciliation needs to check a device.
+    pub fn volume_devices(&self) -> Result<Vec<VolumeDevice>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT id, name, region, offset, size, usage, state, device FROM volumes ORDER BY seq",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                let usage: String = r.get(5)?;
+                let state: String = r.get(6)?;
+                Ok(VolumeDevice {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    region: r.get(2)?,
+                    offset: Bytes(from_i64(r.get(3)?)),
+                    size: Bytes(from_i64(r.get(4)?)),
+                    usage: usage.parse::<Usage>().map_err(|m| conv_err(5, m))?,
+                    state: state.parse::<VolumeState>().map_err(|m| conv_err(6, m))?,
+                    device: r.get(7)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Volumes by state and persistency, from the trigger-kept counts (a
+    /// read of at most eight rows, whatever the number of volumes).
+    pub fn volume_counts(&self) -> Result<Vec<(VolumeState, Persistency, u64)>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT state, persistency, n FROM volume_counts ORDER BY state, persistency",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                let state: String = r.get(0)?;
+                let persistency: String = r.get(1)?;
+                Ok((
+                    state.parse::<VolumeState>().map_err(|m| conv_err(0, m))?,
+                    persistency
+                        .parse::<Persistency>()
+                        .map_err(|m| conv_err(1, m))?,
+                    from_i64(r.get(2)?),
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// The volumes in `state` (any with `None`) of `persistency` (any with
+    /// `None`), in insertion order; by `volumes_by_state` when the state is
+    /// given (the ephemeral collector: ready and ephemeral).
+    pub fn volumes_where(
+        &self,
+        state: Option<VolumeState>,
+        persistency: Option<Persistency>,
+    ) -> Result<Vec<Volume>> {
+        let Some(state) = state else {
+            let all = self.volumes()?;
+            return Ok(match persistency {
+                Some(p) => all.into_iter().filter(|v| v.persistency == p).collect(),
+                None => all,
+            });
+        };
+        let Some(p) = persistency else {
+            return self.volumes_in(state);
+        };
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes WHERE state = ?1 AND persistency = ?2
+                 ORDER BY seq"
+            ))
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([state.as_str(), p.as_str()], volume_from_row)
+            .map_err(|e| self.err(e))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(|e| self.err(e))
     }
@@ -704,15 +886,21 @@ impl Ledger {
             .map_err(|e| self.err(e))
     }
 
-    /// Publications of one volume, or of all volumes with `None`.
+    /// Publications of one volume, or of all volumes with `None`. Two
+    /// statements: `?1 IS NULL OR volume_id = ?1` would scan the table for
+    /// one volume instead of searching its primary key.
     pub fn publications(&self, volume_id: Option<&str>) -> Result<Vec<Publication>> {
-        let mut st = self
-            .conn
-            .prepare_cached(
+        let sql = match volume_id {
+            Some(_) => {
                 "SELECT volume_id, kind, path, readonly, capability, device FROM publications
-                 WHERE ?1 IS NULL OR volume_id = ?1 ORDER BY volume_id, kind, path",
-            )
-            .map_err(|e| self.err(e))?;
+                 WHERE volume_id = ?1 ORDER BY volume_id, kind, path"
+            }
+            None => {
+                "SELECT volume_id, kind, path, readonly, capability, device FROM publications
+                 WHERE ?1 IS NULL ORDER BY volume_id, kind, path"
+            }
+        };
+        let mut st = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
         let rows = st
             .query_map([volume_id], |r| {
                 let kind: String = r.get(1)?;
@@ -735,6 +923,15 @@ impl Ledger {
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(|e| self.err(e))
     }
+}
+
+/// The ListVolumes page query: the rowid range and `LIMIT`, the state
+/// filter kept off `volumes_by_state` (`+state`), see `live_volumes_after`.
+fn live_page_sql() -> String {
+    format!(
+        "SELECT {VOLUME_COLUMNS} FROM volumes WHERE seq > ?1 AND +state IN ({LIVE_STATES})
+         ORDER BY seq LIMIT ?2"
+    )
 }
 
 /// ELOOP from O_NOFOLLOW means the name is a symlink: say so.
@@ -891,7 +1088,7 @@ mod tests {
             l.insert_creating(&vol("v1", "n1"), "{}").unwrap();
         }
         let mut l = Ledger::open(&p).unwrap();
-        assert_eq!(Ledger::SCHEMA_VERSION, 3);
+        assert_eq!(Ledger::SCHEMA_VERSION, 4);
         let id = l.ledger_id().unwrap();
         assert_eq!(id.len(), 32);
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
@@ -981,6 +1178,173 @@ mod tests {
         l.remove_volume("v1").unwrap();
         assert!(l.intents().unwrap().is_empty());
         assert!(l.volume("v1").unwrap().is_none());
+    }
+
+    /// The plan sqlite chooses for `sql`, one detail line per step.
+    fn plan(l: &Ledger, sql: &str, params: impl rusqlite::Params) -> String {
+        let mut st = l
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap();
+        st.query_map(params, |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .unwrap()
+            .join("; ")
+    }
+
+    #[test]
+    fn per_call_queries_search_an_index_never_scan_the_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(&dir.path().join("l.db")).unwrap();
+        l.sync_regions("sim", &[spec("region0")]).unwrap();
+        for i in 0..50 {
+            let mut v = vol(&format!("v{i}"), &format!("n{i}"));
+            v.offset = Bytes::mib(16 * i);
+            l.insert_creating(&v, "{}").unwrap();
+        }
+        // The statistics a long-running ledger would have must not change it.
+        l.conn.execute_batch("ANALYZE").unwrap();
+        let page = plan(&l, &live_page_sql(), params![10, 3]);
+        assert!(
+            page.contains("SEARCH volumes USING INTEGER PRIMARY KEY (rowid>?)"),
+            "{page}"
+        );
+        assert!(!page.contains("TEMP B-TREE"), "sorts: {page}");
+        for (what, sql) in [
+            (
+                "by name",
+                format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE name = ?1"),
+            ),
+            (
+                "by id",
+                format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE id = ?1"),
+            ),
+        ] {
+            let p = plan(&l, &sql, ["x"]);
+            assert!(p.contains("SEARCH volumes USING INDEX"), "{what}: {p}");
+        }
+        let p = plan(
+            &l,
+            &format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE state = ?1 ORDER BY seq"),
+            ["erasing"],
+        );
+        // (It sorts what it found, the backlog, not the table.)
+        assert!(
+            p.contains("SEARCH volumes USING INDEX volumes_by_state (state=?)"),
+            "{p}"
+        );
+        let p = plan(
+            &l,
+            &format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes WHERE state = ?1 AND persistency = ?2 ORDER BY seq"
+            ),
+            ["ready", "ephemeral"],
+        );
+        assert!(
+            p.contains("USING INDEX volumes_by_state (state=? AND persistency=?)"),
+            "{p}"
+        );
+        let p = plan(
+            &l,
+            "SELECT volume_id, kind, path, readonly, capability, device FROM publications
+             WHERE volume_id = ?1 ORDER BY volume_id, kind, path",
+            ["v1"],
+        );
+        assert!(p.contains("SEARCH publications USING INDEX"), "{p}");
+        let p = plan(&l, "SELECT seq FROM intents WHERE volume_id = ?1", ["v1"]);
+        assert!(
+            p.contains("USING INDEX intents_by_volume")
+                || p.contains("USING COVERING INDEX intents_by_volume"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn live_pages_follow_seq_and_skip_gone_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(&dir.path().join("l.db")).unwrap();
+        l.sync_regions("sim", &[spec("region0")]).unwrap();
+        let seqs: Vec<i64> = (0..5)
+            .map(|i| {
+                let mut v = vol(&format!("v{i}"), &format!("n{i}"));
+                v.offset = Bytes::mib(16 * i);
+                l.insert_creating(&v, "{}").unwrap()
+            })
+            .collect();
+        let ids = |vs: Vec<Volume>| vs.into_iter().map(|v| v.id).collect::<Vec<_>>();
+        assert_eq!(ids(l.live_volumes_after(0, Some(2)).unwrap()), ["v0", "v1"]);
+        assert_eq!(
+            ids(l.live_volumes_after(seqs[1], Some(2)).unwrap()),
+            ["v2", "v3"]
+        );
+        // v2 deleted (erasing) and v3 removed: the page after v1 goes on at v4.
+        l.transition("v2", VolumeState::Deleting, None, "{}")
+            .unwrap();
+        l.transition("v2", VolumeState::Erasing, None, "{}")
+            .unwrap();
+        l.remove_volume("v3").unwrap();
+        assert_eq!(ids(l.live_volumes_after(seqs[1], Some(2)).unwrap()), ["v4"]);
+        // A page after a removed volume's seq continues from the next key.
+        assert_eq!(ids(l.live_volumes_after(seqs[3], None).unwrap()), ["v4"]);
+        assert_eq!(
+            ids(l.live_volumes_after(0, None).unwrap()),
+            ["v0", "v1", "v4"]
+        );
+    }
+
+    #[test]
+    fn volume_counts_follow_every_write_and_the_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.db");
+        // A ledger at schema 3 with rows, as a release before the counts.
+        {
+            let c = Connection::open(&p).unwrap();
+            for m in &MIGRATIONS[..3] {
+                c.execute_batch(m).unwrap();
+            }
+            c.execute_batch(
+                "PRAGMA user_version = 3;
+                 INSERT INTO regions VALUES ('region0', 'sim', 1073741824, 16777216, 10, 0, '/x');
+                 INSERT INTO volumes (id, name, region, offset, size, requested, usage, erase_after,
+                   parameters, persistency, context, state, device)
+                 VALUES ('old1', 'o1', 'region0', 0, 16777216, 0, 'AppDirect', 0, '{}',
+                   'persistent', '{}', 'ready', NULL),
+                        ('old2', 'o2', 'region0', 16777216, 16777216, 0, 'AppDirect', 0, '{}',
+                   'ephemeral', '{}', 'erasing', NULL);",
+            )
+            .unwrap();
+        }
+        let mut l = Ledger::open(&p).unwrap();
+        let count = |l: &Ledger, s: VolumeState, p: Persistency| {
+            l.volume_counts()
+                .unwrap()
+                .into_iter()
+                .find(|(vs, vp, _)| *vs == s && *vp == p)
+                .map(|(_, _, n)| n)
+                .unwrap()
+        };
+        assert_eq!(l.volume_counts().unwrap().len(), 8);
+        assert_eq!(count(&l, VolumeState::Ready, Persistency::Persistent), 1);
+        assert_eq!(count(&l, VolumeState::Erasing, Persistency::Ephemeral), 1);
+        let mut v = vol("v1", "n1");
+        v.offset = Bytes::mib(512);
+        l.insert_creating(&v, "{}").unwrap();
+        assert_eq!(count(&l, VolumeState::Creating, Persistency::Persistent), 1);
+        l.transition("v1", VolumeState::Ready, None, "{}").unwrap();
+        assert_eq!(count(&l, VolumeState::Creating, Persistency::Persistent), 0);
+        assert_eq!(count(&l, VolumeState::Ready, Persistency::Persistent), 2);
+        l.remove_volume("old2").unwrap();
+        l.remove_volume("v1").unwrap();
+        assert_eq!(count(&l, VolumeState::Erasing, Persistency::Ephemeral), 0);
+        assert_eq!(count(&l, VolumeState::Ready, Persistency::Persistent), 1);
+        // The counts are the rows, whatever wrote them.
+        let rows: i64 = l
+            .conn
+            .query_row("SELECT COUNT(*) FROM volumes", [], |r| r.get(0))
+            .unwrap();
+        let kept: u64 = l.volume_counts().unwrap().iter().map(|c| c.2).sum();
+        assert_eq!(kept, u64::try_from(rows).unwrap());
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub mod space;
 pub mod units;
 pub mod volume;
 
-pub use allocator::{Allocator, CreateRequest, Holder, RegionCapacity};
+pub use allocator::{Allocator, CreateRequest, Holder, PageEntry, RegionCapacity, VolumePage};
 pub use backend::{Backend, Device, DeviceRequest, InventoryItem, Owner, RegionStamp};
 pub use erase::{ErasePolicy, EraseStats};
 pub use error::{Error, Result};

@@ -4,10 +4,10 @@
 //! completed); devices that no volume owns are reported and, only when asked
 //! and only when marked as ours, removed. Foreign devices are never touched.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::allocator::{Allocator, device_request};
-use crate::backend::{InventoryItem, Owner, Placement};
+use crate::backend::{DeviceRequest, InventoryItem, Owner, Placement};
 use crate::error::Result;
 use crate::ledger::IntentOp;
 use crate::volume::VolumeState;
@@ -51,7 +51,35 @@ impl Allocator {
             .filter(|i| i.op == IntentOp::Expand)
             .map(|i| i.volume_id)
             .collect();
-        for v in self.volumes()? {
+        let rows = self.state().ledger.volume_devices()?;
+        // A ready volume whose device is as recorded needs nothing: no name
+        // lock, no re-read. The backend looks them all up at once (sim: one
+        // loop device listing), so start-up stays one light pass.
+        let quick: Vec<&crate::ledger::VolumeDevice> = rows
+            .iter()
+            .filter(|v| {
+                v.state == VolumeState::Ready
+                    && !expanding.contains(&v.id)
+                    && !lost.contains_key(&v.region)
+            })
+            .collect();
+        let reqs: Vec<DeviceRequest> = quick
+            .iter()
+            .map(|v| DeviceRequest {
+                volume_id: v.id.clone(),
+                region: v.region.clone(),
+                offset: v.offset,
+                size: v.size,
+                usage: v.usage,
+            })
+            .collect();
+        let as_recorded: HashSet<&str> = quick
+            .iter()
+            .zip(self.backend().find_all(&reqs))
+            .filter(|(v, f)| matches!(f, Ok(Some(d)) if d.path == v.device))
+            .map(|(v, _)| v.id.as_str())
+            .collect();
+        for v in rows.iter().filter(|v| !as_recorded.contains(v.id.as_str())) {
             let name = v.name.clone();
             self.with_name(&name, || {
                 // Re-read under the name lock: a live call may have moved it.
@@ -72,10 +100,10 @@ impl Allocator {
                 self.reconcile_volume(v, exp, dry_run, &mut rep);
             });
         }
-        let known: Vec<_> = self
-            .volumes()?
-            .into_iter()
-            .map(|v| (v.id, v.region, v.offset, v.size))
+        let known = self.state().ledger.volume_extents()?;
+        let by_id: HashMap<&str, (&str, crate::units::Bytes)> = known
+            .iter()
+            .map(|(id, region, offset, _)| (id.as_str(), (region.as_str(), *offset)))
             .collect();
         for item in self.backend().inventory()? {
             if lost.contains_key(&item.region) {
@@ -88,8 +116,8 @@ impl Allocator {
                     rep.foreign.push(item);
                 }
                 Owner::Ours(id) => {
-                    let owned = known.iter().any(|(kid, region, offset, _)| {
-                        kid == id && *region == item.region && *offset == item.offset
+                    let owned = by_id.get(id.as_str()).is_some_and(|(region, offset)| {
+                        *region == item.region && *offset == item.offset
                     });
                     if owned || (dry_run && rep.actions.iter().any(|a| a.contains(id.as_str()))) {
                         continue;

@@ -174,6 +174,36 @@ impl SimBackend {
             .map_err(|e| Error::io(format!("list loop devices of {}", file.display()), e))
     }
 
+    /// The loop devices over each region file, from one listing of all
+    /// loop devices (not one per region).
+    fn loops_per_region(&self) -> Result<Vec<(&RegionSpec, Vec<loopdev::LoopDevice>)>> {
+        use std::os::unix::fs::MetadataExt;
+        if self.mode == SimMode::FileOnly {
+            return Ok(Vec::new());
+        }
+        let mut all = loopdev::list().map_err(|e| Error::io("list loop devices", e))?;
+        let mut out = Vec::with_capacity(self.regions.len());
+        for (spec, file) in &self.regions {
+            let meta = match std::fs::metadata(file) {
+                Ok(m) => m,
+                // Not made yet (made when stamped): nothing over it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("list loop devices of {}", file.display()),
+                        e,
+                    ));
+                }
+            };
+            let (mine, rest): (Vec<_>, Vec<_>) = all
+                .into_iter()
+                .partition(|d| d.backing_ino == meta.ino() && d.backing_dev == meta.dev());
+            all = rest;
+            out.push((spec, mine));
+        }
+        Ok(out)
+    }
+
     /// Loop devices of ours for this volume (by marker), any offset.
     fn devices_of(&self, req: &DeviceRequest) -> Result<Vec<loopdev::LoopDevice>> {
         let file = self.region_file(&req.region)?;
@@ -523,26 +553,41 @@ impl Backend for SimBackend {
                 size: req.size,
             }));
         }
-        let marker = format!("{MARKER}{}", req.volume_id);
-        let devs = self.devices_of(req)?;
-        if let Some(other) = devs.iter().find(|d| d.name != marker) {
-            return Err(Error::Device(format!(
-                "extent {}+{} of region {} for volume {} is attached to {} named {:?}, which is not ours",
-                req.offset.0,
-                req.size.0,
-                req.region,
-                req.volume_id,
-                other.path.display(),
-                other.name
-            )));
+        found_in(req, self.devices_of(req)?)
+    }
+
+    fn find_all(&self, reqs: &[DeviceRequest]) -> Vec<Result<Option<Device>>> {
+        // One listing of every loop device, grouped by backing file.
+        let listed = match loopdev::list() {
+            Ok(l) if self.mode != SimMode::FileOnly => l,
+            _ => return reqs.iter().map(|r| self.find(r)).collect(),
+        };
+        let mut by_file: std::collections::HashMap<(u64, u64), Vec<&loopdev::LoopDevice>> =
+            std::collections::HashMap::new();
+        for d in &listed {
+            by_file
+                .entry((d.backing_dev, d.backing_ino))
+                .or_default()
+                .push(d);
         }
-        Ok(devs
-            .into_iter()
-            .find(|d| d.offset == req.offset)
-            .map(|d| Device {
-                path: Some(d.path.display().to_string()),
-                size: d.size_limit,
-            }))
+        reqs.iter()
+            .map(|req| {
+                use std::os::unix::fs::MetadataExt;
+                let file = self.region_file(&req.region)?;
+                let meta = std::fs::metadata(file).map_err(|e| {
+                    Error::io(format!("list loop devices of {}", file.display()), e)
+                })?;
+                let marker = format!("{MARKER}{}", req.volume_id);
+                let devs = by_file
+                    .get(&(meta.dev(), meta.ino()))
+                    .into_iter()
+                    .flatten()
+                    .filter(|d| d.name == marker || d.offset == req.offset)
+                    .map(|d| (*d).clone())
+                    .collect();
+                found_in(req, devs)
+            })
+            .collect()
     }
 
     fn destroy(&self, req: &DeviceRequest) -> Result<()> {
@@ -625,8 +670,8 @@ impl Backend for SimBackend {
             return Ok(Vec::new());
         }
         let mut out = Vec::new();
-        for (spec, file) in &self.regions {
-            for d in self.loops_of(file)? {
+        for (spec, loops) in self.loops_per_region()? {
+            for d in loops {
                 let owner = match d.name.strip_prefix(MARKER) {
                     Some(id) => Owner::Ours(id.to_owned()),
                     None => Owner::Foreign(format!("loop device named {:?}", d.name)),
@@ -677,8 +722,8 @@ impl Backend for SimBackend {
 
     fn reserved(&self) -> Result<Vec<Allocated>> {
         let mut out = Vec::new();
-        for (spec, file) in &self.regions {
-            for d in self.loops_of(file)? {
+        for (spec, loops) in self.loops_per_region()? {
+            for d in loops {
                 // A size limit of 0 is "to the end of the file".
                 let len = if d.size_limit.0 == 0 {
                     Bytes(spec.size.0.saturating_sub(d.offset.0))
@@ -802,6 +847,31 @@ impl Backend for SimBackend {
     }
 }
 
+/// The device of `req` among `devs` (the loop devices over its region file
+/// named for it or at its offset): another's device at its extent is an
+/// error, never taken for ours.
+fn found_in(req: &DeviceRequest, devs: Vec<loopdev::LoopDevice>) -> Result<Option<Device>> {
+    let marker = format!("{MARKER}{}", req.volume_id);
+    if let Some(other) = devs.iter().find(|d| d.name != marker) {
+        return Err(Error::Device(format!(
+            "extent {}+{} of region {} for volume {} is attached to {} named {:?}, which is not ours",
+            req.offset.0,
+            req.size.0,
+            req.region,
+            req.volume_id,
+            other.path.display(),
+            other.name
+        )));
+    }
+    Ok(devs
+        .into_iter()
+        .find(|d| d.offset == req.offset)
+        .map(|d| Device {
+            path: Some(d.path.display().to_string()),
+            size: d.size_limit,
+        }))
+}
+
 #[cfg(test)]
 mod stamp_tests {
     use super::*;
@@ -848,5 +918,78 @@ mod stamp_tests {
         // No sidecar at all: unstamped.
         std::fs::remove_file(sidecar(&path)).unwrap();
         assert_eq!(read_file_stamp(&f, &path).unwrap(), None);
+    }
+}
+
+#[cfg(test)]
+mod find_tests {
+    use super::*;
+    use crate::volume::Usage;
+
+    /// Root (CI runs as root): the batched lookup reconciliation uses gives
+    /// exactly `find`'s answers — found, missing, and another's device at
+    /// the extent refused — from one listing of the loop devices.
+    #[test]
+    fn find_all_answers_as_find_does() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = SimConfig::default_in(d.path());
+        cfg.region_size = Bytes::gib(1);
+        cfg.mode = Some(SimMode::Loop);
+        let b = SimBackend::open(&cfg).unwrap();
+        for r in ["region0", "region1"] {
+            b.stamp_region(r, "0123456789abcdef0123456789abcdef")
+                .unwrap();
+        }
+        let req = |id: &str, region: &str, unit: u64| DeviceRequest {
+            volume_id: id.into(),
+            region: region.into(),
+            offset: Bytes::mib(16 * unit),
+            size: Bytes::mib(16),
+            usage: Usage::AppDirect,
+        };
+        let reqs = [
+            req("pmem-a", "region0", 0),
+            req("pmem-b", "region0", 1),
+            req("pmem-c", "region1", 0),
+            req("pmem-d", "region1", 2),
+            req("pmem-e", "region1", 3),
+        ];
+        struct Undo<'a>(&'a SimBackend, Vec<DeviceRequest>, Vec<PathBuf>);
+        impl Drop for Undo<'_> {
+            fn drop(&mut self) {
+                for r in &self.1 {
+                    let _ = self.0.destroy(r);
+                }
+                for p in &self.2 {
+                    let _ = loopdev::detach(p);
+                }
+            }
+        }
+        let mut undo = Undo(&b, reqs[..3].to_vec(), Vec::new());
+        for r in &reqs[..3] {
+            b.create(r).unwrap();
+        }
+        // Someone else's loop device over pmem-d's extent.
+        let other = loopdev::attach(
+            b.region_file("region1").unwrap(),
+            Bytes::mib(32),
+            Bytes::mib(16),
+            "someone-else",
+        )
+        .unwrap();
+        undo.2.push(other.path.clone());
+        let each: Vec<_> = reqs.iter().map(|r| b.find(r)).collect();
+        let all = b.find_all(&reqs);
+        assert_eq!(all.len(), reqs.len());
+        for (i, (e, a)) in each.iter().zip(&all).enumerate() {
+            match (e, a) {
+                (Ok(x), Ok(y)) => assert_eq!(x, y, "{}", reqs[i].volume_id),
+                (Err(x), Err(y)) => assert_eq!(x.to_string(), y.to_string()),
+                _ => panic!("{}: find {e:?} but find_all {a:?}", reqs[i].volume_id),
+            }
+        }
+        assert!(all[..3].iter().all(|f| matches!(f, Ok(Some(_)))), "{all:?}");
+        assert!(all[3].is_err(), "{:?}", all[3]);
+        assert!(matches!(all[4], Ok(None)), "{:?}", all[4]);
     }
 }

@@ -114,6 +114,11 @@ impl Pool {
         self.used.len()
     }
 
+    /// Whether `key` holds bytes here.
+    pub fn holds(&self, key: &str) -> bool {
+        self.used.contains_key(key)
+    }
+
     /// Used entries in key order, laid out one after another (the offsets
     /// are for display only), then the free rest.
     pub fn extents(&self) -> Vec<(Extent, Option<String>)> {

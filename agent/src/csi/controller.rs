@@ -221,60 +221,41 @@ impl ControllerService {
     async fn list(&self, req: csi::ListVolumesRequest) -> AgentResult<csi::ListVolumesResponse> {
         let max = usize::try_from(req.max_entries)
             .map_err(|_| invalid(format!("max_entries {} is negative", req.max_entries)))?;
-        let start: i64 = if req.starting_token.is_empty() {
-            0
+        let token = if req.starting_token.is_empty() {
+            None
         } else {
-            req.starting_token
-                .parse()
-                .ok()
-                .filter(|t| *t > 0)
-                .ok_or_else(|| {
-                    AgentError::Aborted(format!(
-                        "starting_token {} is not a token this plugin issued",
-                        crate::error::quote(&req.starting_token)
-                    ))
-                })?
+            Some(PageToken::parse(&req.starting_token)?)
         };
-        let (listed, next_token) = blocking(&self.driver.alloc, move |a| {
-            let lost = a.ledger_status()?.lost;
-            let mut listed: Vec<Volume> = a
-                .volumes()?
-                .into_iter()
-                .filter(|v| {
-                    matches!(v.state, VolumeState::Ready | VolumeState::Creating) && v.seq >= start
-                })
-                .collect();
-            let take = if max == 0 {
-                listed.len()
-            } else {
-                max.min(listed.len())
-            };
-            let next_token = listed
-                .get(take)
-                .map(|v| v.seq.to_string())
-                .unwrap_or_default();
-            listed.truncate(take);
-            // Only the page's volumes: with pmem-allocd each is a call.
-            let page = listed
-                .into_iter()
-                .map(|v| {
-                    let u = a.usable_of(&v)?;
-                    let l = lost.get(&v.region).cloned();
-                    Ok((v, u, l))
-                })
-                .collect::<pmem_allocator::Result<Vec<_>>>()?;
-            Ok((page, next_token))
-        })
-        .await?;
-        let entries = listed
+        let after = token.as_ref().map_or(0, |t| t.after);
+        // One store call per page (with pmem-allocd: one round trip).
+        let page = blocking(&self.driver.alloc, move |a| a.live_volumes_page(after, max)).await?;
+        if let Some(t) = &token
+            && t.ledger != page.ledger_id
+        {
+            return Err(AgentError::Aborted(format!(
+                "starting_token {} was issued by another ledger (not {}); list again from the start",
+                crate::error::quote(&req.starting_token),
+                page.ledger_id
+            )));
+        }
+        let next_token = match page.entries.last() {
+            Some(last) if page.more => PageToken {
+                ledger: page.ledger_id.clone(),
+                after: last.volume.seq,
+            }
+            .encode(),
+            _ => String::new(),
+        };
+        let entries = page
+            .entries
             .iter()
-            .map(|(v, u, lost)| csi::list_volumes_response::Entry {
-                volume: Some(self.csi_volume(v, *u)),
+            .map(|e| csi::list_volumes_response::Entry {
+                volume: Some(self.csi_volume(&e.volume, e.usable)),
                 status: Some(csi::list_volumes_response::VolumeStatus {
                     published_node_ids: Vec::new(),
-                    volume_condition: Some(match lost {
-                        Some(why) => condition_lost(v, why),
-                        None => condition_of_state(v),
+                    volume_condition: Some(match &e.lost {
+                        Some(why) => condition_lost(&e.volume, why),
+                        None => condition_of_state(&e.volume),
                     }),
                 }),
             })
@@ -359,7 +340,12 @@ impl ControllerService {
         }
         let usage = params.usage;
         let wanted = caps;
-        let caps = blocking(&self.driver.alloc, move |a| a.capacity(usage)).await?;
+        // From the allocator's memory: no ledger read, no extent map; in
+        // place when the embedded allocator's state is free (O(regions)).
+        let caps = match self.driver.alloc.try_capacity_summary(usage) {
+            Some((caps, _)) => caps,
+            None => blocking(&self.driver.alloc, move |a| a.capacity_summary(usage)).await?,
+        };
         let available = caps.iter().map(|c| c.available.0).sum::<u64>();
         let max = caps.iter().map(|c| c.largest).max().unwrap_or_default();
         let min = caps.iter().map(|c| c.minimum).min().unwrap_or_default();
@@ -409,6 +395,52 @@ impl ControllerService {
         Ok(csi::ControllerExpandVolumeResponse {
             capacity_bytes: to_i64(usable),
             node_expansion_required: !block,
+        })
+    }
+}
+
+/// A ListVolumes page token: the last volume's `seq` (the keyset the next
+/// page continues after, whether or not that volume still exists) and the
+/// ledger that issued it. Opaque to the CO: `v1.<ledger id>.<seq>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PageToken {
+    ledger: String,
+    after: i64,
+}
+
+impl PageToken {
+    const VERSION: &'static str = "v1";
+
+    fn encode(&self) -> String {
+        format!("{}.{}.{}", Self::VERSION, self.ledger, self.after)
+    }
+
+    /// Aborted (the CSI code for a token this plugin cannot continue from)
+    /// for anything it did not issue.
+    fn parse(token: &str) -> AgentResult<PageToken> {
+        let bad = || {
+            AgentError::Aborted(format!(
+                "starting_token {} is not a token this plugin issued",
+                crate::error::quote(token)
+            ))
+        };
+        let mut parts = token.split('.');
+        let (Some(version), Some(ledger), Some(after), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        let after: i64 = after.parse().map_err(|_| bad())?;
+        if version != Self::VERSION
+            || ledger.len() != 32
+            || !ledger.bytes().all(|b| b.is_ascii_hexdigit())
+            || after <= 0
+        {
+            return Err(bad());
+        }
+        Ok(PageToken {
+            ledger: ledger.to_owned(),
+            after,
         })
     }
 }

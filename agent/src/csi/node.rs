@@ -1380,7 +1380,14 @@ impl NodeService {
 
     async fn info(&self) -> AgentResult<csi::NodeGetInfoResponse> {
         let d = &self.driver;
-        let max = blocking(&d.alloc, |a| a.max_volumes()).await?;
+        // In memory (O(regions)); in place when the state is free.
+        let max = match d
+            .alloc
+            .try_capacity_summary(pmem_allocator::Usage::AppDirect)
+        {
+            Some((_, max)) => max,
+            None => blocking(&d.alloc, |a| a.max_volumes()).await?,
+        };
         Ok(csi::NodeGetInfoResponse {
             node_id: d.cfg.node_id.clone(),
             max_volumes_per_node: to_i64(max),

@@ -161,14 +161,6 @@ async fn node_of(host: &dyn Host, m: &MountEntry) -> Option<u64> {
 /// `dry_run`), reports the rest. Never unmounts.
 pub async fn scan_mounts(driver: &Arc<Driver>, host: &dyn Host, dry_run: bool) -> ScanReport {
     let mut rep = ScanReport::default();
-    let listed = blocking(&driver.alloc, |a| Ok((a.volumes()?, a.publications(None)?))).await;
-    let (vols, pubs) = match listed {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::error!(error = %e, "mount scan: cannot list volumes and publications");
-            return rep;
-        }
-    };
     let mounts = match host.mounts().await {
         Ok(m) => m,
         Err(e) => {
@@ -182,7 +174,27 @@ pub async fn scan_mounts(driver: &Arc<Driver>, host: &dyn Host, dry_run: bool) -
     for m in mounts.iter().filter(|m| m.mount_point.starts_with(&root)) {
         under.push((m, node_of(host, m).await));
     }
-    for v in vols.iter().filter(|v| v.state == VolumeState::Ready) {
+    // Nothing mounted under the root: no volume can have an unrecorded
+    // mount, so the ledger is not read at all.
+    let listed = if under.is_empty() {
+        Ok((Vec::new(), Vec::new()))
+    } else {
+        blocking(&driver.alloc, |a| {
+            Ok((
+                a.volumes_where(Some(VolumeState::Ready), None)?,
+                a.publications(None)?,
+            ))
+        })
+        .await
+    };
+    let (vols, pubs) = match listed {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "mount scan: cannot list volumes and publications");
+            return rep;
+        }
+    };
+    for v in &vols {
         let Some(dev) = &v.device else { continue };
         let Ok(Some(rdev)) = host.device_number(Path::new(dev)).await else {
             continue;
@@ -203,7 +215,7 @@ pub async fn scan_mounts(driver: &Arc<Driver>, host: &dyn Host, dry_run: bool) -
         if v.persistency == Persistency::Ephemeral && lock.also(&v.name).is_err() {
             continue;
         }
-        let mine: Vec<&Publication> = pubs.iter().filter(|p| p.volume_id == v.id).collect();
+        let mine: Vec<&Publication> = crate::wire::publications_of(&pubs, &v.id).iter().collect();
         let mut staged = mine.iter().any(|p| p.kind == PublicationKind::Stage);
         for m in found {
             let at = &m.mount_point;
@@ -300,17 +312,18 @@ pub async fn collect_ephemeral(
     dry_run: bool,
 ) -> CollectReport {
     let mut rep = CollectReport::default();
-    let vols = match blocking(&driver.alloc, |a| a.volumes()).await {
+    // Only the ready ephemeral rows (by index), not every volume.
+    let eph: Vec<Volume> = match blocking(&driver.alloc, |a| {
+        a.volumes_where(Some(VolumeState::Ready), Some(Persistency::Ephemeral))
+    })
+    .await
+    {
         Ok(v) => v,
         Err(e) => {
             tracing::error!(error = %e, "cannot list volumes to collect ephemeral volumes");
             return rep;
         }
     };
-    let eph: Vec<Volume> = vols
-        .into_iter()
-        .filter(|v| v.persistency == Persistency::Ephemeral && v.state == VolumeState::Ready)
-        .collect();
     for v in eph {
         let mut lock = match driver.lock_volume(&v.id) {
             Ok(l) => l,

@@ -1036,6 +1036,8 @@ pub(crate) mod hook_tests {
         unusable: Vec<String>,
         refuse_resize: bool,
         pub(crate) calls: Mutex<Vec<String>>,
+        /// The batches `sync_erased` was called with (their offsets in units).
+        pub(crate) synced: Mutex<Vec<Vec<u64>>>,
     }
 
     impl Fake {
@@ -1107,6 +1109,10 @@ pub(crate) mod hook_tests {
             self.log("erase", req);
             progress(req.size.0)
         }
+        fn sync_erased(&self, erased: &[DeviceRequest]) -> Result<()> {
+            relock(&self.synced).push(erased.iter().map(|r| r.offset.0 / A).collect());
+            Ok(())
+        }
         fn resize(&self, req: &DeviceRequest) -> Result<Device> {
             self.create(req)
         }
@@ -1116,6 +1122,69 @@ pub(crate) mod hook_tests {
         fn remove_orphan(&self, _item: &InventoryItem) -> Result<()> {
             Ok(())
         }
+    }
+
+    /// Ledger syncs: one barrier for the create intent, one for the delete
+    /// intent; creating→ready, deleting→erasing and the eraser's row
+    /// removal are redoable and sync nothing of their own.
+    #[test]
+    fn only_intents_pay_a_ledger_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, fake) = open(&dir, Fake::default());
+        let wal = Arc::clone(a.wal());
+        let s0 = wal.syncs();
+        let v = a.create_volume(&req("v", 1, "r0")).unwrap();
+        assert_eq!(wal.syncs() - s0, 1, "create: the intent only");
+        a.delete_volume(&v.id).unwrap();
+        assert_eq!(wal.syncs() - s0, 2, "delete: the intent only");
+        assert_eq!(a.erase_pending().unwrap(), 1);
+        assert_eq!(wal.syncs() - s0, 2, "the erase's row removal is redoable");
+        assert_eq!(relock(&fake.synced).len(), 1, "its zeros were synced first");
+        // Growth: the expand intent is durable, its finish is not.
+        let w = a.create_volume(&req("w", 1, "r0")).unwrap();
+        let s1 = wal.syncs();
+        a.expand_volume(&w.id, Bytes(2 * A), None).unwrap();
+        assert_eq!(wal.syncs() - s1, 1);
+        // The ready commit after the intent's barrier is not durable yet;
+        // the next barrier covers it (WAL order), and then nothing is left.
+        a.create_volume(&req("x", 1, "r1")).unwrap();
+        assert_eq!(wal.syncs() - s1, 2);
+        a.sync_ledger().unwrap();
+        assert_eq!(wal.syncs() - s1, 3);
+        a.sync_ledger().unwrap();
+        assert_eq!(wal.syncs() - s1, 3, "everything written is durable");
+    }
+
+    /// Five deletes, one erase run: every extent zeroed, one data sync for
+    /// the batch, then the rows go in one transaction.
+    #[test]
+    fn the_eraser_syncs_once_per_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, fake) = open(&dir, Fake::default());
+        let ids: Vec<String> = (0..5)
+            .map(|i| a.create_volume(&req(&format!("v{i}"), 1, "r0")).unwrap().id)
+            .collect();
+        for id in &ids {
+            a.delete_volume(id).unwrap();
+        }
+        relock(&fake.calls).clear();
+        let written = a.wal().written();
+        assert_eq!(a.erase_pending().unwrap(), 5);
+        assert_eq!(*relock(&fake.synced), [vec![0, 1, 2, 3, 4]]);
+        assert_eq!(a.eraser().batch_syncs(), 1);
+        assert_eq!(a.wal().written() - written, 1, "one removal transaction");
+        // Zeroing of all, then destruction of all: none freed before the sync.
+        let calls = relock(&fake.calls).clone();
+        let first_destroy = calls.iter().position(|c| c.starts_with("destroy")).unwrap();
+        assert!(
+            calls[..first_destroy]
+                .iter()
+                .all(|c| c.starts_with("erase")),
+            "{calls:?}"
+        );
+        assert_eq!(first_destroy, 5, "{calls:?}");
+        assert!(a.volumes().unwrap().is_empty());
+        a.check_invariants().unwrap();
     }
 
     fn allocated(region: &str, offset: u64, len: u64, volume: Option<&str>) -> Allocated {

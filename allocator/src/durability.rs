@@ -44,7 +44,7 @@ use crate::ledger::CommitObserver;
 
 /// Commits between two checkpoints (a create+delete pair writes about five;
 /// each commit a few pages).
-pub const CHECKPOINT_EVERY: u64 = 2000;
+pub const CHECKPOINT_EVERY: u64 = 1000;
 
 #[derive(Debug, Default)]
 struct SyncState {
@@ -282,4 +282,133 @@ fn open_elsewhere(own: i32, dev: u64, ino: u64) -> std::io::Result<bool> {
         }
     }
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::Ledger;
+    use std::sync::Arc;
+
+    fn ledger(dir: &tempfile::TempDir) -> Ledger {
+        Ledger::open(&dir.path().join("l.db")).unwrap()
+    }
+
+    /// One small commit, numbered.
+    fn put(l: &mut Ledger, key: &str) -> u64 {
+        l.conn_mut()
+            .execute("INSERT INTO meta (key, value) VALUES (?1, 'x')", [key])
+            .unwrap();
+        l.wrote();
+        l.written()
+    }
+
+    #[test]
+    fn concurrent_barriers_share_one_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = ledger(&dir);
+        let wal = Arc::clone(l.wal());
+        let before = wal.syncs();
+        // Eight commits written (as by eight clients under the state lock),
+        // then their eight barriers at once: the first leader's sync covers
+        // all of them.
+        let seqs: Vec<u64> = (0..8).map(|i| put(&mut l, &format!("k{i}"))).collect();
+        let start = Arc::new(std::sync::Barrier::new(seqs.len()));
+        let threads: Vec<_> = seqs
+            .iter()
+            .map(|&seq| {
+                let (wal, start) = (Arc::clone(&wal), Arc::clone(&start));
+                std::thread::spawn(move || {
+                    start.wait();
+                    wal.barrier(seq).unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(wal.syncs() - before, 1, "eight barriers, one sync");
+    }
+
+    #[test]
+    fn the_barrier_covers_every_earlier_commit_and_syncs_only_for_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = ledger(&dir);
+        let wal = Arc::clone(l.wal());
+        let s0 = wal.syncs();
+        let a = put(&mut l, "a");
+        let b = put(&mut l, "b");
+        let c = put(&mut l, "c");
+        assert_eq!(wal.syncs(), s0, "commits alone do not sync");
+        wal.barrier(b).unwrap();
+        assert_eq!(wal.syncs(), s0 + 1);
+        // `c` was written before that sync started: covered too.
+        wal.barrier(a).unwrap();
+        wal.barrier(c).unwrap();
+        assert_eq!(wal.syncs(), s0 + 1);
+        let d = put(&mut l, "d");
+        wal.barrier(d).unwrap();
+        assert_eq!(wal.syncs(), s0 + 2);
+        wal.barrier_all().unwrap();
+        assert_eq!(wal.syncs(), s0 + 2, "nothing new to sync");
+    }
+
+    #[test]
+    fn checkpoints_run_outside_commits_and_keep_the_wal_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = ledger(&dir);
+        let n = 3 * CHECKPOINT_EVERY;
+        for i in 0..n {
+            put(&mut l, &format!("k{i}"));
+            if i % 50 == 49 {
+                l.wal().barrier_all().unwrap();
+            }
+        }
+        assert!(l.wal().checkpoints() >= 2, "{:?}", l.wal());
+        let wal = std::fs::metadata(dir.path().join("l.db-wal"))
+            .unwrap()
+            .len();
+        // One cycle of small commits (a few pages each), not all of them.
+        assert!(wal < n * 3 * 4096, "WAL of {wal} bytes after {n} commits");
+        drop(l);
+        let mut l = ledger(&dir);
+        let rows: i64 = l
+            .conn_mut()
+            .query_row("SELECT COUNT(*) FROM meta", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(u64::try_from(rows).unwrap(), n, "every commit is there");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        /// Whatever the order of commits and barriers: a barrier returns
+        /// with its commit durable, and syncs only when an unsynced commit
+        /// at or below its number exists.
+        #[test]
+        fn barriers_sync_only_what_is_unsynced(ops in proptest::collection::vec(0u8..3, 1..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut l = ledger(&dir);
+            let wal = Arc::clone(l.wal());
+            let mut durable = wal.written();
+            for (i, op) in ops.iter().enumerate() {
+                match op {
+                    0 => { put(&mut l, &format!("k{i}")); }
+                    1 => {
+                        let before = wal.syncs();
+                        let seq = wal.written();
+                        wal.barrier(seq).unwrap();
+                        let synced = wal.syncs() - before;
+                        proptest::prop_assert_eq!(synced, u64::from(seq > durable));
+                        durable = durable.max(seq);
+                    }
+                    _ => {
+                        // A barrier for an older commit never syncs again.
+                        let before = wal.syncs();
+                        wal.barrier(durable).unwrap();
+                        proptest::prop_assert_eq!(wal.syncs(), before);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -485,6 +485,9 @@ mod tests {
         fn retire(&self, req: &DeviceRequest) -> Result<()> {
             self.fake.retire(req)
         }
+        fn sync_erased(&self, erased: &[DeviceRequest]) -> Result<()> {
+            self.fake.sync_erased(erased)
+        }
         fn erase(&self, req: &DeviceRequest, progress: Progress<'_>) -> Result<()> {
             self.fake.log("erase", req);
             let mut h = relock(&self.hold);

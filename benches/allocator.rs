@@ -2,8 +2,10 @@
 //! results can be reported as ratios:
 //! - `placement`: the placement decision with 10,000 existing volumes
 //!   (fragmented free space) versus an empty node;
-//! - `ledger`: a create+delete cycle with full durability (WAL,
-//!   synchronous=FULL, intents) versus one bare durable sqlite commit.
+//! - `ledger`: a create+delete cycle with full durability (the create and
+//!   delete intents made durable by the ledger's barrier, the background
+//!   eraser running as in the daemon) versus one bare durable sqlite commit
+//!   (WAL, synchronous=FULL).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -69,7 +71,9 @@ fn ledger(c: &mut Criterion) {
                 .unwrap();
         })
     });
-    let a = allocator(dir.path(), 1024, 509);
+    let a = Arc::new(allocator(dir.path(), 1024, 509));
+    // As in the daemon: deleted extents are zeroed and freed in batches.
+    a.start_eraser().unwrap();
     let mut i = 0u64;
     g.bench_function("create_delete_durable", |b| {
         b.iter(|| {
@@ -81,6 +85,7 @@ fn ledger(c: &mut Criterion) {
         })
     });
     g.finish();
+    a.stop_eraser();
 }
 
 /// One autocommit insert with the ledger's durability settings.

@@ -169,6 +169,19 @@ impl WalSync {
     /// Returns once commit `seq` (and every earlier one) is durable. Never
     /// call it with the state lock held: it may wait for a disk sync.
     pub fn barrier(&self, seq: u64) -> Result<()> {
+        let t0 = Instant::now();
+        let out = self.barrier_inner(seq);
+        // What the caller waited for its commit to be durable (shared or
+        // its own sync), once per durable point (metrics).
+        if out.is_ok()
+            && let Some(o) = relock(&self.observer).as_ref()
+        {
+            (o.0)(t0.elapsed());
+        }
+        out
+    }
+
+    fn barrier_inner(&self, seq: u64) -> Result<()> {
         let mut st = relock(&self.state);
         loop {
             if let Some(why) = &st.failed {
@@ -186,10 +199,8 @@ impl WalSync {
         st.syncing = true;
         let upto = self.written();
         drop(st);
-        let t0 = Instant::now();
         let r = nix::unistd::fdatasync(&self.wal);
         self.syncs.fetch_add(1, Ordering::Relaxed);
-        let took = t0.elapsed();
         let mut st = relock(&self.state);
         st.syncing = false;
         let out = match r {
@@ -207,9 +218,6 @@ impl WalSync {
         drop(st);
         self.done.notify_all();
         if out.is_ok() {
-            if let Some(o) = relock(&self.observer).as_ref() {
-                (o.0)(took);
-            }
             self.maybe_checkpoint();
         }
         out

@@ -142,7 +142,8 @@ impl IntentOp {
     }
 }
 
-/// Called with the duration of every durability barrier's sync (metrics).
+/// Called with how long each durability barrier waited (metrics): once per
+/// durable commit (an intent), redoable commits are not observed.
 #[derive(Clone)]
 pub struct CommitObserver(pub std::sync::Arc<dyn Fn(Duration) + Send + Sync>);
 

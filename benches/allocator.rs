@@ -2,8 +2,10 @@
 //! results can be reported as ratios:
 //! - `placement`: the placement decision with 10,000 existing volumes
 //!   (fragmented free space) versus an empty node;
-//! - `ledger`: a create+delete cycle with full durability (WAL,
-//!   synchronous=FULL, intents) versus one bare durable sqlite commit.
+//! - `ledger`: a create+delete cycle with full durability (the create and
+//!   delete intents made durable by the ledger's barrier, the background
+//!   eraser running as in the daemon) versus one bare durable sqlite commit
+//!   (WAL, synchronous=FULL).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -45,6 +47,8 @@ fn placement(c: &mut Criterion) {
     for id in ids.iter().step_by(4) {
         full.delete_volume(id).unwrap();
     }
+    // Deleted extents are free once erased (the daemon's eraser does this).
+    full.erase_pending().unwrap();
     assert_eq!(full.volumes().unwrap().len(), 10_000);
     let req = CreateRequest::new("probe", Bytes(2 * ALIGN));
     g.bench_function("baseline_empty_node", |b| {
@@ -69,7 +73,9 @@ fn ledger(c: &mut Criterion) {
                 .unwrap();
         })
     });
-    let a = allocator(dir.path(), 1024, 509);
+    let a = Arc::new(allocator(dir.path(), 1024, 509));
+    // As in the daemon: deleted extents are zeroed and freed in batches.
+    a.start_eraser().unwrap();
     let mut i = 0u64;
     g.bench_function("create_delete_durable", |b| {
         b.iter(|| {
@@ -81,6 +87,7 @@ fn ledger(c: &mut Criterion) {
         })
     });
     g.finish();
+    a.stop_eraser();
 }
 
 /// One autocommit insert with the ledger's durability settings.

@@ -2,7 +2,10 @@
 //! intents before touching devices, and drives the backend.
 //!
 //! Locking: `state` (ledger + extent maps) is held only for ledger work,
-//! never across a device operation. Operations on one volume name are
+//! never across a device operation nor a disk sync: commits only write the
+//! WAL, and the ones recovery needs before device work (intents) are made
+//! durable by a barrier after the lock is released (`durability.rs`), which
+//! concurrent callers share. Operations on one volume name are
 //! serialised by a per-name lock, so concurrent identical creates yield one
 //! volume, while different volumes proceed in parallel.
 
@@ -234,6 +237,8 @@ fn max_volumes_of(st: &State) -> u64 {
 #[derive(Debug)]
 pub struct Allocator {
     state: Mutex<State>,
+    /// The ledger's durability barrier; used without the state lock.
+    wal: Arc<crate::durability::WalSync>,
     backend: Arc<dyn Backend>,
     names: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     eraser: crate::erase::Eraser,
@@ -279,6 +284,7 @@ impl Allocator {
         reinitialize: bool,
     ) -> Result<Allocator> {
         let mut ledger = Ledger::open(ledger_path)?;
+        let wal = ledger.wal().clone();
         let specs = backend.regions()?;
         ledger.sync_regions(backend.kind(), &specs)?;
         let mut st = State {
@@ -291,6 +297,7 @@ impl Allocator {
         st.load(backend.as_ref(), specs)?;
         let a = Allocator {
             state: Mutex::new(st),
+            wal,
             backend,
             names: Mutex::new(HashMap::new()),
             eraser: crate::erase::Eraser::default(),
@@ -322,6 +329,17 @@ impl Allocator {
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
+    }
+
+    /// The ledger's durability barrier (sync counts for tests and benches).
+    pub fn wal(&self) -> &Arc<crate::durability::WalSync> {
+        &self.wal
+    }
+
+    /// Makes every ledger commit written so far durable. Never with the
+    /// state lock held.
+    pub(crate) fn sync_ledger(&self) -> Result<()> {
+        self.wal.barrier_all()
     }
 
     pub(crate) fn eraser(&self) -> &crate::erase::Eraser {
@@ -417,7 +435,7 @@ impl Allocator {
                 ))),
             };
         }
-        let v = {
+        let (v, seq) = {
             let mut st = self.state();
             let (region, offset, size) = self.place(&st, req)?;
             let v = Volume {
@@ -449,8 +467,11 @@ impl Allocator {
                     "extent map of region {region} disagrees with the ledger: {e}"
                 ))
             })?;
-            Volume { seq, ..v }
+            (Volume { seq, ..v }, st.ledger.written())
         };
+        // The decision (intent and extent) is durable before the device is
+        // touched and before the CO hears of the volume.
+        self.wal.barrier(seq)?;
         fail::fail_point!("create:after-intent");
         self.finish_create(v)
     }
@@ -466,6 +487,8 @@ impl Allocator {
         match made {
             Ok(dev) => {
                 fail::fail_point!("create:after-device");
+                // Redoable: lost, the row is `creating` and reconciliation
+                // finishes the create again (idempotent), so no barrier.
                 self.state().ledger.transition(
                     &v.id,
                     VolumeState::Ready,
@@ -487,17 +510,30 @@ impl Allocator {
         }
     }
 
-    /// Removes a volume row and frees its extent.
+    /// Removes a volume row and frees its extent. Not made durable here:
+    /// every caller may lose it to a crash and have it redone (the row is
+    /// still `creating`, `deleting` or `erasing`, each finished again).
     pub(crate) fn forget(&self, v: &Volume) -> Result<()> {
+        self.forget_all(std::slice::from_ref(v))
+    }
+
+    /// [`Allocator::forget`] for several volumes, in one transaction.
+    pub(crate) fn forget_all(&self, vols: &[Volume]) -> Result<()> {
+        if vols.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = vols.iter().map(|v| v.id.as_str()).collect();
         let mut st = self.state();
-        st.ledger.remove_volume(&v.id)?;
-        if let Some(r) = st.regions.get_mut(&v.region) {
-            r.map.release(&v.id, v.offset, v.size).map_err(|e| {
-                Error::Device(format!(
-                    "extent map of region {} disagrees with the ledger for volume {}: {e}",
-                    v.region, v.id
-                ))
-            })?;
+        st.ledger.remove_volumes(&ids)?;
+        for v in vols {
+            if let Some(r) = st.regions.get_mut(&v.region) {
+                r.map.release(&v.id, v.offset, v.size).map_err(|e| {
+                    Error::Device(format!(
+                        "extent map of region {} disagrees with the ledger for volume {}: {e}",
+                        v.region, v.id
+                    ))
+                })?;
+            }
         }
         Ok(())
     }
@@ -873,9 +909,15 @@ impl Allocator {
         let was_ready = v.state == VolumeState::Ready;
         if matches!(v.state, VolumeState::Ready | VolumeState::Creating) {
             self.backend.check_idle(&req)?;
-            self.state()
-                .ledger
-                .transition(&v.id, VolumeState::Deleting, None, "{}")?;
+            let seq = {
+                let mut st = self.state();
+                st.ledger
+                    .transition(&v.id, VolumeState::Deleting, None, "{}")?;
+                st.ledger.written()
+            };
+            // The delete intent is durable before the device is retired and
+            // before DeleteVolume answers.
+            self.wal.barrier(seq)?;
             v.state = VolumeState::Deleting;
             fail::fail_point!("delete:after-intent");
         }
@@ -893,11 +935,14 @@ impl Allocator {
     fn undo_delete(&self, v: &Volume, refusal: Error) -> Error {
         match self.backend.find(&device_request(v)) {
             Ok(Some(d)) if d.path == v.device => {
-                match self
+                // Durable: lost, the durable `deleting` would delete a
+                // volume whose DeleteVolume failed.
+                let undone = self
                     .state()
                     .ledger
                     .transition(&v.id, VolumeState::Ready, None, "{}")
-                {
+                    .and_then(|()| self.sync_ledger());
+                match undone {
                     Ok(()) => {
                         tracing::info!(volume = %v.id, error = %refusal, "delete refused by the device; the volume stays ready");
                     }
@@ -925,14 +970,18 @@ impl Allocator {
             }
             self.backend.retire(&req)?;
             fail::fail_point!("delete:after-destroy");
-            {
-                let mut st = self.state();
-                st.ledger
-                    .transition(&v.id, VolumeState::Erasing, None, "{}")?;
-                // The CSI name is free again once DeleteVolume returned.
-                st.ledger
-                    .rename(&v.id, &format!("{}{}", crate::erase::ERASING_NAME, v.id))?;
-            }
+            // Redoable: lost, the row is `deleting` (durable) and
+            // reconciliation retires the device again and records this.
+            // The CSI name is free again once DeleteVolume returned; a
+            // create that reuses it commits after this and makes it durable
+            // with its own barrier (WAL order).
+            self.state().ledger.transition_renamed(
+                &v.id,
+                VolumeState::Erasing,
+                None,
+                "{}",
+                Some(&format!("{}{}", crate::erase::ERASING_NAME, v.id)),
+            )?;
             fail::fail_point!("delete:after-erase-intent");
         }
         self.eraser.kick();
@@ -961,6 +1010,7 @@ impl Allocator {
             )));
         }
         let old = v.size;
+        let seq;
         {
             let mut st = self.state();
             let r = st.regions.get(&v.region).ok_or_else(|| {
@@ -992,6 +1042,7 @@ impl Allocator {
             }
             self.backend.check_resize(&device_request(&v), new)?;
             st.ledger.begin_expand(id, old, new)?;
+            seq = st.ledger.written();
             let r = st
                 .regions
                 .get_mut(&v.region)
@@ -1004,9 +1055,11 @@ impl Allocator {
             })?;
             v.size = new;
         }
+        self.wal.barrier(seq)?;
         fail::fail_point!("expand:after-intent");
         let dev = self.backend.resize(&device_request(&v))?;
         fail::fail_point!("expand:after-resize");
+        // Redoable: reconciliation resizes to the ledger's size again.
         let mut st = self.state();
         st.ledger.finish_expand(id)?;
         if dev.path != v.device {
@@ -1019,6 +1072,11 @@ impl Allocator {
     /// Records that a volume is staged or published at a path.
     pub fn put_publication(&self, p: &Publication) -> Result<()> {
         self.serving()?;
+        self.put_publication_locked(p)?;
+        self.sync_ledger()
+    }
+
+    fn put_publication_locked(&self, p: &Publication) -> Result<()> {
         let mut st = self.state();
         match st.ledger.volume(&p.volume_id)? {
             Some(v) if st.lost.contains_key(&v.region) => Err(Error::FailedPrecondition(format!(
@@ -1045,7 +1103,8 @@ impl Allocator {
     ) -> Result<()> {
         self.state()
             .ledger
-            .delete_publication(volume_id, kind, path)
+            .delete_publication(volume_id, kind, path)?;
+        self.sync_ledger()
     }
 
     /// Publications of one volume, or all with `None`.
@@ -1109,6 +1168,8 @@ pub(crate) mod hook_tests {
         unusable: Vec<String>,
         refuse_resize: bool,
         pub(crate) calls: Mutex<Vec<String>>,
+        /// The batches `sync_erased` was called with (their offsets in units).
+        pub(crate) synced: Mutex<Vec<Vec<u64>>>,
     }
 
     impl Fake {
@@ -1180,6 +1241,10 @@ pub(crate) mod hook_tests {
             self.log("erase", req);
             progress(req.size.0)
         }
+        fn sync_erased(&self, erased: &[DeviceRequest]) -> Result<()> {
+            relock(&self.synced).push(erased.iter().map(|r| r.offset.0 / A).collect());
+            Ok(())
+        }
         fn resize(&self, req: &DeviceRequest) -> Result<Device> {
             self.create(req)
         }
@@ -1189,6 +1254,69 @@ pub(crate) mod hook_tests {
         fn remove_orphan(&self, _item: &InventoryItem) -> Result<()> {
             Ok(())
         }
+    }
+
+    /// Ledger syncs: one barrier for the create intent, one for the delete
+    /// intent; creating→ready, deleting→erasing and the eraser's row
+    /// removal are redoable and sync nothing of their own.
+    #[test]
+    fn only_intents_pay_a_ledger_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, fake) = open(&dir, Fake::default());
+        let wal = Arc::clone(a.wal());
+        let s0 = wal.syncs();
+        let v = a.create_volume(&req("v", 1, "r0")).unwrap();
+        assert_eq!(wal.syncs() - s0, 1, "create: the intent only");
+        a.delete_volume(&v.id).unwrap();
+        assert_eq!(wal.syncs() - s0, 2, "delete: the intent only");
+        assert_eq!(a.erase_pending().unwrap(), 1);
+        assert_eq!(wal.syncs() - s0, 2, "the erase's row removal is redoable");
+        assert_eq!(relock(&fake.synced).len(), 1, "its zeros were synced first");
+        // Growth: the expand intent is durable, its finish is not.
+        let w = a.create_volume(&req("w", 1, "r0")).unwrap();
+        let s1 = wal.syncs();
+        a.expand_volume(&w.id, Bytes(2 * A), None).unwrap();
+        assert_eq!(wal.syncs() - s1, 1);
+        // The ready commit after the intent's barrier is not durable yet;
+        // the next barrier covers it (WAL order), and then nothing is left.
+        a.create_volume(&req("x", 1, "r1")).unwrap();
+        assert_eq!(wal.syncs() - s1, 2);
+        a.sync_ledger().unwrap();
+        assert_eq!(wal.syncs() - s1, 3);
+        a.sync_ledger().unwrap();
+        assert_eq!(wal.syncs() - s1, 3, "everything written is durable");
+    }
+
+    /// Five deletes, one erase run: every extent zeroed, one data sync for
+    /// the batch, then the rows go in one transaction.
+    #[test]
+    fn the_eraser_syncs_once_per_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, fake) = open(&dir, Fake::default());
+        let ids: Vec<String> = (0..5)
+            .map(|i| a.create_volume(&req(&format!("v{i}"), 1, "r0")).unwrap().id)
+            .collect();
+        for id in &ids {
+            a.delete_volume(id).unwrap();
+        }
+        relock(&fake.calls).clear();
+        let written = a.wal().written();
+        assert_eq!(a.erase_pending().unwrap(), 5);
+        assert_eq!(*relock(&fake.synced), [vec![0, 1, 2, 3, 4]]);
+        assert_eq!(a.eraser().batch_syncs(), 1);
+        assert_eq!(a.wal().written() - written, 1, "one removal transaction");
+        // Zeroing of all, then destruction of all: none freed before the sync.
+        let calls = relock(&fake.calls).clone();
+        let first_destroy = calls.iter().position(|c| c.starts_with("destroy")).unwrap();
+        assert!(
+            calls[..first_destroy]
+                .iter()
+                .all(|c| c.starts_with("erase")),
+            "{calls:?}"
+        );
+        assert_eq!(first_destroy, 5, "{calls:?}");
+        assert!(a.volumes().unwrap().is_empty());
+        a.check_invariants().unwrap();
     }
 
     fn allocated(region: &str, offset: u64, len: u64, volume: Option<&str>) -> Allocated {

@@ -196,8 +196,21 @@ pub trait Backend: Send + Sync + Debug {
 
     /// Zeroes a retired volume's extent and verifies it, in chunks; calls
     /// `progress` with each chunk's bytes (an error from it aborts the
-    /// erase, which is then repeated from the start). Idempotent.
+    /// erase, which is then repeated from the start). Idempotent. The zeros
+    /// need not be durable yet: the eraser calls [`Backend::sync_erased`]
+    /// for its whole batch before any of their rows is removed.
     fn erase(&self, req: &DeviceRequest, progress: Progress<'_>) -> Result<()>;
+
+    /// Makes the zeros of every erase in `erased` durable, with one data
+    /// sync per region file or device (sim: one `fsync` per region file for
+    /// the whole batch). Until it returns no row that frees those extents
+    /// may be committed: a power loss must never leave a free extent whose
+    /// old bytes are back. The default does nothing, for backends whose
+    /// `erase` syncs each device itself (direct and lvm: every volume is a
+    /// device of its own, so there is nothing to share).
+    fn sync_erased(&self, _erased: &[DeviceRequest]) -> Result<()> {
+        Ok(())
+    }
 
     /// Whether an inventory item of ours is a deleted volume's retired
     /// device whose erase was interrupted (direct: the erasing marker; lvm:

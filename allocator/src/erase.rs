@@ -14,6 +14,16 @@
 //! and tools can drain the list synchronously ([`Allocator::erase_pending`]).
 //! Failures are logged and retried after [`RETRY`].
 //!
+//! Batches: the worker lingers up to [`LINGER`] after the first delete (or
+//! until [`BATCH_VOLUMES`] deletes arrived), then erases up to
+//! [`BATCH_VOLUMES`] volumes or [`BATCH_BYTES`] at a time: every extent is
+//! zeroed, the zeros of the batch are made durable with one data sync per
+//! region file or device ([`Backend::sync_erased`](crate::Backend::sync_erased)),
+//! the devices are destroyed, and one transaction removes all their rows.
+//! That removal is not synced itself (a lost one is redone: the rows are
+//! still `erasing`); it only becomes durable after the zeros are, so a power
+//! loss never leaves a free extent with its old bytes back.
+//!
 //! Zeroing is skipped only where the node is declared single-tenant
 //! ([`ErasePolicy::allow_unerased_reuse`]) and the volume asked for no erase
 //! (`eraseAfter=false`); otherwise `eraseAfter=false` changes nothing.
@@ -36,6 +46,14 @@ pub const ERASING_NAME: &str = "erasing:";
 pub const RETRY: Duration = Duration::from_secs(30);
 /// Longest sleep between two checks of the stop flag while pacing.
 const NAP: Duration = Duration::from_millis(100);
+/// How long the worker waits after a delete for more, so one sync serves
+/// many erases.
+pub const LINGER: Duration = Duration::from_millis(500);
+/// Most volumes in one erase batch.
+pub const BATCH_VOLUMES: usize = 256;
+/// A batch closes once its extents reach this many bytes (at least one
+/// volume): a big erase does not hold back the small ones after it.
+pub const BATCH_BYTES: u64 = 4 << 30;
 
 /// What deleting a volume erases, and how fast.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -69,7 +87,8 @@ pub struct EraseStats {
 
 #[derive(Debug, Default)]
 struct Signal {
-    kicked: bool,
+    /// Deletes since the worker last looked.
+    kicked: usize,
     stop: bool,
 }
 
@@ -88,6 +107,8 @@ pub struct Eraser {
     /// Volumes being erased now, with the bytes zeroed so far.
     running: Mutex<HashMap<String, u64>>,
     erased: AtomicU64,
+    /// Batches whose zeros were synced.
+    syncs: AtomicU64,
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -102,8 +123,15 @@ impl Eraser {
 
     /// Wakes the worker: there is (new) work.
     pub fn kick(&self) {
-        relock(&self.shared.signal).kicked = true;
+        let mut sig = relock(&self.shared.signal);
+        sig.kicked = sig.kicked.saturating_add(1);
+        drop(sig);
         self.shared.wake.notify_all();
+    }
+
+    /// Data syncs of erase batches so far (instrumentation).
+    pub fn batch_syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     fn stopping(&self) -> bool {
@@ -177,10 +205,10 @@ impl Allocator {
         }
     }
 
-    /// Erases every `erasing` volume now, on this thread (the worker calls
-    /// it too; a volume already being erased elsewhere is skipped). Returns
-    /// how many were erased; the first failure is returned after the
-    /// others were tried.
+    /// Erases every `erasing` volume now, on this thread, in batches (the
+    /// worker calls it too; a volume already being erased elsewhere is
+    /// skipped). Returns how many were erased; the first failure is
+    /// returned after the others were tried.
     pub fn erase_pending(&self) -> Result<usize> {
         let mut done = 0;
         let mut first_err = None;
@@ -191,23 +219,27 @@ impl Allocator {
             return Ok(0);
         }
         let erasing = self.state().ledger.volumes_in(VolumeState::Erasing)?;
+        let mut batch = Vec::new();
+        let mut bytes = 0u64;
         for v in erasing {
             // A lost region's devices are not ours to touch (forget or
             // reinit decides); its erasing rows wait.
             if self.check_region_kept(&v).is_err() {
                 continue;
             }
+            bytes = bytes.saturating_add(v.size.0);
+            batch.push(v);
+            if batch.len() >= BATCH_VOLUMES || bytes >= BATCH_BYTES {
+                done += self.erase_batch(std::mem::take(&mut batch), &mut first_err);
+                bytes = 0;
+            }
             if self.eraser().stopping() {
+                batch.clear();
                 break;
             }
-            match self.erase_one(&v) {
-                Ok(true) => done += 1,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::error!(volume = %v.id, region = %v.region, offset = v.offset.0, size = v.size.0, error = %e, "erase failed; the extent stays reserved and the erase is retried");
-                    first_err.get_or_insert(e);
-                }
-            }
+        }
+        if !batch.is_empty() {
+            done += self.erase_batch(batch, &mut first_err);
         }
         match first_err {
             Some(e) => Err(e),
@@ -231,59 +263,116 @@ impl Allocator {
         Ok(st)
     }
 
-    /// Zeroes one volume's extent, destroys its device and removes its row.
-    /// `Ok(false)`: another thread is on it, or it is no longer erasing.
-    fn erase_one(&self, v: &Volume) -> Result<bool> {
+    /// Zeroes the extents of `batch`, makes the zeros durable (one sync per
+    /// region file or device), destroys the devices and removes the rows in
+    /// one transaction. Returns how many were erased and freed; failures go
+    /// to the log and `first_err`, their volumes stay `erasing`.
+    fn erase_batch(&self, batch: Vec<Volume>, first_err: &mut Option<Error>) -> usize {
         let eraser = self.eraser();
-        {
-            let mut running = relock(&eraser.running);
-            if running.contains_key(&v.id) {
-                return Ok(false);
-            }
-            running.insert(v.id.clone(), 0);
-        }
-        let _claim = Claim {
-            eraser,
-            id: v.id.clone(),
+        let mut fail = |v: &Volume, e: Error| {
+            tracing::error!(volume = %v.id, region = %v.region, offset = v.offset.0, size = v.size.0, error = %e, "erase failed; the extent stays reserved and the erase is retried");
+            first_err.get_or_insert(e);
         };
-        // Re-read: a concurrent erase may have finished it before the claim.
-        let Some(v) = self.volume(&v.id)? else {
-            return Ok(false);
-        };
-        if v.state != VolumeState::Erasing {
-            return Ok(false);
-        }
-        let req = device_request(&v);
         let rate = eraser.policy().rate.filter(|r| r.0 > 0);
         let t0 = Instant::now();
-        let mut zeroed = 0u64;
-        tracing::info!(volume = %v.id, region = %v.region, offset = v.offset.0, size = v.size.0, "erasing the extent of a deleted volume");
-        self.backend().erase(&req, &mut |n| {
-            zeroed += n;
-            if let Some(r) = relock(&eraser.running).get_mut(&v.id) {
-                *r = zeroed.min(v.size.0);
-            }
-            if let Some(rate) = rate {
-                let due = Duration::from_secs_f64(zeroed as f64 / rate.0 as f64);
-                while t0.elapsed() < due && !eraser.stopping() {
-                    std::thread::sleep(due.saturating_sub(t0.elapsed()).min(NAP));
-                }
-            }
+        let mut zeroed_all = 0u64;
+        let mut claims = Vec::new();
+        let mut zeroed: Vec<Volume> = Vec::new();
+        for v in batch {
             if eraser.stopping() {
-                return Err(Error::Busy(format!(
-                    "erase of volume {} interrupted by shutdown after {zeroed} bytes; it resumes at the next start",
-                    v.id
-                )));
+                break;
             }
-            Ok(())
-        })?;
+            {
+                let mut running = relock(&eraser.running);
+                if running.contains_key(&v.id) {
+                    continue;
+                }
+                running.insert(v.id.clone(), 0);
+            }
+            let claim = Claim {
+                eraser,
+                id: v.id.clone(),
+            };
+            // Re-read: a concurrent erase may have finished it before the claim.
+            let v = match self.volume(&v.id) {
+                Ok(Some(v)) if v.state == VolumeState::Erasing => v,
+                Ok(_) => continue,
+                Err(e) => {
+                    fail(&v, e);
+                    continue;
+                }
+            };
+            let req = device_request(&v);
+            let mut mine = 0u64;
+            tracing::info!(volume = %v.id, region = %v.region, offset = v.offset.0, size = v.size.0, "erasing the extent of a deleted volume");
+            let r = self.backend().erase(&req, &mut |n| {
+                mine += n;
+                zeroed_all += n;
+                if let Some(r) = relock(&eraser.running).get_mut(&v.id) {
+                    *r = mine.min(v.size.0);
+                }
+                if let Some(rate) = rate {
+                    let due = Duration::from_secs_f64(zeroed_all as f64 / rate.0 as f64);
+                    while t0.elapsed() < due && !eraser.stopping() {
+                        std::thread::sleep(due.saturating_sub(t0.elapsed()).min(NAP));
+                    }
+                }
+                if eraser.stopping() {
+                    return Err(Error::Busy(format!(
+                        "erase of volume {} interrupted by shutdown after {mine} bytes; it resumes at the next start",
+                        v.id
+                    )));
+                }
+                Ok(())
+            });
+            match r {
+                Ok(()) => {
+                    claims.push(claim);
+                    zeroed.push(v);
+                }
+                Err(e) => fail(&v, e),
+            }
+        }
+        if zeroed.is_empty() {
+            return 0;
+        }
+        let reqs: Vec<_> = zeroed.iter().map(device_request).collect();
+        if let Err(e) = self.backend().sync_erased(&reqs) {
+            for v in &zeroed {
+                tracing::error!(volume = %v.id, region = %v.region, error = %e, "erase not made durable; the extent stays reserved and the erase is retried");
+            }
+            first_err.get_or_insert(e);
+            return 0;
+        }
+        eraser.syncs.fetch_add(1, Ordering::Relaxed);
         fail::fail_point!("delete:after-erase");
-        self.backend().destroy(&req)?;
-        // Counted before the row goes, so a reader never sees it gone uncounted.
-        eraser.erased.fetch_add(v.size.0, Ordering::Relaxed);
-        self.forget(&v)?;
-        tracing::info!(volume = %v.id, region = %v.region, bytes = v.size.0, ms = t0.elapsed().as_millis() as u64, "extent erased and free");
-        Ok(true)
+        let mut freed = Vec::new();
+        for (v, req) in zeroed.into_iter().zip(&reqs) {
+            match self.backend().destroy(req) {
+                Ok(()) => freed.push(v),
+                Err(e) => fail(&v, e),
+            }
+        }
+        let bytes: u64 = freed.iter().map(|v| v.size.0).sum();
+        // Counted before the rows go, so a reader never sees one gone uncounted.
+        eraser.erased.fetch_add(bytes, Ordering::Relaxed);
+        if let Err(e) = self.forget_all(&freed) {
+            eraser.erased.fetch_sub(bytes, Ordering::Relaxed);
+            tracing::error!(volumes = freed.len(), error = %e, "erased extents not recorded as free; retried");
+            first_err.get_or_insert(e);
+            return 0;
+        }
+        for v in &freed {
+            tracing::info!(volume = %v.id, region = %v.region, bytes = v.size.0, "extent erased and free");
+        }
+        tracing::debug!(
+            volumes = freed.len(),
+            bytes,
+            ms = t0.elapsed().as_millis() as u64,
+            "erase batch done"
+        );
+        drop(claims);
+        freed.len()
     }
 }
 
@@ -296,8 +385,7 @@ fn worker_loop(weak: &Weak<Allocator>, shared: &Shared) {
                 if sig.stop {
                     return;
                 }
-                if sig.kicked || retry_at.is_some_and(|t| Instant::now() >= t) {
-                    sig.kicked = false;
+                if sig.kicked > 0 || retry_at.is_some_and(|t| Instant::now() >= t) {
                     break;
                 }
                 let wait = retry_at.map_or(RETRY, |t| t.saturating_duration_since(Instant::now()));
@@ -307,6 +395,26 @@ fn worker_loop(weak: &Weak<Allocator>, shared: &Shared) {
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
+        }
+        // Linger for more deletes, so one sync serves the batch.
+        {
+            let until = Instant::now() + LINGER;
+            let mut sig = relock(&shared.signal);
+            while !sig.stop && sig.kicked < BATCH_VOLUMES {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                sig = shared
+                    .wake
+                    .wait_timeout(sig, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            if sig.stop {
+                return;
+            }
+            sig.kicked = 0;
         }
         let Some(a) = weak.upgrade() else {
             return;
@@ -376,6 +484,9 @@ mod tests {
         }
         fn retire(&self, req: &DeviceRequest) -> Result<()> {
             self.fake.retire(req)
+        }
+        fn sync_erased(&self, erased: &[DeviceRequest]) -> Result<()> {
+            self.fake.sync_erased(erased)
         }
         fn erase(&self, req: &DeviceRequest, progress: Progress<'_>) -> Result<()> {
             self.fake.log("erase", req);

@@ -55,6 +55,7 @@ impl Ledger {
             [&id],
         )
         .map_err(|e| sql_err(&path, e))?;
+        self.wrote();
         tracing::info!(ledger = %path.display(), ledger_id = %id, "new ledger identity");
         Ok(id)
     }
@@ -82,15 +83,16 @@ impl Ledger {
                    stamped_at = unixepoch()",
                 params![region, ledger_id],
             )
-            .map(|_| ())
-            .map_err(|e| sql_err(&path, e))
+            .map_err(|e| sql_err(&path, e))?;
+        self.wrote();
+        Ok(())
     }
 
     /// Drops every volume (and its intents and publications) of a region and
     /// the region's stamp record, in one transaction.
     pub fn drop_region_volumes(&mut self, region: &str) -> Result<()> {
         let path = self.path().to_owned();
-        let observer = self.observer().clone();
+        let sync = self.wal().clone();
         let tx = self
             .conn_mut()
             .transaction()
@@ -104,7 +106,7 @@ impl Ledger {
             .map_err(|e| sql_err(&path, e))?;
         tx.execute("DELETE FROM region_stamps WHERE region = ?1", [region])
             .map_err(|e| sql_err(&path, e))?;
-        commit(tx, &path, &observer)
+        commit(tx, &path, &sync)
     }
 
     /// Copies the ledger to `dest` (a consistent snapshot, `VACUUM INTO`).
@@ -112,8 +114,12 @@ impl Ledger {
         let path = self.path().to_owned();
         self.conn_mut()
             .execute("VACUUM INTO ?1", [dest.display().to_string()])
-            .map(|_| ())
-            .map_err(|e| sql_err(&path, e))
+            .map_err(|e| sql_err(&path, e))?;
+        // With synchronous=NORMAL sqlite need not sync the copy: the copy
+        // is the way back from a rebuild, so it is made durable here.
+        std::fs::File::open(dest)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(format!("sync ledger backup {}", dest.display()), e))
     }
 
     /// Replaces the whole content with `volumes` (all `ready`) under
@@ -125,7 +131,7 @@ impl Ledger {
         stamped: &[String],
     ) -> Result<()> {
         let path = self.path().to_owned();
-        let observer = self.observer().clone();
+        let sync = self.wal().clone();
         let tx = self
             .conn_mut()
             .transaction()
@@ -168,7 +174,7 @@ impl Ledger {
             )
             .map_err(|e| sql_err(&path, e))?;
         }
-        commit(tx, &path, &observer)
+        commit(tx, &path, &sync)
     }
 }
 
@@ -396,6 +402,8 @@ impl Allocator {
             let mut st = self.state();
             (st.ledger.ledger_id()?, st.ledger.region_stamps()?)
         };
+        // A new identity is durable before any region carries it.
+        self.sync_ledger()?;
         self.backend().set_ledger_id(&ledger_id);
         match judge(&ledger_id, &stamped, &probes) {
             Verdict::Refuse(why) if reinitialize => {
@@ -433,6 +441,7 @@ impl Allocator {
                     }
                 }
                 if stamped_any {
+                    self.sync_ledger()?;
                     // A stamp may take space (direct: the identity namespace).
                     self.refresh_reserved()?;
                 }
@@ -473,6 +482,7 @@ impl Allocator {
             let specs = self.backend().regions()?;
             st.load(self.backend().as_ref(), specs)?;
         }
+        self.sync_ledger()?;
         tracing::warn!(regions = ?regions, ledger_id, "--reinitialize: regions erased and re-stamped; the ledger is empty");
         self.check_identity(false)
     }
@@ -617,6 +627,7 @@ impl Allocator {
             let specs = self.backend().regions()?;
             st.load(self.backend().as_ref(), specs)?;
         }
+        self.sync_ledger()?;
         // Space no recovered volume holds may hold a lost volume's data.
         for r in &rep.regions {
             let free: Vec<(Bytes, Bytes)> = self.state().regions.get(r).map_or(Vec::new(), |s| {
@@ -668,6 +679,7 @@ impl Allocator {
             let specs = self.backend().regions()?;
             st.load(self.backend().as_ref(), specs)?;
         }
+        self.sync_ledger()?;
         tracing::warn!(region, reason = %why, volumes = rec.volumes.len(), "region forgotten");
         // A region that is there but unstamped (replaced, re-created) is
         // stamped again below: first zero its free space, which may hold
@@ -712,6 +724,7 @@ impl Allocator {
             st.ledger.drop_region_volumes(region)?;
             st.ledger.record_stamp(region, &ledger_id)?;
         }
+        self.sync_ledger()?;
         let mut rec = RegionRecovery {
             region: region.to_owned(),
             volumes,
@@ -739,6 +752,7 @@ impl Allocator {
             st.ledger.sync_regions(self.backend().kind(), &specs)?;
             st.load(self.backend().as_ref(), specs)?;
         }
+        self.sync_ledger()?;
         self.check_identity(false)
     }
 }

@@ -1,19 +1,24 @@
 //! The sqlite allocation ledger: regions, volumes, intents and publications.
 //!
-//! Durability: WAL journal with `synchronous=FULL`, so a committed
-//! transaction survives power loss. Every device change is preceded by a
-//! committed intent (see `allocator.rs`). One process at a time: an
-//! exclusive `flock` on `<ledger>.lock` is held for the ledger's lifetime.
+//! Durability: WAL journal with `synchronous=NORMAL`; a commit is written
+//! to the WAL but made durable only by a barrier ([`WalSync::barrier`],
+//! group commit, see `durability.rs`), which the allocator calls outside its
+//! state lock after the commits recovery needs (intents). Every device
+//! change is preceded by a durable intent (see `allocator.rs`). One process
+//! at a time: an exclusive `flock` on `<ledger>.lock` is held for the
+//! ledger's lifetime.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::fcntl::{Flock, FlockArg};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
+use crate::durability::WalSync;
 use crate::error::{Error, Result};
 use crate::region::RegionSpec;
 use crate::units::Bytes;
@@ -188,7 +193,8 @@ pub struct VolumeDevice {
     pub device: Option<String>,
 }
 
-/// Called with the duration of every durable commit (metrics).
+/// Called with how long each durability barrier waited (metrics): once per
+/// durable commit (an intent), redoable commits are not observed.
 #[derive(Clone)]
 pub struct CommitObserver(pub std::sync::Arc<dyn Fn(Duration) + Send + Sync>);
 
@@ -202,21 +208,14 @@ impl std::fmt::Debug for CommitObserver {
 pub struct Ledger {
     conn: Connection,
     path: PathBuf,
-    observer: Option<CommitObserver>,
+    sync: Arc<WalSync>,
     _lock: Flock<File>,
 }
 
-/// Commits and reports the commit's duration.
-pub(crate) fn commit(
-    tx: rusqlite::Transaction<'_>,
-    path: &Path,
-    observer: &Option<CommitObserver>,
-) -> Result<()> {
-    let start = std::time::Instant::now();
+/// Commits (to the WAL, not yet durable) and numbers the commit.
+pub(crate) fn commit(tx: rusqlite::Transaction<'_>, path: &Path, sync: &WalSync) -> Result<()> {
     tx.commit().map_err(|e| sql_err(path, e))?;
-    if let Some(o) = observer {
-        (o.0)(start.elapsed());
-    }
+    sync.wrote();
     Ok(())
 }
 
@@ -279,23 +278,52 @@ impl Ledger {
                 ));
             }
         }
-        let conn = Connection::open_with_flags(
-            path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
-                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
-                | rusqlite::OpenFlags::SQLITE_OPEN_URI
-                | rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW,
-        )
+        let open = || {
+            Connection::open_with_flags(
+                path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+                    | rusqlite::OpenFlags::SQLITE_OPEN_URI
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW,
+            )
+            .map_err(|e| sql_err(path, e))
+        };
+        let conn = open()?;
+        configure(&conn, path)?;
+        // A read opens the -wal file (sqlite keeps it open from then on), so
+        // the barrier can open the same file.
+        conn.query_row("SELECT COUNT(*) FROM sqlite_schema", [], |r| {
+            r.get::<_, i64>(0)
+        })
         .map_err(|e| sql_err(path, e))?;
+        let checkpointer = open()?;
+        configure(&checkpointer, path)?;
+        let sync = Arc::new(WalSync::open(path, checkpointer)?);
         let mut ledger = Ledger {
             conn,
             path: path.to_owned(),
-            observer: None,
+            sync,
             _lock: lock,
         };
-        ledger.configure()?;
         ledger.migrate()?;
+        ledger.sync.barrier_all()?;
         Ok(ledger)
+    }
+
+    /// The durability barrier of this ledger's commits.
+    pub fn wal(&self) -> &Arc<WalSync> {
+        &self.sync
+    }
+
+    /// The number of the last commit written (pass it to
+    /// [`WalSync::barrier`] once the state lock is released).
+    pub fn written(&self) -> u64 {
+        self.sync.written()
+    }
+
+    /// Numbers an autocommit write just made.
+    pub(crate) fn wrote(&self) {
+        self.sync.wrote();
     }
 
     pub fn path(&self) -> &Path {
@@ -307,36 +335,12 @@ impl Ledger {
         &mut self.conn
     }
 
-    pub(crate) fn observer(&self) -> &Option<CommitObserver> {
-        &self.observer
-    }
-
     pub fn set_observer(&mut self, observer: CommitObserver) {
-        self.observer = Some(observer);
+        self.sync.set_observer(observer);
     }
 
     fn err(&self, e: rusqlite::Error) -> Error {
         sql_err(&self.path, e)
-    }
-
-    fn configure(&mut self) -> Result<()> {
-        let mode: String = self
-            .conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(|e| self.err(e))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(Error::LedgerCorrupt {
-                path: self.path.clone(),
-                message: format!("journal mode is {mode}, wanted wal"),
-            });
-        }
-        self.conn
-            .execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
-            .map_err(|e| self.err(e))?;
-        self.conn
-            .busy_timeout(Duration::from_secs(5))
-            .map_err(|e| self.err(e))?;
-        Ok(())
     }
 
     /// The schema version this binary writes.
@@ -367,7 +371,7 @@ impl Ledger {
         }
         tx.execute_batch(&format!("PRAGMA user_version = {}", MIGRATIONS.len()))
             .map_err(|e| sql_err(&path, e))?;
-        commit(tx, &path, &self.observer)?;
+        commit(tx, &path, &self.sync)?;
         tracing::info!(ledger = %path.display(), from = current, to = MIGRATIONS.len(), "ledger schema migrated");
         Ok(())
     }
@@ -467,7 +471,7 @@ impl Ledger {
             tx.execute("DELETE FROM regions WHERE id = ?1", [&k.id])
                 .map_err(|e| sql_err(&path, e))?;
         }
-        commit(tx, &path, &self.observer)
+        commit(tx, &path, &self.sync)
     }
 
     pub fn regions(&self) -> Result<Vec<RegionSpec>> {
@@ -698,7 +702,7 @@ impl Ledger {
             params![v.id, detail],
         )
         .map_err(|e| sql_err(&path, e))?;
-        commit(tx, &path, &self.observer)?;
+        commit(tx, &path, &self.sync)?;
         Ok(seq)
     }
 
@@ -710,6 +714,19 @@ impl Ledger {
         to: VolumeState,
         device: Option<&str>,
         detail: &str,
+    ) -> Result<()> {
+        self.transition_renamed(id, to, device, detail, None)
+    }
+
+    /// [`Ledger::transition`], renaming the volume in the same transaction
+    /// (a deleted volume gives its CSI name back as it becomes `erasing`).
+    pub fn transition_renamed(
+        &mut self,
+        id: &str,
+        to: VolumeState,
+        device: Option<&str>,
+        detail: &str,
+        name: Option<&str>,
     ) -> Result<()> {
         let path = self.path.clone();
         let tx = self.conn.transaction().map_err(|e| sql_err(&path, e))?;
@@ -749,7 +766,14 @@ impl Ledger {
             params![id, to.as_str(), device],
         )
         .map_err(|e| sql_err(&path, e))?;
-        commit(tx, &path, &self.observer)
+        if let Some(name) = name {
+            tx.execute(
+                "UPDATE volumes SET name = ?2 WHERE id = ?1",
+                params![id, name],
+            )
+            .map_err(|e| sql_err(&path, e))?;
+        }
+        commit(tx, &path, &self.sync)
     }
 
     /// Records the device path of a ready volume (after re-attachment).
@@ -759,8 +783,9 @@ impl Ledger {
                 "UPDATE volumes SET device = ?2, updated_at = unixepoch() WHERE id = ?1",
                 params![id, device],
             )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        self.wrote();
+        Ok(())
     }
 
     /// Renames a volume: a deleted one gives its CSI name back while its
@@ -771,19 +796,28 @@ impl Ledger {
                 "UPDATE volumes SET name = ?2, updated_at = unixepoch() WHERE id = ?1",
                 params![id, name],
             )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        self.wrote();
+        Ok(())
     }
 
     /// Removes a volume row, its intents and its publications: the extent is free.
     pub fn remove_volume(&mut self, id: &str) -> Result<()> {
+        self.remove_volumes(&[id])
+    }
+
+    /// Removes several volume rows (with intents and publications) in one
+    /// transaction: the eraser's batch.
+    pub fn remove_volumes(&mut self, ids: &[&str]) -> Result<()> {
         let path = self.path.clone();
         let tx = self.conn.transaction().map_err(|e| sql_err(&path, e))?;
-        tx.execute("DELETE FROM publications WHERE volume_id = ?1", [id])
-            .map_err(|e| sql_err(&path, e))?;
-        tx.execute("DELETE FROM volumes WHERE id = ?1", [id])
-            .map_err(|e| sql_err(&path, e))?;
-        commit(tx, &path, &self.observer)
+        for id in ids {
+            tx.execute("DELETE FROM publications WHERE volume_id = ?1", [id])
+                .map_err(|e| sql_err(&path, e))?;
+            tx.execute("DELETE FROM volumes WHERE id = ?1", [id])
+                .map_err(|e| sql_err(&path, e))?;
+        }
+        commit(tx, &path, &self.sync)
     }
 
     /// Grows the recorded extent and records an expand intent carrying the
@@ -810,7 +844,7 @@ impl Ledger {
             ],
         )
         .map_err(|e| sql_err(&path, e))?;
-        commit(tx, &path, &self.observer)
+        commit(tx, &path, &self.sync)
     }
 
     pub fn finish_expand(&mut self, id: &str) -> Result<()> {
@@ -819,8 +853,9 @@ impl Ledger {
                 "DELETE FROM intents WHERE volume_id = ?1 AND op = 'expand'",
                 [id],
             )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        self.wrote();
+        Ok(())
     }
 
     pub fn intents(&self) -> Result<Vec<Intent>> {
@@ -867,8 +902,9 @@ impl Ledger {
                     p.device.map(|d| d.cast_signed())
                 ],
             )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        self.wrote();
+        Ok(())
     }
 
     pub fn delete_publication(
@@ -882,8 +918,9 @@ impl Ledger {
                 "DELETE FROM publications WHERE volume_id = ?1 AND kind = ?2 AND path = ?3",
                 params![volume_id, kind.as_str(), path],
             )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        self.wrote();
+        Ok(())
     }
 
     /// Publications of one volume, or of all volumes with `None`. Two
@@ -932,6 +969,28 @@ fn live_page_sql() -> String {
         "SELECT {VOLUME_COLUMNS} FROM volumes WHERE seq > ?1 AND +state IN ({LIVE_STATES})
          ORDER BY seq LIMIT ?2"
     )
+}
+
+/// WAL, `synchronous=NORMAL` (commits are made durable by the barrier),
+/// no automatic checkpoint (it would run inside a commit, under the state
+/// lock; `durability.rs` checkpoints outside it), foreign keys.
+fn configure(conn: &Connection, path: &Path) -> Result<()> {
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(|e| sql_err(path, e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::LedgerCorrupt {
+            path: path.to_owned(),
+            message: format!("journal mode is {mode}, wanted wal"),
+        });
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=0; PRAGMA foreign_keys=ON;",
+    )
+    .map_err(|e| sql_err(path, e))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| sql_err(path, e))?;
+    Ok(())
 }
 
 /// ELOOP from O_NOFOLLOW means the name is a symlink: say so.

@@ -5,6 +5,7 @@
 pub mod allocator;
 pub mod backend;
 pub mod direct;
+pub mod durability;
 pub mod erase;
 pub mod error;
 pub mod identity;

@@ -216,7 +216,8 @@ impl SimBackend {
     }
 
     /// Zeroes `[offset, offset+len)` of a region file and verifies it, in
-    /// steps of [`ERASE_CHUNK`] reported to `progress`.
+    /// steps of [`ERASE_CHUNK`] reported to `progress`; durable when it
+    /// returns.
     fn zero_range(
         &self,
         region: &str,
@@ -224,6 +225,19 @@ impl SimBackend {
         len: Bytes,
         progress: Progress<'_>,
     ) -> Result<()> {
+        let (f, path) = self.zero_range_unsynced(region, offset, len, progress)?;
+        sync_region(&f, path)
+    }
+
+    /// [`SimBackend::zero_range`] without the sync: the zeros are in the
+    /// page cache (and read back as zeros), not yet on disk.
+    fn zero_range_unsynced(
+        &self,
+        region: &str,
+        offset: Bytes,
+        len: Bytes,
+        progress: Progress<'_>,
+    ) -> Result<(File, &Path)> {
         let (f, path) = self.open_region(region)?;
         let mut done = 0u64;
         while done < len.0 {
@@ -232,8 +246,14 @@ impl SimBackend {
             done += n;
             progress(n)?;
         }
-        Ok(())
+        Ok((f, path))
     }
+}
+
+/// Makes the punched holes and written zeros of a region file durable.
+fn sync_region(f: &File, path: &Path) -> Result<()> {
+    f.sync_all()
+        .map_err(|e| Error::io(format!("sync region file {}", path.display()), e))
 }
 
 /// The extended attribute that carries a region file's identity:
@@ -383,8 +403,8 @@ fn parse_stamp(v: &str) -> Option<(&str, &str)> {
     Some((ledger?, region?))
 }
 
-/// Punches a hole (or writes zeros where the filesystem cannot), syncs and
-/// verifies one range.
+/// Punches a hole (or writes zeros where the filesystem cannot) and
+/// verifies one range (what a read returns; the caller syncs).
 fn zero_chunk(f: &File, path: &Path, offset: Bytes, len: Bytes) -> Result<()> {
     let ctx = |what: &str| {
         format!(
@@ -410,7 +430,6 @@ fn zero_chunk(f: &File, path: &Path, offset: Bytes, len: Bytes) -> Result<()> {
     if !punched || !range_is_hole(f, offset, len) {
         write_zeros(f, offset, len).map_err(|e| Error::io(ctx("zero"), e))?;
     }
-    f.sync_all().map_err(|e| Error::io(ctx("sync"), e))?;
     if !range_is_hole(f, offset, len) {
         verify_zero(f, offset, len).map_err(|e| Error::io(ctx("verify erase of"), e))?;
     }
@@ -638,8 +657,20 @@ impl Backend for SimBackend {
 
     fn erase(&self, req: &DeviceRequest, progress: Progress<'_>) -> Result<()> {
         // retire (= destroy) verified the loop device is gone: the tenant
-        // cannot write behind the erase.
-        self.zero_range(&req.region, req.offset, req.size, progress)
+        // cannot write behind the erase. Durable with `sync_erased`.
+        self.zero_range_unsynced(&req.region, req.offset, req.size, progress)
+            .map(|_| ())
+    }
+
+    fn sync_erased(&self, erased: &[DeviceRequest]) -> Result<()> {
+        let mut regions: Vec<&str> = erased.iter().map(|r| r.region.as_str()).collect();
+        regions.sort_unstable();
+        regions.dedup();
+        for region in regions {
+            let (f, path) = self.open_region(region)?;
+            sync_region(&f, path)?;
+        }
+        Ok(())
     }
 
     fn resize(&self, req: &DeviceRequest) -> Result<Device> {

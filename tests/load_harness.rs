@@ -30,7 +30,10 @@ fn an_empty_summary_counts_zero_and_a_missing_one_is_an_error() {
 ------ ----------- ----------- --------- --------- ----------------
 100.00    0.000000           0         0           total
 ";
-    assert_eq!(strace::sync_calls(&strace::parse_summary(empty).unwrap()), 0);
+    assert_eq!(
+        strace::sync_calls(&strace::parse_summary(empty).unwrap()),
+        0
+    );
     assert!(strace::parse_summary("strace: exec: No such file or directory\n").is_err());
 }
 

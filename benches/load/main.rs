@@ -193,7 +193,10 @@ fn default_bin(name: &str) -> PathBuf {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     let plan = Plan::new(&cli);
-    let agent = cli.agent.clone().unwrap_or_else(|| default_bin("pmem-agent"));
+    let agent = cli
+        .agent
+        .clone()
+        .unwrap_or_else(|| default_bin("pmem-agent"));
     let allocd = cli.allocd.clone().unwrap_or_else(|| {
         agent
             .parent()
@@ -207,7 +210,10 @@ async fn main() -> Result<()> {
         );
     }
     if cli.allocator != AllocatorMode::Embedded && !allocd.exists() {
-        bail!("no pmem-allocd binary at {}: pass --allocd", allocd.display());
+        bail!(
+            "no pmem-allocd binary at {}: pass --allocd",
+            allocd.display()
+        );
     }
     if plan.has(Scenario::Fsync)
         && std::process::Command::new("strace")
@@ -240,15 +246,28 @@ async fn main() -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     eprintln!("{header}");
+    // Ctrl-C drops the run, and with it the nodes (daemons, loop devices).
+    tokio::select! {
+        r = measure(&cli, &plan, spec, header) => r,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+    }
+}
+
+async fn measure(
+    cli: &Cli,
+    plan: &Plan,
+    spec: impl Fn(bool) -> Spec,
+    header: String,
+) -> Result<()> {
     let mut runs = Vec::new();
     if cli.allocator != AllocatorMode::RemoteOnly {
-        let rows = scenarios::run(&plan, &spec(false))
+        let rows = scenarios::run(plan, &spec(false))
             .await
             .context("embedded run")?;
         runs.push(("embedded", rows));
     }
     if cli.allocator != AllocatorMode::Embedded {
-        let rows = scenarios::run(&plan, &spec(true))
+        let rows = scenarios::run(plan, &spec(true))
             .await
             .context("remote (pmem-allocd) run")?;
         runs.push(("remote", rows));

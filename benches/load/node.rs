@@ -167,7 +167,10 @@ impl Node {
                 exited = exited.or(c.try_wait()?);
             }
             if let Some(st) = exited {
-                bail!("daemon exited with {st} at start; log:\n{}", self.log_tail());
+                bail!(
+                    "daemon exited with {st} at start; log:\n{}",
+                    self.log_tail()
+                );
             }
             if self.ready().await {
                 return Ok(t0.elapsed());
@@ -197,7 +200,9 @@ impl Node {
 
     /// A new connection to the CSI socket (one per simulated client).
     pub async fn channel(&self) -> Result<Channel> {
-        self.try_channel("csi.sock").await.map_err(anyhow::Error::msg)
+        self.try_channel("csi.sock")
+            .await
+            .map_err(anyhow::Error::msg)
     }
 
     pub async fn admin(&self) -> Result<AdminClient<Channel>> {
@@ -234,7 +239,10 @@ impl Node {
         loop {
             if let Some(st) = c.try_wait()? {
                 if !st.success() {
-                    bail!("{what} exited with {st} on SIGTERM; log:\n{}", self.log_tail());
+                    bail!(
+                        "{what} exited with {st} on SIGTERM; log:\n{}",
+                        self.log_tail()
+                    );
                 }
                 return Ok(());
             }
@@ -287,6 +295,16 @@ fn signal(pid: i32, sig: libc::c_int) {
     }
 }
 
+/// Threads of a process, from /proc/<pid>/status.
+pub fn threads(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// VmRSS and VmHWM of a process in bytes, from /proc/<pid>/status.
 pub fn rss(pid: i32) -> Option<(u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -298,8 +316,9 @@ pub fn rss(pid: i32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
+impl Node {
+    /// SIGKILL (a crash) of the daemons; the ledger recovers at the next start.
+    pub fn kill(&mut self) {
         let traced = self.strace.is_some();
         for c in [self.agent.take(), self.allocd.take()]
             .into_iter()
@@ -311,6 +330,12 @@ impl Drop for Node {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
         detach_loops_under(self.dir());
     }
 }

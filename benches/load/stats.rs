@@ -24,7 +24,9 @@ impl Default for Lat {
 
 impl Lat {
     pub fn record(&mut self, d: Duration) {
-        let ns = u64::try_from(d.as_nanos()).unwrap_or(MAX_NS).clamp(1, MAX_NS);
+        let ns = u64::try_from(d.as_nanos())
+            .unwrap_or(MAX_NS)
+            .clamp(1, MAX_NS);
         self.h.saturating_record(ns);
     }
 

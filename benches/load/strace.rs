@@ -19,7 +19,10 @@ pub fn parse_summary(text: &str) -> Result<BTreeMap<String, u64>, String> {
         .ok_or_else(|| format!("no strace summary header in {:?}", head(text)))?;
     // "% time" is one column spelt as two words.
     let cols: Vec<&str> = header.split_whitespace().filter(|t| *t != "%").collect();
-    let calls_at = cols.iter().position(|c| *c == "calls").expect("found above");
+    let calls_at = cols
+        .iter()
+        .position(|c| *c == "calls")
+        .expect("found above");
     let mut out = BTreeMap::new();
     for l in lines {
         let t: Vec<&str> = l.split_whitespace().collect();

@@ -260,17 +260,30 @@ async fn measure(
     header: String,
 ) -> Result<()> {
     let mut runs = Vec::new();
-    if cli.allocator != AllocatorMode::RemoteOnly {
-        let rows = scenarios::run(plan, &spec(false))
-            .await
-            .context("embedded run")?;
-        runs.push(("embedded", rows));
-    }
-    if cli.allocator != AllocatorMode::Embedded {
-        let rows = scenarios::run(plan, &spec(true))
-            .await
-            .context("remote (pmem-allocd) run")?;
-        runs.push(("remote", rows));
+    let mut failed = None;
+    for (name, remote, on) in [
+        (
+            "embedded",
+            false,
+            cli.allocator != AllocatorMode::RemoteOnly,
+        ),
+        ("remote", true, cli.allocator != AllocatorMode::Embedded),
+    ] {
+        if !on {
+            continue;
+        }
+        match scenarios::run(plan, &spec(remote)).await {
+            Ok(rows) => {
+                // Printed as soon as it is done: a later run may fail.
+                eprintln!("\n## {name} store\n\n{}", report::markdown(&rows));
+                runs.push((name, rows));
+            }
+            Err(e) => {
+                eprintln!("{name} run failed: {e:#}");
+                failed = Some(e.context(format!("{name} run")));
+                break;
+            }
+        }
     }
     let mut out = format!("{header}\n\n");
     for (name, rows) in &runs {
@@ -291,5 +304,5 @@ async fn measure(
         std::fs::write(p, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("write {}", p.display()))?;
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }

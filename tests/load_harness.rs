@@ -25,6 +25,8 @@ fn counts_calls_by_header_even_with_blank_errors_cells() {
 
 #[test]
 fn an_empty_summary_counts_zero_and_a_missing_one_is_an_error() {
+    // What strace -c leaves when the process made none of the traced calls.
+    assert_eq!(strace::sync_calls(&strace::parse_summary("").unwrap()), 0);
     let empty = "\
 % time     seconds  usecs/call     calls    errors syscall
 ------ ----------- ----------- --------- --------- ----------------

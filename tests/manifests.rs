@@ -661,11 +661,15 @@ fn manifests_driver_name_sockets_and_paths_agree_with_the_binary() {
         }
         assert_eq!(flag(&args, "--backend"), Some(*name), "{ctx}: --backend");
 
-        // The binary accepts the args as given ($(NODE_NAME) expanded by
-        // kubelet) and they keep the driver name and paths we expect.
+        // The binary accepts the args as given ($(NODE_NAME) and $(POD_IP)
+        // expanded by kubelet) and they keep the driver name and paths we
+        // expect.
         let expanded: Vec<String> = args
             .iter()
-            .map(|a| a.replace("$(NODE_NAME)", "node-1"))
+            .map(|a| {
+                a.replace("$(NODE_NAME)", "node-1")
+                    .replace("$(POD_IP)", "10.0.0.7")
+            })
             .collect();
         let cfg = Config::load(
             Args::try_parse_from(std::iter::once("pmem-agent".to_owned()).chain(expanded))
@@ -1184,5 +1188,133 @@ fn systemd_units_verify() {
             "systemd-analyze verify {unit}: {}\n{stderr}",
             out.status
         );
+    }
+}
+
+/// A Kubernetes quantity in bytes (the binary suffixes the examples use).
+fn quantity(q: &str) -> u64 {
+    let (num, mult) = [
+        ("Ki", 1u64 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+    ]
+    .iter()
+    .find_map(|(suf, m)| q.strip_suffix(suf).map(|n| (n, *m)))
+    .unwrap_or((q, 1));
+    num.parse::<u64>()
+        .unwrap_or_else(|e| panic!("quantity {q}: {e}"))
+        * mult
+}
+
+#[test]
+fn manifests_tolerate_every_taint_and_serve_metrics_on_the_pod_ip_only() {
+    for name in OVERLAYS {
+        let objects = overlay(name);
+        let ds = the(&objects, "DaemonSet");
+        let spec = &ds["spec"]["template"]["spec"];
+        // Unpublish and unstage must still happen on a tainted node.
+        assert_eq!(
+            spec["tolerations"],
+            serde_json::json!([{"operator": "Exists"}]),
+            "overlay {name}"
+        );
+        let agent = container(ds, "pmem-agent");
+        let args = args_of(agent);
+        assert_eq!(
+            flag(&args, "--metrics-address"),
+            Some("$(POD_IP):9810"),
+            "overlay {name}: metrics on the pod IP"
+        );
+        assert_eq!(
+            env_field_ref(agent, "POD_IP").as_deref(),
+            Some("status.podIP"),
+            "overlay {name}"
+        );
+    }
+}
+
+#[test]
+fn manifests_examples_fit_the_sim_overlay() {
+    let ds = overlay("sim");
+    let args = args_of(container(the(&ds, "DaemonSet"), "pmem-agent"));
+    let regions: u64 = flag(&args, "--sim-regions")
+        .expect("--sim-regions")
+        .parse()
+        .unwrap();
+    let region = pmem_allocator::units::parse_size(flag(&args, "--sim-region-size").expect("size"))
+        .expect("region size")
+        .0;
+    let mut sizes = Vec::new();
+    for path in yaml_files(&deploy().join("examples")) {
+        for doc in yaml_docs(&path) {
+            // PVC requests, generic ephemeral templates, inline `size`.
+            let mut stack = vec![&doc];
+            while let Some(v) = stack.pop() {
+                match v {
+                    Value::Object(m) => {
+                        if let Some(Value::String(q)) = m.get("storage")
+                            && m.len() == 1
+                        {
+                            sizes.push((rel(&path), quantity(q)));
+                        }
+                        if let Some(Value::String(q)) = m.get("size") {
+                            sizes.push((rel(&path), quantity(q)));
+                        }
+                        stack.extend(m.values());
+                    }
+                    Value::Array(a) => stack.extend(a),
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert!(sizes.len() >= 4, "{sizes:?}");
+    let total: u64 = sizes.iter().map(|(_, b)| b).sum();
+    for (p, b) in &sizes {
+        assert!(
+            *b <= region,
+            "{p}: {b} bytes exceed one sim region of {region}"
+        );
+    }
+    // Every example at once, with a region's worth of slack for placement
+    // (each volume lies within one region).
+    assert!(
+        total + region / 2 <= regions * region,
+        "the examples need {total} bytes, the sim overlay gives {regions} x {region}: {sizes:?}"
+    );
+}
+
+#[test]
+fn manifests_images_are_the_built_image_or_upstream_sidecars() {
+    let version = env!("CARGO_PKG_VERSION");
+    let ours = format!("ghcr.io/pmem-agent/pmem-agent:v{version}");
+    let script = read(&repo().join("scripts/image"));
+    assert!(
+        script.contains("TAG=v$VERSION"),
+        "scripts/image tags v<version>"
+    );
+    for name in OVERLAYS {
+        for o in overlay(name) {
+            let spec = &o["spec"]["template"]["spec"];
+            for list in ["containers", "initContainers"] {
+                for c in spec[list].as_array().into_iter().flatten() {
+                    let image = c["image"].as_str().expect("image");
+                    let upstream = image.starts_with("registry.k8s.io/sig-storage/csi-")
+                        || image.starts_with("registry.k8s.io/sig-storage/livenessprobe:");
+                    assert!(
+                        image == ours || upstream,
+                        "overlay {name} {}: image {image} is neither {ours} nor an upstream sidecar",
+                        name_of(&o)
+                    );
+                    assert!(
+                        image
+                            .rsplit_once(':')
+                            .is_some_and(|(_, t)| t.starts_with('v')),
+                        "{image}: pinned tag"
+                    );
+                }
+            }
+        }
     }
 }

@@ -22,7 +22,7 @@ use std::process::Command;
 use clap::Parser;
 use k8s_openapi::Resource;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
 use pmem_agent::config::{
@@ -186,7 +186,24 @@ fn strict(doc: &Value) -> Result<(), String> {
         StorageClass,
         PersistentVolumeClaim,
         Pod,
+        Service,
     );
+    if api == "monitoring.coreos.com/v1" {
+        let r = match kind {
+            "ServiceMonitor" => {
+                serde_json::from_value::<monitoring::ServiceMonitor>(doc.clone()).map(drop)
+            }
+            "PrometheusRule" => {
+                serde_json::from_value::<monitoring::PrometheusRule>(doc.clone()).map(drop)
+            }
+            _ => {
+                return Err(format!(
+                    "monitoring.coreos.com/v1 {kind:?}: not known to this test"
+                ));
+            }
+        };
+        return r.map_err(|e| format!("as {kind}: {e}"));
+    }
     Err(format!(
         "apiVersion {api:?} kind {kind:?}: no Kubernetes type known to this test (add it to strict())"
     ))
@@ -661,11 +678,15 @@ fn manifests_driver_name_sockets_and_paths_agree_with_the_binary() {
         }
         assert_eq!(flag(&args, "--backend"), Some(*name), "{ctx}: --backend");
 
-        // The binary accepts the args as given ($(NODE_NAME) expanded by
-        // kubelet) and they keep the driver name and paths we expect.
+        // The binary accepts the args as given ($(NODE_NAME) and $(POD_IP)
+        // expanded by kubelet) and they keep the driver name and paths we
+        // expect.
         let expanded: Vec<String> = args
             .iter()
-            .map(|a| a.replace("$(NODE_NAME)", "node-1"))
+            .map(|a| {
+                a.replace("$(NODE_NAME)", "node-1")
+                    .replace("$(POD_IP)", "10.0.0.7")
+            })
             .collect();
         let cfg = Config::load(
             Args::try_parse_from(std::iter::once("pmem-agent".to_owned()).chain(expanded))
@@ -1185,4 +1206,344 @@ fn systemd_units_verify() {
             out.status
         );
     }
+}
+
+/// A Kubernetes quantity in bytes (the binary suffixes the examples use).
+fn quantity(q: &str) -> u64 {
+    let (num, mult) = [
+        ("Ki", 1u64 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+    ]
+    .iter()
+    .find_map(|(suf, m)| q.strip_suffix(suf).map(|n| (n, *m)))
+    .unwrap_or((q, 1));
+    num.parse::<u64>()
+        .unwrap_or_else(|e| panic!("quantity {q}: {e}"))
+        * mult
+}
+
+#[test]
+fn manifests_tolerate_every_taint_and_serve_metrics_on_the_pod_ip_only() {
+    for name in OVERLAYS {
+        let objects = overlay(name);
+        let ds = the(&objects, "DaemonSet");
+        let spec = &ds["spec"]["template"]["spec"];
+        // Unpublish and unstage must still happen on a tainted node.
+        assert_eq!(
+            spec["tolerations"],
+            serde_json::json!([{"operator": "Exists"}]),
+            "overlay {name}"
+        );
+        let agent = container(ds, "pmem-agent");
+        let args = args_of(agent);
+        assert_eq!(
+            flag(&args, "--metrics-address"),
+            Some("$(POD_IP):9810"),
+            "overlay {name}: metrics on the pod IP"
+        );
+        assert_eq!(
+            env_field_ref(agent, "POD_IP").as_deref(),
+            Some("status.podIP"),
+            "overlay {name}"
+        );
+    }
+}
+
+#[test]
+fn manifests_examples_fit_the_sim_overlay() {
+    let ds = overlay("sim");
+    let args = args_of(container(the(&ds, "DaemonSet"), "pmem-agent"));
+    let regions: u64 = flag(&args, "--sim-regions")
+        .expect("--sim-regions")
+        .parse()
+        .unwrap();
+    let region = pmem_allocator::units::parse_size(flag(&args, "--sim-region-size").expect("size"))
+        .expect("region size")
+        .0;
+    let mut sizes = Vec::new();
+    for path in yaml_files(&deploy().join("examples")) {
+        for doc in yaml_docs(&path) {
+            // PVC requests, generic ephemeral templates, inline `size`.
+            let mut stack = vec![&doc];
+            while let Some(v) = stack.pop() {
+                match v {
+                    Value::Object(m) => {
+                        if let Some(Value::String(q)) = m.get("storage")
+                            && m.len() == 1
+                        {
+                            sizes.push((rel(&path), quantity(q)));
+                        }
+                        if let Some(Value::String(q)) = m.get("size") {
+                            sizes.push((rel(&path), quantity(q)));
+                        }
+                        stack.extend(m.values());
+                    }
+                    Value::Array(a) => stack.extend(a),
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert!(sizes.len() >= 4, "{sizes:?}");
+    let total: u64 = sizes.iter().map(|(_, b)| b).sum();
+    for (p, b) in &sizes {
+        assert!(
+            *b <= region,
+            "{p}: {b} bytes exceed one sim region of {region}"
+        );
+    }
+    // Every example at once, with a region's worth of slack for placement
+    // (each volume lies within one region).
+    assert!(
+        total + region / 2 <= regions * region,
+        "the examples need {total} bytes, the sim overlay gives {regions} x {region}: {sizes:?}"
+    );
+}
+
+#[test]
+fn manifests_images_are_the_built_image_or_upstream_sidecars() {
+    let version = env!("CARGO_PKG_VERSION");
+    let ours = format!("ghcr.io/pmem-agent/pmem-agent:v{version}");
+    let script = read(&repo().join("scripts/image"));
+    assert!(
+        script.contains("TAG=v$VERSION"),
+        "scripts/image tags v<version>"
+    );
+    for name in OVERLAYS {
+        for o in overlay(name) {
+            let spec = &o["spec"]["template"]["spec"];
+            for list in ["containers", "initContainers"] {
+                for c in spec[list].as_array().into_iter().flatten() {
+                    let image = c["image"].as_str().expect("image");
+                    let upstream = image.starts_with("registry.k8s.io/sig-storage/csi-")
+                        || image.starts_with("registry.k8s.io/sig-storage/livenessprobe:");
+                    assert!(
+                        image == ours || upstream,
+                        "overlay {name} {}: image {image} is neither {ours} nor an upstream sidecar",
+                        name_of(&o)
+                    );
+                    assert!(
+                        image
+                            .rsplit_once(':')
+                            .is_some_and(|(_, t)| t.starts_with('v')),
+                        "{image}: pinned tag"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The Prometheus Operator's CRDs, as far as deploy/monitoring uses them:
+/// unknown or misspelt fields are rejected as the operator's schema would.
+// Fields are declared to be checked by deserialization, not read.
+#[allow(dead_code)]
+mod monitoring {
+    use std::collections::BTreeMap;
+
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct Meta {
+        pub name: String,
+        pub namespace: String,
+        #[serde(default)]
+        pub labels: BTreeMap<String, String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct ServiceMonitor {
+        pub api_version: String,
+        pub kind: String,
+        pub metadata: Meta,
+        pub spec: ServiceMonitorSpec,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct ServiceMonitorSpec {
+        pub selector: Selector,
+        pub endpoints: Vec<Endpoint>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct Selector {
+        pub match_labels: BTreeMap<String, String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct Endpoint {
+        pub port: String,
+        pub path: String,
+        pub interval: String,
+        #[serde(default)]
+        pub relabelings: Vec<Relabel>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct Relabel {
+        pub source_labels: Vec<String>,
+        pub target_label: String,
+        pub action: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct PrometheusRule {
+        pub api_version: String,
+        pub kind: String,
+        pub metadata: Meta,
+        pub spec: RuleSpec,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RuleSpec {
+        pub groups: Vec<Group>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Group {
+        pub name: String,
+        pub rules: Vec<Rule>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Rule {
+        pub alert: String,
+        pub expr: String,
+        #[serde(rename = "for")]
+        pub for_: String,
+        pub labels: BTreeMap<String, String>,
+        pub annotations: BTreeMap<String, String>,
+    }
+}
+
+#[tokio::test]
+async fn manifests_monitoring_scrapes_the_node_pods_and_alerts_on_real_metrics() {
+    let objects = render(&deploy().join("monitoring"));
+    let ds_objects = overlay("sim");
+    let ds = the(&ds_objects, "DaemonSet");
+    let pod_labels = &ds["spec"]["template"]["metadata"]["labels"];
+    let svc = the(&objects, "Service");
+    assert_eq!(svc["metadata"]["namespace"], ds["metadata"]["namespace"]);
+    assert_eq!(
+        svc["spec"]["clusterIP"], "None",
+        "headless: one target per pod"
+    );
+    for (k, v) in svc["spec"]["selector"].as_object().expect("selector") {
+        assert_eq!(
+            &pod_labels[k], v,
+            "the Service selects the node pods by {k}"
+        );
+    }
+    let port = &svc["spec"]["ports"][0];
+    let agent = container(ds, "pmem-agent");
+    let named = agent["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"] == port["targetPort"])
+        .expect("the Service's targetPort is a named port of pmem-agent");
+    assert_eq!(named["containerPort"], port["port"]);
+    let metrics_port = flag(&args_of(agent), "--metrics-address")
+        .and_then(|a| a.rsplit_once(':'))
+        .map(|(_, p)| p.to_owned())
+        .expect("metrics port");
+    assert_eq!(named["containerPort"].to_string(), metrics_port);
+
+    let sm: monitoring::ServiceMonitor =
+        serde_json::from_value(the(&objects, "ServiceMonitor").clone()).unwrap();
+    for (k, v) in &sm.spec.selector.match_labels {
+        assert_eq!(
+            svc["metadata"]["labels"][k],
+            v.as_str(),
+            "ServiceMonitor selects the Service"
+        );
+    }
+    assert_eq!(sm.spec.endpoints.len(), 1);
+    let ep = &sm.spec.endpoints[0];
+    assert_eq!(Some(ep.port.as_str()), port["name"].as_str());
+    assert_eq!(ep.path, "/metrics");
+    assert!(
+        ep.relabelings.iter().any(|r| r.target_label == "node"
+            && r.source_labels == ["__meta_kubernetes_pod_node_name"]
+            && r.action == "replace"),
+        "every series gets the node label"
+    );
+
+    // The alerts use only metrics (and label values) the agent exports.
+    let rule: monitoring::PrometheusRule =
+        serde_json::from_value(the(&objects, "PrometheusRule").clone()).unwrap();
+    let alerts: Vec<&monitoring::Rule> = rule.spec.groups.iter().flat_map(|g| &g.rules).collect();
+    let names: BTreeSet<&str> = alerts.iter().map(|r| r.alert.as_str()).collect();
+    for a in [
+        "PmemAgentCapacityNearlyExhausted",
+        "PmemAgentOrphanDevices",
+        "PmemAgentCallErrors",
+    ] {
+        assert!(names.contains(a), "alert {a} missing: {names:?}");
+    }
+    let port = common::util::free_port();
+    let mut d = common::Daemon::start(&["--metrics-address", &format!("127.0.0.1:{port}")]).await;
+    let page = common::util::scrape(port).await;
+    d.stop();
+    let exported: BTreeSet<String> = page
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect();
+    for r in &alerts {
+        let mut used = Vec::new();
+        let e = &r.expr;
+        let mut i = 0;
+        while let Some(at) = e[i..].find(|c: char| c.is_ascii_lowercase()) {
+            let start = i + at;
+            let len = e[start..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(e.len() - start);
+            let word = &e[start..start + len];
+            if word.starts_with("pmem_agent_") || word.starts_with("csi_plugin_") {
+                used.push(word.to_owned());
+            }
+            i = start + len.max(1);
+        }
+        assert!(!used.is_empty(), "{}: no pmem-agent metric in {e}", r.alert);
+        for m in used {
+            assert!(
+                exported.contains(&m),
+                "{}: {m} is not exported; exported: {exported:?}",
+                r.alert
+            );
+        }
+        if e.contains("grpc_status_code") {
+            assert!(
+                page.contains("grpc_status_code=\"Ok\""),
+                "status codes are spelt as in {page}"
+            );
+            for code in [
+                "Internal",
+                "Unknown",
+                "Unavailable",
+                "DataLoss",
+                "DeadlineExceeded",
+            ] {
+                assert!(e.contains(code), "{}: {code}", r.alert);
+            }
+        }
+    }
+    assert!(
+        page.contains("pmem_agent_devices{kind=\"orphan\"}"),
+        "{page}"
+    );
 }

@@ -437,10 +437,15 @@ fn lvm_delete_renames_the_lv_and_the_eraser_zeroes_it_all() {
     f.sync_all().unwrap();
     let v = create(&a, "v", 8).unwrap();
     let (dev, at) = lv_head(&rig, &v.id);
-    // Nothing is zeroed at create.
+    // At create only the head is wiped (no stale filesystem signature);
+    // the rest is zeroed at delete, not now.
     assert!(
-        read_at(&dev, at).iter().all(|&b| b == 0xA5),
-        "zeroed at create"
+        read_at(&dev, at).iter().all(|&b| b == 0),
+        "head not wiped at create"
+    );
+    assert!(
+        read_at(&dev, at + MIB).iter().all(|&b| b == 0xA5),
+        "zeroed beyond the head at create"
     );
     a.delete_volume(&v.id).unwrap();
     // DeleteVolume returned: the LV holds its extents under the erasing

@@ -14,7 +14,8 @@
 //! - **Reports.** State comes from one `lvm fullreport` in JSON, cached
 //!   until the next change: one report per change, not one per call.
 //! - **Erase.** `lvcreate` does not zero (`--zero n`): extents are zeroed
-//!   when a volume is deleted, never at create. `retire` renames the LV to
+//!   when a volume is deleted; at create only the first MiB is wiped (no
+//!   stale filesystem signature on extents reused unerased). `retire` renames the LV to
 //!   `erasing-<volume id>` (the tenant's device path is gone; the LV keeps
 //!   its extents, so `lvcreate` cannot hand them out); `erase` overwrites
 //!   and verifies it in chunks, through the LV when it is active, else
@@ -346,6 +347,26 @@ impl LvmBackend {
         Ok(())
     }
 
+    /// Zeroes the first MiB of a new LV. Extents reused without an erase
+    /// (`eraseAfter=false` with `--allow-unerased-reuse`) still hold the
+    /// previous volume's filesystem signature, which NodeStage would mount
+    /// instead of formatting (a grown xfs on a smaller LV fails with EIO).
+    fn wipe_head(&self, slot: &VgSlot, lv: &Lv) -> Result<()> {
+        let what = format!("logical volume {}/{}", slot.vg, lv.name);
+        let mut left = MIB.min(lv.size);
+        for (dev, start, len) in self.segments(slot, lv)? {
+            if left == 0 {
+                break;
+            }
+            let n = len.min(left);
+            self.devs
+                .zero(Path::new(&dev), start, n, false)
+                .map_err(|e| Error::io(format!("wipe the head of {what} on {dev}"), e))?;
+            left -= n;
+        }
+        Ok(())
+    }
+
     /// Activates an LV when LVs can be active at all and it is not.
     fn activate(&self, slot: &VgSlot, lv: &Lv) -> Result<()> {
         if !self.cfg.metadata_only && !lv.active {
@@ -504,12 +525,14 @@ impl Backend for LvmBackend {
                 let size = bytes_arg(req.size);
                 args.extend(["--size", &size, &slot.vg]);
                 self.change("lvcreate", &args)?;
-                self.lv_of(slot, &req.volume_id)?.ok_or_else(|| {
+                let lv = self.lv_of(slot, &req.volume_id)?.ok_or_else(|| {
                     Error::Device(format!(
                         "lvcreate of {}/{} succeeded but the report does not show it",
                         slot.vg, req.volume_id
                     ))
-                })?
+                })?;
+                self.wipe_head(slot, &lv)?;
+                lv
             }
         };
         if lv.size < req.size.0 {

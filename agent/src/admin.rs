@@ -98,13 +98,21 @@ impl Admin for AdminService {
             let persistency = req.persistency.parse::<pmem_allocator::Persistency>().ok();
             let volumes = blocking(&d.alloc, move |a| {
                 let pubs = a.publications(None)?;
-                a.volumes_where(state, persistency)?
-                    .iter()
-                    .map(|v| {
-                        let mine = wire::publications_of(&pubs, &v.id);
-                        Ok(wire::volume_to_wire(v, a.usable_of(v)?, mine))
-                    })
-                    .collect()
+                let mut out = Vec::new();
+                for v in a.volumes_where(state, persistency)? {
+                    // A volume deleted since the listing (pmem-allocd answers
+                    // usable bytes per call) is simply no longer listed.
+                    let usable = match a.usable_of(&v) {
+                        Err(pmem_allocator::Error::NotFound(_)) => continue,
+                        u => u?,
+                    };
+                    out.push(wire::volume_to_wire(
+                        &v,
+                        usable,
+                        wire::publications_of(&pubs, &v.id),
+                    ));
+                }
+                Ok(out)
             })
             .await?;
             Ok(admin::ListVolumesResponse { volumes })

@@ -260,6 +260,17 @@ pub(crate) fn device_request(v: &Volume) -> DeviceRequest {
     }
 }
 
+/// How long ControllerExpandVolume waits for the eraser to free the extent
+/// after a volume before it answers Busy (ABORTED: the CO retries).
+pub const ERASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One attempt at growing in place.
+enum Grow {
+    Done(Volume),
+    /// Deleted volumes still being erased hold the extent it needs.
+    WaitFor(Vec<String>),
+}
+
 fn new_volume_id() -> String {
     format!("pmem-{}", uuid::Uuid::new_v4().simple())
 }
@@ -989,7 +1000,8 @@ impl Allocator {
     }
 
     /// Grows a volume in place to at least `required` usable bytes.
-    /// OutOfRange when the extent after it is not free.
+    /// OutOfRange when the extent after it is not free; waits (bounded)
+    /// while deleted volumes being erased hold it.
     pub fn expand_volume(&self, id: &str, required: Bytes, limit: Option<Bytes>) -> Result<Volume> {
         self.serving()?;
         let Some(v) = self.volume(id)? else {
@@ -999,7 +1011,30 @@ impl Allocator {
         self.with_name(&v.name, || self.expand_locked(id, required, limit))
     }
 
+    /// Grows in place; while the extent after the volume is held by deleted
+    /// volumes still being erased, hurries the eraser and waits for them
+    /// (bounded by [`ERASE_WAIT`]) instead of failing a growth that fits as
+    /// soon as their rows are gone.
     fn expand_locked(&self, id: &str, required: Bytes, limit: Option<Bytes>) -> Result<Volume> {
+        let deadline = std::time::Instant::now() + ERASE_WAIT;
+        loop {
+            match self.expand_once(id, required, limit)? {
+                Grow::Done(v) => return Ok(v),
+                Grow::WaitFor(ids) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(Error::Busy(format!(
+                            "volume {id} can grow in place only once the deleted volumes after it are erased ({}); retry later",
+                            ids.join(", ")
+                        )));
+                    }
+                    self.eraser.hurry();
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    fn expand_once(&self, id: &str, required: Bytes, limit: Option<Bytes>) -> Result<Grow> {
         let Some(mut v) = self.volume(id)? else {
             return Err(Error::NotFound(format!("volume {id} does not exist")));
         };
@@ -1029,10 +1064,21 @@ impl Allocator {
                 )));
             }
             if new <= old {
-                return Ok(v);
+                return Ok(Grow::Done(v));
             }
             let after = r.map.room_to_grow(v.offset);
             if after < new - old {
+                let (from, to) = (v.offset + old, v.offset + new);
+                let erasing: Vec<String> = st
+                    .ledger
+                    .volumes_in(VolumeState::Erasing)?
+                    .into_iter()
+                    .filter(|e| e.region == v.region && e.offset >= from && e.offset < to)
+                    .map(|e| e.id)
+                    .collect();
+                if !erasing.is_empty() {
+                    return Ok(Grow::WaitFor(erasing));
+                }
                 return Err(Error::OutOfRange(format!(
                     "volume {id} in region {} can grow in place by at most {after} to {}; {} more is needed and the extent after it is in use",
                     v.region,
@@ -1066,7 +1112,7 @@ impl Allocator {
             st.ledger.set_device(id, dev.path.as_deref())?;
             v.device = dev.path;
         }
-        Ok(v)
+        Ok(Grow::Done(v))
     }
 
     /// Records that a volume is staged or published at a path.

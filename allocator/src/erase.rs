@@ -89,6 +89,8 @@ pub struct EraseStats {
 struct Signal {
     /// Deletes since the worker last looked.
     kicked: usize,
+    /// Someone waits for the erase (an in-place growth): no linger.
+    urgent: bool,
     stop: bool,
 }
 
@@ -125,6 +127,15 @@ impl Eraser {
     pub fn kick(&self) {
         let mut sig = relock(&self.shared.signal);
         sig.kicked = sig.kicked.saturating_add(1);
+        drop(sig);
+        self.shared.wake.notify_all();
+    }
+
+    /// Wakes the worker and ends its linger: a caller waits for the erase.
+    pub fn hurry(&self) {
+        let mut sig = relock(&self.shared.signal);
+        sig.kicked = sig.kicked.saturating_add(1);
+        sig.urgent = true;
         drop(sig);
         self.shared.wake.notify_all();
     }
@@ -400,7 +411,7 @@ fn worker_loop(weak: &Weak<Allocator>, shared: &Shared) {
         {
             let until = Instant::now() + LINGER;
             let mut sig = relock(&shared.signal);
-            while !sig.stop && sig.kicked < BATCH_VOLUMES {
+            while !sig.stop && !sig.urgent && sig.kicked < BATCH_VOLUMES {
                 let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
@@ -415,6 +426,7 @@ fn worker_loop(weak: &Weak<Allocator>, shared: &Shared) {
                 return;
             }
             sig.kicked = 0;
+            sig.urgent = false;
         }
         let Some(a) = weak.upgrade() else {
             return;
@@ -526,6 +538,37 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn growth_into_an_extent_being_erased_waits_for_the_eraser() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Arc::new(Slow::default());
+        let a = open(&dir, &b);
+        a.start_eraser().unwrap();
+        let v = a.create_volume(&CreateRequest::new("v", Bytes(A))).unwrap();
+        let w = a.create_volume(&CreateRequest::new("w", Bytes(A))).unwrap();
+        assert_eq!((v.offset, w.offset), (Bytes(0), Bytes(A)));
+        *relock(&b.hold) = true;
+        a.delete_volume(&w.id).unwrap();
+        wait_until("the erase to start", || {
+            b.calls().iter().any(|c| c.starts_with("erase"))
+        });
+        let grower = {
+            let a = Arc::clone(&a);
+            let id = v.id.clone();
+            std::thread::spawn(move || a.expand_volume(&id, Bytes(2 * A), None))
+        };
+        // The growth waits (it hurried the eraser) while w's extent is
+        // being erased, then fits.
+        wait_until("the growth to wait for the erase", || {
+            relock(&a.eraser().shared.signal).urgent
+        });
+        assert!(!grower.is_finished(), "growth did not wait for the erase");
+        b.release();
+        let grown = grower.join().unwrap().unwrap();
+        assert_eq!(grown.size, Bytes(2 * A));
+        assert!(a.volume(&w.id).unwrap().is_none());
     }
 
     #[test]

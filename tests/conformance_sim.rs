@@ -33,6 +33,19 @@ fn conformance_bin() -> std::path::PathBuf {
 }
 
 /// The counts of one summary line of the report ("upstream: …").
+/// The binary pointed at the daemon's socket, with its dirs under the
+/// daemon's kubelet root.
+fn against(bin: &std::path::Path, d: &Daemon) -> Command {
+    let mut c = Command::new(bin);
+    c.arg("--endpoint")
+        .arg(d.csi_sock())
+        .arg("--staging-dir")
+        .arg(d.kpath("conformance/staging"))
+        .arg("--target-dir")
+        .arg(d.kpath("conformance/mount"));
+    c
+}
+
 fn counts(out: &str, what: &str) -> String {
     out.lines()
         .find_map(|l| l.strip_prefix(&format!("{what}: ")))
@@ -122,13 +135,7 @@ async fn conformance_missing_rows_fail() {
          Made up / a spec for an advertised capability\tskip-unless controller:CREATE_DELETE_VOLUME\n",
     )
     .unwrap();
-    let out = Command::new(&bin)
-        .arg("--endpoint")
-        .arg(d.csi_sock())
-        .arg("--staging-dir")
-        .arg(d.kpath("conformance/staging"))
-        .arg("--target-dir")
-        .arg(d.kpath("conformance/mount"))
+    let out = against(&bin, &d)
         .arg("--table")
         .arg(&table)
         .output()
@@ -153,13 +160,7 @@ async fn conformance_missing_rows_fail() {
 async fn conformance_focus_and_skip() {
     let bin = conformance_bin();
     let d = Daemon::start(&[]).await;
-    let out = Command::new(&bin)
-        .arg("--endpoint")
-        .arg(d.csi_sock())
-        .arg("--staging-dir")
-        .arg(d.kpath("conformance/staging"))
-        .arg("--target-dir")
-        .arg(d.kpath("conformance/mount"))
+    let out = against(&bin, &d)
         .args(["--focus", "^Identity Service", "--skip", "Probe"])
         .output()
         .expect("run pmem-conformance");

@@ -80,9 +80,12 @@ async fn conformance_sim() {
             "--test-volume-expand-size",
             "1Gi",
         ])
-        // No --admin-endpoint: as under the upstream suite, nothing waits
-        // for the eraser between cases; an in-place growth into an extent
-        // still being erased waits for it in the allocator.
+        // Each case starts once the last one's deleted volumes are erased:
+        // sim grows a volume only in place, and best-fit placement may put
+        // the expansion cases' volume in a hole that ends at the region's
+        // end while earlier extents are still being erased (no room then).
+        .arg("--admin-endpoint")
+        .arg(format!("unix://{}", d.admin_sock().display()))
         .output()
         .expect("run pmem-conformance");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1069,18 +1069,43 @@ impl Allocator {
             let after = r.map.room_to_grow(v.offset);
             if after < new - old {
                 let (from, to) = (v.offset + old, v.offset + new);
-                let erasing: Vec<String> = st
-                    .ledger
-                    .volumes_in(VolumeState::Erasing)?
-                    .into_iter()
-                    .filter(|e| e.region == v.region && e.offset >= from && e.offset < to)
-                    .map(|e| e.id)
-                    .collect();
+                // Deleted volumes (being retired or erased) free their
+                // extents soon; live ones do not.
+                let mut erasing = Vec::new();
+                for state in [VolumeState::Deleting, VolumeState::Erasing] {
+                    erasing.extend(
+                        st.ledger
+                            .volumes_in(state)?
+                            .into_iter()
+                            .filter(|e| e.region == v.region && e.offset >= from && e.offset < to)
+                            .map(|e| e.id),
+                    );
+                }
                 if !erasing.is_empty() {
                     return Ok(Grow::WaitFor(erasing));
                 }
+                // Who holds the next extent (failure path only: a walk of
+                // this region's extents and rows is fine here).
+                let next = r
+                    .map
+                    .extents()
+                    .into_iter()
+                    .find(|slot| slot.used && slot.extent.offset >= from)
+                    .map(|slot| slot.extent.offset);
+                let holder = match next {
+                    Some(at) => st
+                        .ledger
+                        .volumes()?
+                        .into_iter()
+                        .find(|o| o.region == v.region && o.offset == at)
+                        .map_or_else(
+                            || format!("space at {at} reserved outside the ledger"),
+                            |o| format!("volume {} ({})", o.id, o.state),
+                        ),
+                    None => "nothing".into(),
+                };
                 return Err(Error::OutOfRange(format!(
-                    "volume {id} in region {} can grow in place by at most {after} to {}; {} more is needed and the extent after it is in use",
+                    "volume {id} in region {} can grow in place by at most {after} to {}; {} more is needed and the extent after it is in use by {holder}",
                     v.region,
                     self.usable_for(&r.spec, old + after, v.usage),
                     new - old
